@@ -1,0 +1,342 @@
+"""The ``strainer`` command: pretrain, fit, superres, denoise, batch, info, convert, demo.
+
+Every user error ends with one line on stderr and exit code 2; nothing is half written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import BadArgumentError, StrainerError
+
+PROG = "strainer"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse prints usage too; keep it short)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
+
+
+def _sigma(text: str):
+    if text in ("auto", "none"):
+        return text
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected auto, none or a noise level >= 0, got {text!r}") from None
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"noise level must be >= 0, got {text!r}")
+    return v
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    p.add_argument("--seed", type=int, default=0, help="random seed (CPU results reproducible)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or summaries")
+
+
+def _restore_args(p: argparse.ArgumentParser, task: str, *, batch: bool = False) -> None:
+    if not batch:
+        p.add_argument("input", metavar="INPUT", help="NIfTI, DICOM file/series folder, PNG/TIFF")
+        p.add_argument("-o", "--output", required=True, metavar="OUTPUT",
+                       help="NIfTI file, or DICOM (folder or .dcm), or PNG/TIFF for 2D")
+        p.add_argument("--reference", metavar="REF", help="clean scan on the output grid: PSNR")
+        p.add_argument("--history", metavar="HISTORY.json", help="write the fitting history")
+    p.add_argument("--encoder", default="default",
+                   help="encoder .safetensors, 'default' (shipped MRI encoder) or 'none' (SIREN)")
+    p.add_argument("--steps", type=_nonneg_int, default=None, help="Adam steps per slice batch")
+    p.add_argument("--lr", type=_positive_float, default=1e-4)
+    p.add_argument("--freeze", type=_nonneg_int, default=None,
+                   help="keep the first K encoder layers fixed (default: per task)")
+    p.add_argument("--log-every", type=_positive_int, default=10)
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="slices fitted at once (default: from free memory)")
+    p.add_argument("--series", help="series UID or number, for a folder holding several series")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    if task == "superres":
+        p.add_argument("--scale", type=_positive_int, required=True,
+                       help="integer in-plane super-resolution factor")
+    if task == "denoise":
+        p.add_argument("--sigma", type=_sigma, default="auto",
+                       help="noise level in the scan's units, 'auto' (estimate) or 'none' "
+                            "(run exactly --steps)")
+    _common(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="STRAINER implicit neural representations for "
+                     "medical scans.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("pretrain", help="pretrain a shared encoder on scans")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="scans or folders of scans")
+    p.add_argument("-o", "--output", required=True, metavar="ENCODER",
+                   help="where to write the encoder (.safetensors)")
+    p.add_argument("--size", type=_positive_int, default=None,
+                   help="resample training slices to N x N (default: keep)")
+    p.add_argument("--steps", type=_positive_int, default=5000)
+    p.add_argument("--width", type=_positive_int, default=256)
+    p.add_argument("--layers", type=_positive_int, default=6)
+    p.add_argument("--shared-layers", type=_positive_int, default=5)
+    p.add_argument("--omega", type=_positive_float, default=30.0)
+    p.add_argument("--lr", type=_positive_float, default=1e-4)
+    p.add_argument("--max-slices", type=_positive_int, default=10,
+                   help="evenly spaced non-empty slices taken per 3D scan")
+    p.add_argument("--batch-coords", type=_positive_int, default=None,
+                   help="random coordinates per step (default: all)")
+    p.add_argument("--checkpoint-every", type=_positive_int, default=100)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing encoder")
+    _common(p)
+
+    for task, text in (("fit", "fit an INR to a scan"),
+                       ("superres", "super-resolve a scan in-plane"),
+                       ("denoise", "denoise a scan")):
+        _restore_args(sub.add_parser(task, help=text), task)
+
+    p = sub.add_parser("batch", help="process every scan of a folder (resumable)")
+    bsub = p.add_subparsers(dest="task", required=True, parser_class=_Parser)
+    for task in ("fit", "superres", "denoise"):
+        q = bsub.add_parser(task, help=f"{task} every scan of IN_DIR")
+        q.add_argument("in_dir", metavar="IN_DIR")
+        q.add_argument("out_dir", metavar="OUT_DIR")
+        q.add_argument("--format", choices=("nifti", "dicom"), default="nifti")
+        _restore_args(q, task, batch=True)
+
+    p = sub.add_parser("info", help="describe a scan or a folder of series")
+    p.add_argument("input", metavar="INPUT")
+    p.add_argument("--series", help="series UID or number")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("convert", help="convert DICOM <-> NIfTI keeping geometry")
+    p.add_argument("input", metavar="INPUT")
+    p.add_argument("-o", "--output", required=True, metavar="OUTPUT")
+    p.add_argument("--series", help="series UID or number")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("demo", help="the main job on the shipped sample data")
+    p.add_argument("-o", "--output", default="strainer-demo", metavar="OUTDIR")
+    p.add_argument("--steps", type=_positive_int, default=None, help="fitting steps")
+    p.add_argument("--pretrain-steps", type=_positive_int, default=None)
+    _common(p)
+    return parser
+
+
+class _Bar:
+    """A tqdm progress callback (silent when not a TTY or --quiet)."""
+
+    def __init__(self, desc: str, quiet: bool):
+        from tqdm import tqdm
+
+        self.tqdm = tqdm(desc=desc, unit="step", disable=quiet or not sys.stderr.isatty(),
+                         dynamic_ncols=True)
+
+    def __call__(self, p) -> None:
+        self.tqdm.total = p.total
+        self.tqdm.n = p.step
+        post = {"loss": f"{p.loss:.2e}"}
+        if p.psnr is not None:
+            post["psnr"] = f"{p.psnr:.2f}"
+        self.tqdm.set_postfix(post, refresh=True)
+
+    def close(self) -> None:
+        self.tqdm.close()
+
+
+def _check_output(path: str | Path, overwrite: bool, inputs=()) -> None:
+    """Refuse early (before any work) an output that exists or is one of the inputs."""
+    out = Path(path).resolve()
+    for i in inputs:
+        if Path(i).resolve() == out:
+            raise BadArgumentError(f"{path}: output would overwrite the input")
+    if out.exists() and not overwrite:
+        raise BadArgumentError(f"{path}: already exists (pass --overwrite to replace it)")
+
+
+def _write_json(path: str | Path, data: dict) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def cmd_pretrain(a) -> None:
+    from .core.siren import SirenConfig
+    from .io import find_scans, read_scan
+    from .tasks import pretrain, training_slices
+
+    out = Path(a.output)
+    if not a.resume:
+        _check_output(out, a.overwrite, a.inputs)
+    paths = []
+    for i in a.inputs:
+        p = Path(i)
+        if p.is_dir() and not _is_series(p):
+            found = find_scans(p)
+            if not found:
+                raise BadArgumentError(f"{p}: no scans found in this folder")
+            paths += found
+        else:
+            paths.append(p)
+    config = SirenConfig(width=a.width, layers=a.layers, shared_layers=a.shared_layers,
+                         omega_first=a.omega, omega_hidden=a.omega)
+    scans = [read_scan(p) for p in paths]
+    images = training_slices(scans, size=a.size, max_slices=a.max_slices)
+    bar = _Bar("pretrain", a.quiet)
+    try:
+        enc = pretrain(images, out, config=config, steps=a.steps, lr=a.lr,
+                       batch_coords=a.batch_coords, device=a.device, seed=a.seed,
+                       resume=a.resume, checkpoint_every=a.checkpoint_every, callback=bar,
+                       info={"files": [p.name for p in paths]})
+    finally:
+        bar.close()
+    if not a.quiet:
+        print(f"wrote {out}: encoder of {config.shared_layers} layers trained on "
+              f"{images.shape[0]} slices of {tuple(images.shape[1:])}, {enc.info['steps']} "
+              f"steps, final loss {enc.info['final_loss']:.3g}")
+
+
+def _is_series(path: Path) -> bool:
+    """A folder that directly holds DICOM files (a series), not a folder of scans."""
+    from .io import find_scans
+
+    found = find_scans(path)
+    return bool(found) and all(f == path for f in found)
+
+
+def _stop_rule(a, scan):
+    if getattr(a, "sigma", None) is None:
+        return None
+    from .denoise import make_stop_rule
+
+    return make_stop_rule(a.sigma, scan)
+
+
+def cmd_restore(a) -> None:
+    from .io import read_scan, write_scan
+    from .tasks import restore
+
+    _check_output(a.output, a.overwrite, [a.input])
+    scan = read_scan(a.input, series=a.series)
+    ref = read_scan(a.reference) if a.reference else None
+    bar = _Bar(a.verb, a.quiet)
+    try:
+        res = restore(scan, task=a.verb, encoder=a.encoder, steps=a.steps, lr=a.lr,
+                      scale=getattr(a, "scale", 1), freeze=a.freeze, stop=_stop_rule(a, scan),
+                      reference=ref, device=a.device, seed=a.seed, log_every=a.log_every,
+                      batch_size=a.batch_size, callback=bar)
+    finally:
+        bar.close()
+    written = write_scan(res.scan, a.output, overwrite=a.overwrite, protect=[a.input])
+    if a.history:
+        _write_json(a.history, res.history)
+    if not a.quiet:
+        h = res.history
+        extra = f", PSNR {h['psnr'][-1]:.2f} dB" if h.get("psnr") else ""
+        print(f"wrote {written}: {res.scan.shape} voxels, {a.verb} with "
+              f"{h['encoder']} init, freeze {h['freeze']}, loss {h['loss'][-1]:.3g}{extra}")
+
+
+def cmd_batch(a) -> None:
+    from .batch import run_batch
+
+    failed = run_batch(a)
+    if failed:
+        raise SystemExit(1)
+
+
+def cmd_info(a) -> None:
+    from .io import describe
+
+    info = describe(a.input, series=a.series)
+    if a.json:
+        print(json.dumps(info, indent=1, default=str))
+        return
+    for k, v in info.items():
+        if k == "series" and isinstance(v, list):
+            print("series:")
+            for s in v:
+                print("  " + "  ".join(f"{kk}={vv}" for kk, vv in s.items()))
+        elif k == "affine":
+            print("affine (voxel -> RAS mm):")
+            for row in v:
+                print("  " + " ".join(f"{x:10.4f}" for x in row))
+        else:
+            print(f"{k}: {v}")
+
+
+def cmd_convert(a) -> None:
+    from .io import convert
+
+    _check_output(a.output, a.overwrite, [a.input])
+    print(f"wrote {convert(a.input, a.output, series=a.series, overwrite=a.overwrite)}")
+
+
+def cmd_demo(a) -> None:
+    from .demo import run_demo
+
+    run_demo(a.output, steps=a.steps, pretrain_steps=a.pretrain_steps, device=a.device,
+             seed=a.seed, quiet=a.quiet)
+
+
+COMMANDS = {"pretrain": cmd_pretrain, "fit": cmd_restore, "superres": cmd_restore,
+            "denoise": cmd_restore, "batch": cmd_batch, "info": cmd_info,
+            "convert": cmd_convert, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``strainer`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+                        format=f"{PROG}: %(message)s")
+    try:
+        COMMANDS[args.verb](args)
+    except StrainerError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

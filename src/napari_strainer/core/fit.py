@@ -1,0 +1,207 @@
+"""The one fitting loop: pretraining (N heads), test-time fitting, super-resolution, denoising.
+
+It minimises ``sum_b mean ||A(f_b(x)) - y_b||^2`` over the members ``b`` of a
+:class:`~napari_strainer.core.siren.BatchedSiren` with Adam. Each member's loss only reaches
+its own (batched) weights, so B slices fitted together behave as B independent fits.
+
+Safeguards: the loop keeps, per member, a snapshot of the weights with the lowest data loss
+seen so far (``keep_best``), and hands back that snapshot, never a worse iterate; an optional
+stopping rule freezes a member's snapshot once it fires (denoising). Progress, preview,
+cancel and checkpoints are hooks, so the CLI, napari and the MONAI bundle share this code.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch.func import functional_call
+
+from .coords import grid
+from .metrics import psnr
+from .operators import Identity
+from .siren import BatchedSiren
+
+
+@dataclass
+class Progress:
+    """What the loop reports every ``log_every`` updates."""
+
+    step: int
+    total: int
+    loss: float
+    psnr: float | None
+    seconds: float
+    preview: Callable[[], torch.Tensor]
+    """Renders the current kept snapshot on the render grid, ``[batch, *shape, out]``."""
+
+
+@dataclass
+class FitResult:
+    """History and outcome of :func:`fit`. The net holds the kept weights afterwards."""
+
+    history: dict[str, list] = field(default_factory=dict)
+    best_step: list[int] = field(default_factory=list)
+    stop_step: list[int | None] = field(default_factory=list)
+    steps_done: int = 0
+    cancelled: bool = False
+    optimizer: torch.optim.Optimizer | None = None
+
+
+class StopRule:
+    """Decides per member when to stop (denoising). ``__call__`` gets the step and the
+    per-member data loss ``[batch]`` and returns a bool mask of members to stop now."""
+
+    reason = "stopping rule"
+
+    def __call__(self, step: int, loss: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+def render(net: BatchedSiren, shape: tuple[int, ...], params: dict | None = None,
+           budget_bytes: int = 256 << 20) -> torch.Tensor:
+    """Evaluate ``net`` on the pixel grid of ``shape`` in chunks; returns ``[batch, *shape, out]``.
+
+    Peak activation memory stays near ``budget_bytes`` whatever the grid size.
+    """
+    device = net.weights[-1].device
+    coords = grid(shape, device)
+    per_pixel = 4 * net.batch * net.config.width * 3
+    chunk = max(256, budget_bytes // per_pixel)
+    out = torch.empty(net.batch, coords.shape[0], net.config.out_features, device=device)
+    with torch.no_grad():
+        for s in range(0, coords.shape[0], chunk):
+            c = coords[s:s + chunk]
+            out[:, s:s + chunk] = net(c) if params is None else functional_call(net, params, (c,))
+    return out.reshape(net.batch, *shape, -1)
+
+
+def fit(net: BatchedSiren, target: torch.Tensor, *, steps: int, operator=None,
+        lr: float = 1e-4, batch_coords: int | None = None, keep_best: bool = True,
+        stop: StopRule | None = None, reference: torch.Tensor | None = None,
+        data_range: float | torch.Tensor = 1.0, log_every: int = 10,
+        callback: Callable[[Progress], None] | None = None, cancel=None, seed: int = 0,
+        optimizer: torch.optim.Optimizer | None = None, start_step: int = 0,
+        checkpoint: Callable[[int], None] | None = None, checkpoint_every: int = 0,
+        ) -> FitResult:
+    """Fit ``net`` so that ``operator(net(grid)) ~ target``.
+
+    Args:
+        net: the members to fit (its frozen layers have ``requires_grad=False``).
+        target: observations ``[batch, pixels, channels]`` on the operator's observation grid.
+        steps: number of Adam updates (the loss is also evaluated after the last one).
+        operator: forward operator (default identity on ``target``'s grid, which must then be
+            passed through ``operator``; see :mod:`.operators`).
+        lr: Adam learning rate.
+        batch_coords: random coordinates per step (identity operator only); None = all.
+        keep_best: keep and return each member's lowest-loss weights.
+        stop: optional per-member stopping rule.
+        reference: clean image ``[batch, pixels, channels]`` on the render grid, for PSNR.
+        data_range: PSNR data range (scalar or per member).
+        log_every: updates between history entries and callbacks.
+        callback: receives a :class:`Progress`.
+        cancel: object with ``is_set()``; checked every step, the kept weights are returned.
+        seed: seeds the coordinate sampling (step-indexed, so resuming is exact).
+        optimizer: an Adam to continue (resume); a new one otherwise.
+        start_step: the number of updates already done (resume).
+        checkpoint: called with the step every ``checkpoint_every`` updates.
+
+    Returns:
+        A :class:`FitResult`; ``net`` holds the kept weights.
+    """
+    device = target.device
+    operator = operator or Identity(())
+    coords = grid(operator.render_shape, device)
+    if batch_coords and not isinstance(operator, Identity):
+        raise ValueError("random-coordinate minibatches need the identity operator")
+    if batch_coords and batch_coords >= coords.shape[0]:
+        batch_coords = None
+    params = [p for p in net.parameters() if p.requires_grad]
+    if optimizer is None:
+        optimizer = torch.optim.Adam(params, lr=lr)
+    b = net.batch
+    named = dict(net.named_parameters())
+    # Snapshots of the trainable per-member weights (shared ones are frozen, or pretraining).
+    snap_names = [n for n, p in named.items() if p.requires_grad and not _is_shared(net, n)]
+    snap = {n: named[n].detach().clone() for n in snap_names} if keep_best else {}
+    best_loss = torch.full((b,), float("inf"), device=device)
+    best_step = torch.zeros(b, dtype=torch.long, device=device)
+    active = torch.ones(b, dtype=torch.bool, device=device)
+    stop_step = torch.full((b,), -1, dtype=torch.long, device=device)
+    hist = {"iterations": [], "loss": [], "psnr": [], "seconds": []}
+    t0 = time.perf_counter()
+    result = FitResult(history=hist)
+
+    def kept_params() -> dict:
+        return {**{n: p.detach() for n, p in named.items()}, **snap}
+
+    def preview() -> torch.Tensor:
+        return render(net, operator.render_shape, kept_params() if keep_best else None)
+
+    step = start_step
+    for step in range(start_step, steps + 1):
+        if checkpoint is not None and checkpoint_every and step > start_step \
+                and step % checkpoint_every == 0:
+            checkpoint(step)
+        if batch_coords:
+            g = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + step)
+            idx = torch.randint(coords.shape[0], (batch_coords,), generator=g).to(device)
+            pred = net(coords[idx])
+            err = pred - target[:, idx]
+        else:
+            pred = net(coords)
+            err = operator(pred) - target
+        loss_per = err.pow(2).mean(dim=(1, 2))
+        with torch.no_grad():
+            if keep_best:
+                improved = (loss_per < best_loss) & active
+                best_loss = torch.where(improved, loss_per, best_loss)
+                best_step = torch.where(improved, step, best_step)
+                for n in snap_names:
+                    mask = improved.view(-1, *([1] * (named[n].dim() - 1)))
+                    snap[n] = torch.where(mask, named[n], snap[n])
+            if stop is not None:
+                now = stop(step, loss_per.detach()) & active
+                stop_step = torch.where(now, step, stop_step)
+                active = active & ~now
+        log_now = step % log_every == 0 or step == steps
+        if log_now:
+            entry_psnr = None
+            if reference is not None:
+                full = pred.detach() if not batch_coords else render(
+                    net, operator.render_shape).reshape(b, -1, pred.shape[-1])
+                entry_psnr = psnr(full, reference, data_range, dims=(1, 2)).mean().item()
+            hist["iterations"].append(step)
+            hist["loss"].append(loss_per.detach().mean().item())
+            hist["psnr"].append(entry_psnr)
+            hist["seconds"].append(time.perf_counter() - t0)
+            if callback is not None:
+                callback(Progress(step, steps, hist["loss"][-1], entry_psnr,
+                                  hist["seconds"][-1], preview))
+        if step == steps:
+            break
+        if cancel is not None and cancel.is_set():
+            result.cancelled = True
+            break
+        if stop is not None and not bool(active.any()):
+            break
+        optimizer.zero_grad(set_to_none=True)
+        loss_per.sum().backward()
+        optimizer.step()
+    result.steps_done = step
+    if keep_best:
+        with torch.no_grad():
+            for n in snap_names:
+                named[n].copy_(snap[n])
+    if not any(hist["psnr"]):
+        hist.pop("psnr")
+    result.best_step = best_step.tolist()
+    result.stop_step = [None if s < 0 else int(s) for s in stop_step.tolist()]
+    result.optimizer = optimizer
+    return result
+
+
+def _is_shared(net: BatchedSiren, name: str) -> bool:
+    return int(name.split(".")[1]) < net.shared
