@@ -53,7 +53,7 @@ def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: P
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, meta)
+        save_file({k: v.detach().cpu().clone() for k, v in tensors.items()}, tmp, meta)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
