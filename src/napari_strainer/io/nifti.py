@@ -87,7 +87,9 @@ def read_nifti(path: str | Path, *, volume: int | None = None) -> Scan:
     if len(core) < 2:
         raise _fail(path, f"is 1D (shape {shape}); expected a 2D, 3D or 4D image")
     try:
-        slope, inter = hdr.get_slope_inter()
+        # nibabel moves scl_slope/scl_inter from the header to the array proxy on load
+        slope = float(getattr(img.dataobj, "slope", 1.0))
+        inter = float(getattr(img.dataobj, "inter", 0.0))
         raw = np.asarray(img.dataobj.get_unscaled()).reshape(core)
         if len(core) == 4:
             raw = raw[..., volume]
@@ -105,7 +107,7 @@ def read_nifti(path: str | Path, *, volume: int | None = None) -> Scan:
     if n_vol > 1:
         meta["nifti_volumes"] = n_vol
         meta["volume"] = volume
-    trivial = slope is None or (float(slope) == 1.0 and float(inter or 0.0) == 0.0)
+    trivial = slope == 1.0 and inter == 0.0
     if trivial:
         data = raw
         if data.dtype.kind == "f" and data.dtype != np.float32 and data.dtype.itemsize < 4:
