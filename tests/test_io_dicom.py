@@ -134,7 +134,7 @@ def test_instance_number_fallback_without_positions(tmp_path):
 
 
 def _multi_series(tmp_path):
-    folder = copy_series(tmp_path / "study" / "mr")
+    copy_series(tmp_path / "study" / "mr")
     shutil.copy(sample_path("ct"), tmp_path / "study" / "ct.dcm")
     return tmp_path / "study"
 
@@ -195,7 +195,7 @@ def test_nifti_to_dicom_from_scratch_and_back(tmp_path):
     """A NIfTI source has no DICOM template: a fresh Secondary Capture study is built."""
     src = read_scan(sample_path("mr_anatomical"))
     out = write_scan(src, tmp_path / "anat")
-    ds = pydicom.dcmread(sorted(out.iterdir())[0])
+    ds = pydicom.dcmread(min(out.iterdir()))
     assert ds.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage
     assert ds.PatientName == "" and ds.StudyInstanceUID
     back = read_scan(out)
