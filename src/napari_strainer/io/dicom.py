@@ -111,9 +111,9 @@ def _quiet():
     was = logger.disabled
     logger.disabled = True
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield caught
     finally:
         logger.disabled = was
 
@@ -162,7 +162,7 @@ def _dcmread(path: Path, *, header_only: bool = False):
 
     force = not has_dicom_preamble(path)
     try:
-        with _quiet():
+        with _quiet() as caught:
             ds = pydicom.dcmread(str(path), force=force, stop_before_pixels=header_only)
             if not header_only:
                 # touch every element now so that truncation is found here, not later
@@ -177,6 +177,11 @@ def _dcmread(path: Path, *, header_only: bool = False):
                     ) from None
     if force and "SOPClassUID" not in ds and "PixelData" not in ds:
         raise _fail(path, "not a DICOM file")
+    eof = [str(w.message) for w in caught if "End of file" in str(w.message)
+           or "delimiter" in str(w.message)]
+    if eof and not header_only:
+        raise _fail(path, "truncated or damaged DICOM file (end of file reached inside an "
+                          "element)")
     return ds
 
 
@@ -216,7 +221,9 @@ def _check_image(ds, path: Path) -> None:
         raise _fail(path, f"is {reason}, not an image")
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         what = _uid_name(_sop_class(ds)) or "unknown SOP class"
-        raise _fail(path, f"DICOM without pixel data ({what})")
+        image_class = _sop_class(ds).startswith("1.2.840.10008.5.1.4.1.1.")
+        hint = "; the file may be truncated" if image_class or "Rows" in ds else ""
+        raise _fail(path, f"DICOM without pixel data ({what}){hint}")
 
 
 def _floats(value, n: int | None = None) -> list[float] | None:
