@@ -94,7 +94,7 @@ def folder_of_non_images(tmp: Path) -> Path:
 
 
 def two_series(tmp: Path) -> Path:
-    copy_series(tmp / "two" / "mr")
+    copy_series(tmp / "two")  # two series mixed in one folder
     shutil.copy(sample_path("ct"), tmp / "two" / "ct.dcm")
     return tmp / "two"
 

@@ -134,7 +134,7 @@ def test_instance_number_fallback_without_positions(tmp_path):
 
 
 def _multi_series(tmp_path):
-    copy_series(tmp_path / "study" / "mr")
+    copy_series(tmp_path / "study")  # both series mixed in one folder
     shutil.copy(sample_path("ct"), tmp_path / "study" / "ct.dcm")
     return tmp_path / "study"
 
@@ -224,3 +224,12 @@ def test_one_slice_dcm_is_one_file(tmp_path):
     np.testing.assert_allclose(back.affine, src.affine, atol=1e-6)
     assert pydicom.dcmread(out).SOPClassUID == pydicom.uid.CTImageStorage
     assert os.listdir(tmp_path) == ["ct_copy.dcm"]
+
+
+def test_export_tree_is_searched_when_the_folder_has_no_files(tmp_path):
+    copy_series(tmp_path / "export" / "PAT1" / "ST1" / "SE1")
+    (tmp_path / "export" / "PAT1" / "ST1" / "SE2").mkdir()
+    shutil.copy(sample_path("ct"), tmp_path / "export" / "PAT1" / "ST1" / "SE2" / "IM1")
+    with pytest.raises(BadInputError, match="holds 2 DICOM series"):
+        read_scan(tmp_path / "export")
+    assert read_scan(tmp_path / "export", series=2).shape == SERIES_SHAPE

@@ -6,7 +6,8 @@ Reading
     * An *enhanced multi-frame* file takes per-frame geometry and rescale from the Shared and
       Per-frame Functional Groups; a classic multi-frame without them uses the top-level
       geometry (RT Dose: ``GridFrameOffsetVector``).
-    * A *folder* is scanned recursively; files are grouped by SeriesInstanceUID (each
+    * A *folder*: its own DICOM files, or, when it holds none directly, every DICOM file
+      below it (an export tree); files are grouped by SeriesInstanceUID (each
       multi-frame file is its own entry). Several series: :class:`BadInputError` lists them,
       pick one with ``series=`` (its number in that listing, or its SeriesInstanceUID).
     * Slices are sorted by ImagePositionPatient projected on the slice normal (row x column
@@ -559,6 +560,10 @@ class SeriesEntry:
 
 
 def _walk_files(folder: Path) -> list[Path]:
+    """The files of ``folder`` itself when it holds DICOM files, else of its whole tree."""
+    direct = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    if any(is_dicom_file(p) for p in direct if p.name.upper() != "DICOMDIR"):
+        return direct
     out = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))

@@ -124,7 +124,7 @@ def write_image(scan: Scan, tmp_path: Path, suffix: str) -> None:
             arr = arr.astype(np.float32)
         if arr.dtype == np.bool_:
             arr = arr.astype(np.uint8)
-        tifffile.imwrite(str(tmp_path), arr)
+        tifffile.imwrite(str(tmp_path), arr, photometric="minisblack")
         return
     if suffix in (".jpg", ".jpeg"):
         raise BadArgumentError("writing JPEG is not supported (lossy); use .png or .tif")
