@@ -1,0 +1,356 @@
+"""MONAI adapters for the bundle in ``monai_bundle/``: a reader for ``LoadImage(d)``, the
+inference and training entry points the configs call, and a plain ``nn.Module`` view of one
+STRAINER INR for ``verify_net_in_out`` and ``ckpt_export``.
+
+The configs call these functions directly (the package is installed), so the bundle runs from
+any working directory without ``PYTHONPATH``; ``monai_bundle/scripts`` only re-exports them.
+Needs ``monai`` (``pip install napari-strainer[bundle]``).
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import logging
+import os
+import sys
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .batch import BatchSummary, TaskOptions, datalist, list_scans, run_items
+from .core.siren import SirenConfig
+from .errors import BadInputError, StrainerError
+from .io.scan import Scan
+
+log = logging.getLogger(__name__)
+
+try:
+    from monai.data import ImageReader
+except ImportError:  # pragma: no cover - the bundle needs monai; the rest of the package not
+    ImageReader = object  # type: ignore[misc,assignment]
+
+
+# ----------------------------------------------------------------------------- bundle root
+def bundle_root() -> str:
+    """The bundle folder (the parent of ``configs/``) of the config being run.
+
+    Found from the running ``ConfigWorkflow`` (``python -m monai.bundle run``, also under
+    torchrun), else from ``--config_file`` on the command line (``verify_net_in_out``,
+    ``ckpt_export``), else ``monai_bundle`` next to the installed sources, else the working
+    directory. Override with ``--bundle_root DIR``.
+    """
+    for frame in inspect.stack(0):
+        owner = frame.frame.f_locals.get("self")
+        root = getattr(owner, "config_root_path", None)
+        if root is not None:
+            root = Path(root).resolve()
+            return str(root.parent if root.name == "configs" else root)
+    argv = sys.argv
+    for i, arg in enumerate(argv):
+        value = None
+        if arg == "--config_file" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--config_file="):
+            value = arg.split("=", 1)[1]
+        if value:
+            try:
+                first = ast.literal_eval(value) if value.lstrip().startswith("[") else value
+            except (ValueError, SyntaxError):
+                first = value
+            first = first[0] if isinstance(first, (list, tuple)) else first
+            root = Path(first).resolve().parent
+            return str(root.parent if root.name == "configs" else root)
+    here = Path(__file__).resolve().parents[2] / "monai_bundle"
+    return str(here if here.is_dir() else Path.cwd())
+
+
+def bundle_encoder(root: str | os.PathLike) -> str:
+    """The bundle's encoder ``models/model.safetensors``, or the package's shipped one
+    (``"default"``) while the bundle has none."""
+    path = Path(root) / "models" / "model.safetensors"
+    return str(path) if path.is_file() else "default"
+
+
+# ----------------------------------------------------------------------------- data path
+_KEPT: dict[str, dict] = {}
+
+
+def _keep(meta: dict, dtype: np.dtype) -> str:
+    key = uuid.uuid4().hex
+    if len(_KEPT) > 64:  # never grows without bound (entries are normally taken at once)
+        _KEPT.pop(next(iter(_KEPT)))
+    _KEPT[key] = {"meta": meta, "dtype": np.dtype(dtype)}
+    return key
+
+
+class ScanReader(ImageReader):
+    """A MONAI ``ImageReader`` over :func:`napari_strainer.io.read_scan`: NIfTI, DICOM files
+    and series folders (enhanced multi-frame too), PNG/TIFF.
+
+    The array is ``(slice, row, column)`` and the affine maps that index to RAS+ mm, so the
+    ``MetaTensor`` geometry is the scan's. The reader's own metadata (DICOM template, NIfTI
+    header) is kept aside under the key ``meta["strainer_meta_key"]`` (MONAI's metadata takes
+    only plain values) so that :func:`to_scan` can hand the image back to the writers.
+
+    Args:
+        series: series UID or number for a folder that holds several series.
+
+    Example:
+        >>> from monai.transforms import LoadImaged
+        >>> load = LoadImaged("image", reader=ScanReader(), image_only=True, dtype=None)
+    """
+
+    def __init__(self, series: str | int | None = None):
+        self.series = series
+
+    def verify_suffix(self, filename) -> bool:
+        return True  # read_scan recognises its inputs by content, folders included
+
+    def read(self, data, **kwargs):
+        from .io import read_scan
+
+        paths = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+        if len(paths) != 1:
+            raise BadInputError(f"ScanReader reads one scan at a time, got {len(paths)} paths")
+        return read_scan(paths[0], series=self.series)
+
+    def get_data(self, img: Scan) -> tuple[np.ndarray, dict]:
+        meta = {"affine": img.affine.copy(), "original_affine": img.affine.copy(),
+                "spatial_shape": np.asarray(img.shape), "original_channel_dim": "no_channel",
+                "space": "RAS", "strainer_meta_key": _keep(img.meta, img.data.dtype)}
+        return img.data, meta
+
+
+def to_scan(image) -> Scan:
+    """A ``MetaTensor`` loaded with :class:`ScanReader` (channel first or not) as a Scan."""
+    data = np.asarray(image.array if hasattr(image, "array") else image)
+    if data.ndim == 4:
+        if data.shape[0] != 1:
+            raise BadInputError(f"expected one channel, got {data.shape[0]}")
+        data = data[0]
+    meta = getattr(image, "meta", {})
+    affine = meta.get("affine", np.eye(4))
+    affine = affine.numpy() if torch.is_tensor(affine) else np.asarray(affine)
+    src = meta.get("filename_or_obj")
+    kept = _KEPT.pop(str(meta.get("strainer_meta_key")), {})
+    dtype = kept.get("dtype")
+    if dtype is not None and data.dtype != dtype and np.can_cast(dtype, data.dtype) \
+            and np.array_equal(data.astype(dtype), data):
+        data = data.astype(dtype)  # torch has no uint16: MONAI widened it, losslessly
+    return Scan(data, affine, dict(kept.get("meta", {})), Path(src) if src else None)
+
+
+def load_item(item: dict) -> Scan:
+    """Load a datalist entry through MONAI: ``LoadImaged`` with :class:`ScanReader` (native
+    dtype) and ``EnsureChannelFirstd``; errors come back as the package's one-line errors."""
+    from monai.transforms import EnsureChannelFirstd
+
+    try:
+        # the reader is passed at call time: no fall-back to MONAI's other readers
+        data = _loader()({"image": item["image"]}, reader=ScanReader(item.get("series")))
+        return to_scan(EnsureChannelFirstd("image", channel_dim="no_channel")(data)["image"])
+    except Exception as e:  # MONAI wraps errors: unwrap ours
+        cause: BaseException | None = e
+        while cause is not None:
+            if isinstance(cause, StrainerError):
+                raise cause from None
+            cause = cause.__cause__ or cause.__context__
+        raise
+
+
+_LOADER = None
+
+
+def _loader():
+    global _LOADER
+    if _LOADER is None:
+        from monai.transforms import LoadImaged
+
+        _LOADER = LoadImaged("image", image_only=True, dtype=None)
+    return _LOADER
+
+
+# ----------------------------------------------------------------------------- entry points
+def run_inference(dataset_dir: str, output_dir: str, *, task: str = "fit",
+                  encoder: str = "default", steps: int | None = None, lr: float = 1e-4,
+                  scale: int = 2, freeze: int | None = None, sigma="auto", device: str = "auto",
+                  seed: int = 0, log_every: int = 10, batch_size: int | None = None,
+                  format: str = "nifti", series=None, overwrite: bool = False,
+                  quiet: bool = False, items: Sequence[dict] | None = None,
+                  fail_on_error: bool = True) -> BatchSummary:
+    """Apply ``task`` to every scan of ``dataset_dir`` (this rank's share under torchrun),
+    writing ``output_dir``; see :mod:`napari_strainer.batch` for skipping and manifests.
+
+    Exits (``SystemExit``, status 1) naming the failed scans at the end when
+    ``fail_on_error``, so ``python -m monai.bundle run`` (and torchrun) exit non-zero, after
+    every other scan was processed.
+    """
+    from .distributed import local_device
+
+    options = TaskOptions(task=task, encoder=str(encoder), steps=steps, lr=lr, scale=scale,
+                          freeze=freeze, sigma=sigma, device=local_device(str(device)),
+                          seed=seed, log_every=log_every, batch_size=batch_size, format=format)
+    if items is None:
+        items = datalist(dataset_dir, output_dir, format)
+    if series is not None:
+        items = [dict(it, series=it["series"] or (series if Path(it["image"]).is_dir() else None))
+                 for it in items]
+    summary = run_items(items, options, output_dir, load=load_item, overwrite=overwrite,
+                        quiet=quiet)
+    from .distributed import world
+
+    if world()[0] == 0:
+        for line in summary.text().splitlines():
+            log.info(line)
+    if summary.failed and fail_on_error:
+        raise SystemExit(f"{len(summary.failed)} of {len(summary.results)} scans failed: "
+                           + "; ".join(f"{r.name}: {r.error}" for r in summary.failed))
+    return summary
+
+
+def run_training(dataset_dir: str, output: str, *, steps: int = 5000, lr: float = 1e-4,
+                 size: int | None = 128, max_slices: int = 10, width: int = 256,
+                 layers: int = 6, shared_layers: int = 5, omega: float = 30.0,
+                 batch_coords: int | None = None, device: str = "auto", seed: int = 0,
+                 resume: bool = False, checkpoint_every: int = 100, quiet: bool = False):
+    """Pretrain an encoder on the scans of ``dataset_dir`` (loaded through MONAI), heads
+    sharded over the ranks under torchrun; rank 0 writes ``output``. Scans that cannot be
+    read are reported and left out."""
+    from tqdm import tqdm
+
+    from .distributed import pretrain_distributed, world
+    from .tasks import training_slices
+
+    rank, _ = world()
+    items = list_scans(dataset_dir)
+    scans, bad = [], []
+    for it in items:
+        try:
+            scans.append(load_item(it))
+        except StrainerError as e:
+            bad.append(f"{it['name']}: {e}")
+            log.error("%s: skipped: %s", it["name"], e)
+    if not scans:
+        raise BadInputError(f"{dataset_dir}: no readable scan to train on")
+    images = training_slices(scans, size=size, max_slices=max_slices)
+    config = SirenConfig(width=width, layers=layers, shared_layers=shared_layers,
+                         omega_first=omega, omega_hidden=omega)
+    bar = tqdm(total=steps, unit="step", desc="pretrain", disable=quiet or rank != 0,
+               mininterval=0.5)
+
+    def progress(p) -> None:
+        bar.n = p.step
+        bar.set_postfix(loss=f"{p.loss:.2e}", refresh=False)
+        bar.refresh()
+
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        enc = pretrain_distributed(images, output, config=config, steps=steps, lr=lr,
+                                   batch_coords=batch_coords, device=device, seed=seed,
+                                   resume=resume, checkpoint_every=checkpoint_every,
+                                   callback=progress,
+                                   info={"files": [it["name"] for it in items], "skipped": bad})
+    finally:
+        bar.close()
+    if rank == 0:
+        log.info("wrote %s: %d slices of %s from %d scans, %d steps, final loss %.4g",
+                 output, images.shape[0], tuple(images.shape[1:]), len(scans),
+                 enc.info["steps"], enc.info["final_loss"])
+    return enc
+
+
+# ----------------------------------------------------------------------------- network
+class SineLayer(nn.Module):
+    """``sin(omega * (x @ weight + bias))`` (``linear=True``: no sine, omega 1)."""
+
+    def __init__(self, fan_in: int, fan_out: int, omega: float, linear: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(fan_in, fan_out))
+        self.bias = nn.Parameter(torch.zeros(fan_out))
+        self.omega = float(omega)
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.omega * (x @ self.weight + self.bias)
+        return z if self.linear else torch.sin(z)
+
+
+class StrainerNet(nn.Module):
+    """One STRAINER INR (shared encoder layers + a head) as a plain module, for
+    ``verify_net_in_out`` and TorchScript export.
+
+    Input: a coordinate image ``[B, in_features, H, W]`` (e.g. the ``[-1, 1]`` pixel-centre
+    grid (row, column) of :func:`napari_strainer.core.coords.grid`); output: intensities
+    ``[B, out_features, H, W]``. The weights are the package's (``weight`` is ``[in, out]``),
+    so an encoder loads with :meth:`load_encoder`; :meth:`from_siren` takes one member of a
+    fitted :class:`~napari_strainer.core.siren.BatchedSiren`.
+
+    Example:
+        >>> net = StrainerNet(width=16, layers=4, shared_layers=3)
+        >>> net(torch.zeros(1, 2, 8, 8)).shape
+        torch.Size([1, 1, 8, 8])
+    """
+
+    def __init__(self, in_features: int = 2, out_features: int = 1, width: int = 256,
+                 layers: int = 6, shared_layers: int = 5, omega_first: float = 30.0,
+                 omega_hidden: float = 30.0):
+        super().__init__()
+        self.config = SirenConfig(in_features, out_features, width, layers, shared_layers,
+                                  omega_first, omega_hidden)
+        self.layers = nn.ModuleList([
+            SineLayer(fi, fo, self.config.omega(i), linear=i == layers - 1)
+            for i, (fi, fo) in enumerate(self.config.dims())])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        z = x.permute(0, 2, 3, 1).reshape(b * h * w, c)
+        for layer in self.layers:
+            z = layer(z)
+        return z.reshape(b, h, w, -1).permute(0, 3, 1, 2)
+
+    def load_encoder(self, encoder) -> StrainerNet:
+        """Copy an :class:`~napari_strainer.core.checkpoint.Encoder` (or a path to one) into
+        the first layers; the architecture must agree."""
+        from .core.checkpoint import load_encoder
+
+        enc = load_encoder(encoder) if isinstance(encoder, (str, os.PathLike)) else encoder
+        if enc.config != self.config:
+            raise StrainerError(f"encoder architecture {enc.config.to_dict()} differs from "
+                                f"the network's {self.config.to_dict()}")
+        with torch.no_grad():
+            for layer, (wt, bi) in zip(self.layers, enc.weights):
+                layer.weight.copy_(wt)
+                layer.bias.copy_(bi)
+        return self
+
+    @classmethod
+    def from_siren(cls, net, member: int = 0) -> StrainerNet:
+        """Member ``member`` of a ``BatchedSiren`` (shared or batched layers)."""
+        c = net.config
+        out = cls(c.in_features, c.out_features, c.width, c.layers, c.shared_layers,
+                  c.omega_first, c.omega_hidden)
+        with torch.no_grad():
+            for layer, w, b in zip(out.layers, net.weights, net.biases):
+                layer.weight.copy_(w if w.dim() == 2 else w[member])
+                layer.bias.copy_(b if b.dim() == 1 else b[member])
+        return out
+
+
+def export_checkpoint(encoder: str | os.PathLike, path: str | os.PathLike, *,
+                      seed: int = 0) -> Path:
+    """Write a ``torch.save`` state dict of :class:`StrainerNet` with ``encoder`` loaded and a
+    SIREN-initialised head: the ``--ckpt_file`` of ``monai.bundle ckpt_export``."""
+    from .core.checkpoint import load_encoder
+    from .core.siren import BatchedSiren
+
+    enc = load_encoder(encoder)
+    siren = BatchedSiren(enc.config, batch=1, shared=enc.config.shared_layers, seed=seed)
+    siren.load_encoder(enc.weights)
+    path = Path(path)
+    torch.save(StrainerNet.from_siren(siren).state_dict(), path)
+    return path
