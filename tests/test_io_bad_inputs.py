@@ -205,7 +205,7 @@ BAD = {
     waveform: r"is a waveform .*, not an image",
     dicomdir: r"is a DICOMDIR \(media directory\), not an image",
     empty_folder: r"holds no DICOM files",
-    folder_of_non_images: r"holds no DICOM image \(found 1 a structured report, 1 an RT Plan\)",
+    folder_of_non_images: r"holds no DICOM image \(found 1 RT Plan, 1 structured report\)",
     two_series: r"holds 2 DICOM series; pick one with --series",
     missing_slice: r"slice spacing is not uniform \(gaps 2\.2 to 4\.4 mm over 23 slices",
     duplicate_positions: r"27 slices at only 24 positions",

@@ -121,7 +121,7 @@ def _quiet():
 
 def _short(e: BaseException) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
-    return text[:160]
+    return text.split(" - ")[0][:160]
 
 
 def _fail(path: Path | str, what: str) -> BadInputError:
@@ -591,7 +591,7 @@ def scan_folder(folder: str | Path) -> tuple[list[SeriesEntry], dict[str, int]]:
             continue
         reason = _non_image_reason(ds)
         if reason or "Rows" not in ds:
-            key = (reason or "no image").split(" (")[0]
+            key = (reason or "no image").split(" (")[0].removeprefix("a ").removeprefix("an ")
             skipped[key] = skipped.get(key, 0) + 1
             continue
         try:
