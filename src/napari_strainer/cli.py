@@ -89,6 +89,7 @@ def _restore_args(p: argparse.ArgumentParser, task: str, *, batch: bool = False)
     p.add_argument("--batch-size", type=_positive_int, default=None,
                    help="slices fitted at once (default: from free memory)")
     p.add_argument("--series", help="series UID or number, for a folder holding several series")
+    p.add_argument("--volume", type=_nonneg_int, default=None, help="volume of a 4D NIfTI")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     if task == "superres":
         p.add_argument("--scale", type=_positive_int, required=True,
@@ -144,12 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="describe a scan or a folder of series")
     p.add_argument("input", metavar="INPUT")
     p.add_argument("--series", help="series UID or number")
+    p.add_argument("--volume", type=_nonneg_int, default=None, help="volume of a 4D NIfTI")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser("convert", help="convert DICOM <-> NIfTI keeping geometry")
     p.add_argument("input", metavar="INPUT")
     p.add_argument("-o", "--output", required=True, metavar="OUTPUT")
     p.add_argument("--series", help="series UID or number")
+    p.add_argument("--volume", type=_nonneg_int, default=None, help="volume of a 4D NIfTI")
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("demo", help="the main job on the shipped sample data")
@@ -255,7 +258,7 @@ def cmd_restore(a) -> None:
     from .tasks import restore
 
     _check_output(a.output, a.overwrite, [a.input])
-    scan = read_scan(a.input, series=a.series)
+    scan = read_scan(a.input, series=a.series, volume=a.volume)
     ref = read_scan(a.reference) if a.reference else None
     bar = _Bar(a.verb, a.quiet)
     try:
@@ -286,7 +289,7 @@ def cmd_batch(a) -> None:
 def cmd_info(a) -> None:
     from .io import describe
 
-    info = describe(a.input, series=a.series)
+    info = describe(a.input, series=a.series, volume=a.volume)
     if a.json:
         print(json.dumps(info, indent=1, default=str))
         return
@@ -307,7 +310,8 @@ def cmd_convert(a) -> None:
     from .io import convert
 
     _check_output(a.output, a.overwrite, [a.input])
-    print(f"wrote {convert(a.input, a.output, series=a.series, overwrite=a.overwrite)}")
+    print(f"wrote {convert(a.input, a.output, series=a.series, volume=a.volume,
+                             overwrite=a.overwrite)}")
 
 
 def cmd_demo(a) -> None:

@@ -31,6 +31,7 @@ DEFAULT_FREEZE = {"fit": 0, "superres": 3, "denoise": 3}
 DEFAULT_STEPS = {"fit": 500, "superres": 500, "denoise": 300}
 MAX_OUTPUT_VOXELS = 2**31 // 4  # a float32 output above 2 GiB is refused
 LOW_PCT, HIGH_PCT = 0.5, 99.5
+CPU_BATCH_PIXELS = 16384
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -80,6 +81,20 @@ class Intensity:
 
 
 # ----------------------------------------------------------------------------- pretraining
+def busy_slices(norm: np.ndarray) -> list[int]:
+    """Non-empty slices of a normalised scan: > 5% of pixels above 10% of the range."""
+    return [z for z in range(norm.shape[0]) if (norm[z] > 0.1).mean() > 0.05]
+
+
+def pick_slices(norm: np.ndarray, max_slices: int) -> list[int]:
+    """Up to ``max_slices`` evenly spaced non-empty slices (indices into axis 0)."""
+    busy = busy_slices(norm)
+    if not busy:
+        return []
+    pick = np.unique(np.linspace(0, len(busy) - 1, min(max_slices, len(busy))).round())
+    return [busy[int(i)] for i in pick]
+
+
 def training_slices(scans: Sequence[Scan], *, size: int | None = None,
                     max_slices: int = 10) -> torch.Tensor:
     """Up to ``max_slices`` evenly spaced non-empty slices per scan, normalised per scan and
@@ -94,14 +109,11 @@ def training_slices(scans: Sequence[Scan], *, size: int | None = None,
     out = []
     for scan in scans:
         norm = Intensity.of(scan.data).forward(np.nan_to_num(scan.data))
-        # Non-empty: more than 5% of the pixels above 10% of the scan's range.
-        busy = [z for z in range(norm.shape[0]) if (norm[z] > 0.1).mean() > 0.05]
-        if not busy:
-            name = scan.source or "a scan"
-            raise BadInputError(f"{name}: no non-empty slice to train on")
-        pick = np.unique(np.linspace(0, len(busy) - 1, min(max_slices, len(busy))).round())
-        for i in pick.astype(int):
-            t = torch.from_numpy(norm[busy[i]])[None, None]
+        picked = pick_slices(norm, max_slices)
+        if not picked:
+            raise BadInputError(f"{scan.source or 'a scan'}: no non-empty slice to train on")
+        for z in picked:
+            t = torch.from_numpy(norm[z])[None, None]
             if size is not None and tuple(t.shape[-2:]) != (size, size):
                 t = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True,
                                   align_corners=False)
@@ -192,17 +204,20 @@ class Restoration:
 
 
 def auto_batch(pixels: int, width: int, layers: int, device: torch.device) -> int:
-    """How many slices fit in memory at once: a quarter of free RAM/GPU memory, estimating
-    the activations kept for backward at ~3 floats per pixel, layer and unit."""
+    """How many slices to fit at once.
+
+    GPU: as many as a quarter of the free memory holds (activations kept for backward,
+    ~3 floats per pixel, layer and unit). CPU: about 16k pixels per batch, because larger
+    batches fall out of cache and run slower per slice (measured in benchmarks/speed.py).
+    """
     per_slice = pixels * width * layers * 3 * 4 * 2
     if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        try:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError):
-            free = 4 << 30
-    return max(1, int(free // 4 // per_slice))
+        return max(1, int(torch.cuda.mem_get_info(device)[0] // 4 // per_slice))
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        free = 4 << 30
+    return max(1, min(CPU_BATCH_PIXELS // pixels, int(free // 4 // per_slice)))
 
 
 def restore(scan: Scan, *, task: str = "fit", encoder: str | Path | Encoder | None = "default",

@@ -54,6 +54,7 @@ def _atomic_save(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: P
     os.close(fd)
     try:
         save_file({k: v.detach().cpu().clone() for k, v in tensors.items()}, tmp, meta)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; an encoder is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

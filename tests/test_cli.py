@@ -1,0 +1,102 @@
+"""The `strainer` command end to end on real sample scans: outputs, history, clear errors."""
+
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from napari_strainer.cli import main
+
+TINY = ["--width", "16", "--layers", "4", "--shared-layers", "3"]
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory):
+    from napari_strainer.io import sample_path
+
+    out = tmp_path_factory.mktemp("enc") / "tiny.safetensors"
+    assert main(["pretrain", str(sample_path("mr_brain")), "-o", str(out), "--size", "16",
+                 "--steps", "5", "--max-slices", "3", "--quiet", *TINY]) == 0
+    return out
+
+
+def test_pretrain_writes_encoder(tiny_encoder):
+    from napari_strainer.core import load_encoder
+
+    enc = load_encoder(tiny_encoder)
+    assert enc.config.width == 16 and enc.info["trained_on"]["images"] == 3
+    assert enc.info["trained_on"]["shape"] == [16, 16]
+
+
+def test_fit_nifti_keeps_shape_geometry_and_units(tiny_encoder, samples, tmp_path):
+    src = samples / "mr_anatomical.nii"
+    out, hist = tmp_path / "fit.nii.gz", tmp_path / "h.json"
+    assert main(["fit", str(src), "-o", str(out), "--encoder", str(tiny_encoder), "--steps",
+                 "3", "--reference", str(src), "--history", str(hist), "--quiet"]) == 0
+    a, b = nib.load(src), nib.load(out)
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a.affine, b.affine, atol=1e-5)
+    h = json.loads(hist.read_text())
+    assert set(h) >= {"iterations", "loss", "psnr", "seconds"}
+    assert h["iterations"][-1] == 3 and len(h["psnr"]) == len(h["loss"])
+    assert b.get_data_dtype() == a.get_data_dtype().newbyteorder("=")
+
+
+def test_fit_siren_baseline_runs(samples, tmp_path):
+    out = tmp_path / "siren.nii.gz"
+    assert main(["fit", str(samples / "mr_anatomical.nii"), "-o", str(out), "--encoder",
+                 "none", "--steps", "2", "--quiet"]) == 0
+    assert out.exists()
+
+
+def err(capsys, argv):
+    code = main(argv)
+    text = capsys.readouterr().err.strip()
+    assert code == 2, text
+    assert "Traceback" not in text and len(text.splitlines()) == 1, text
+    return text
+
+
+def test_bad_inputs_give_one_line(capsys, samples, tmp_path, tiny_encoder):
+    src = str(samples / "mr_anatomical.nii")
+    out = str(tmp_path / "o.nii.gz")
+    assert "missing.nii" in err(capsys, ["fit", str(tmp_path / "missing.nii"), "-o", out])
+    junk = tmp_path / "junk.nii"
+    junk.write_bytes(b"not a nifti")
+    assert "junk.nii" in err(capsys, ["fit", str(junk), "-o", out])
+    bad_enc = tmp_path / "bad.safetensors"
+    bad_enc.write_bytes(tiny_encoder.read_bytes()[:200])
+    assert "bad.safetensors" in err(capsys, ["fit", src, "-o", out, "--encoder", str(bad_enc)])
+    assert "overwrite the input" in err(capsys, ["fit", src, "-o", src])
+    assert "--freeze" in err(capsys, ["fit", src, "-o", out, "--encoder", "none",
+                                      "--freeze", "2"])
+    assert "shape" in err(capsys, ["fit", src, "-o", out, "--reference",
+                                   str(samples / "mr_brain.nii.gz"), "--steps", "1"])
+    assert "--steps" in err(capsys, ["fit", src, "-o", out, "--steps", "-3"])
+    assert "--scale" in err(capsys, ["superres", src, "-o", out, "--scale", "1.5"])
+    assert "--sigma" in err(capsys, ["denoise", src, "-o", out, "--sigma", "-1"])
+    assert "--shared-layers" in err(capsys, ["pretrain", src, "-o", str(tmp_path / "e"),
+                                             "--shared-layers", "6"])
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_existing_output_refused_then_overwritten(samples, tmp_path, capsys):
+    src = str(samples / "mr_anatomical.nii")
+    out = tmp_path / "o.nii.gz"
+    out.write_bytes(b"keep me")
+    assert "already exists" in err(capsys, ["fit", src, "-o", str(out), "--steps", "1"])
+    assert out.read_bytes() == b"keep me"
+    assert main(["fit", src, "-o", str(out), "--steps", "1", "--overwrite", "--quiet"]) == 0
+    assert nib.load(out).shape == nib.load(src).shape
+
+
+def test_console_script_exit_codes(tmp_path):
+    exe = [sys.executable, "-m", "napari_strainer.cli"]
+    r = subprocess.run([*exe, "fit", str(tmp_path / "nope.nii"), "-o",
+                        str(tmp_path / "x.nii")], capture_output=True, text=True)
+    assert r.returncode == 2 and "nope.nii" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([*exe, "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and "strainer" in r.stdout
