@@ -1,0 +1,288 @@
+"""The "Restore scan" dock widget: fit, super-resolve or denoise an image layer with an INR
+initialised from a STRAINER encoder, with a live preview and loss/PSNR curve."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import napari
+import numpy as np
+from magicgui.widgets import ComboBox, Container, FileEdit, Label, LineEdit, SpinBox
+
+from .. import tasks
+from ..errors import BadArgumentError
+from ..io.scan import upsampled_affine
+from ._common import JobWidget, collapsible, image_layers, parse_float
+from ._jobs import notify
+from ._layers import KEY, geometry, image_layer_scan, scan_to_layer
+
+TASK_LABELS = [("fit (represent the scan)", "fit"), ("super-resolve", "superres"),
+               ("denoise", "denoise")]
+ENCODER_LABELS = [("shipped default (MRI)", "default"), ("file...", "file"),
+                  ("none (SIREN baseline)", "none")]
+
+
+class RestoreWidget(JobWidget):
+    """Restore an image layer slice by slice (see :func:`napari_strainer.tasks.restore`).
+
+    While it runs, a ``[live preview]`` layer shows the current best fit every few
+    iterations (normalised intensities) and the curve shows the loss, and the PSNR against
+    the reference layer when one is chosen. Stop keeps the best result so far. The result
+    is a new layer on the output grid (super-resolution: finer, aligned to the input) with
+    the source geometry and metadata, ready to be saved with File > Save Selected Layers.
+    """
+
+    def __init__(self, napari_viewer: napari.Viewer):
+        viewer = napari_viewer
+        self.layer = ComboBox(label="scan", choices=lambda _w: image_layers(viewer))
+        self.encoder = ComboBox(label="encoder", choices=ENCODER_LABELS,
+                                value="default" if tasks.DEFAULT_ENCODER.is_file() else "none")
+        self.encoder_file = FileEdit(label="encoder file", mode="r", filter="*.safetensors",
+                                     visible=False)
+        self.task = ComboBox(label="task", choices=TASK_LABELS, value="fit")
+        self.scale = SpinBox(label="scale", value=2, min=2, max=8, visible=False,
+                             tooltip="output pixels per input pixel along rows and columns")
+        self.sigma = LineEdit(label="noise sigma", value="auto", visible=False,
+                              tooltip="'auto' (estimated per slice), 'none' (run all steps) "
+                                      "or the noise standard deviation in the scan's units")
+        self.steps = SpinBox(label="steps", value=tasks.DEFAULT_STEPS["fit"], min=0,
+                             max=10_000_000)
+        self.reference = ComboBox(label="PSNR reference",
+                                  choices=lambda _w: [("(none)", None), *image_layers(viewer)],
+                                  tooltip="a clean layer on the output grid: the curve then "
+                                          "shows PSNR against it")
+        self.freeze = SpinBox(label="frozen layers", value=tasks.DEFAULT_FREEZE["fit"], min=0,
+                              max=31, tooltip="encoder layers kept fixed (benchmark defaults "
+                                              "per task)")
+        self.lr = LineEdit(label="learning rate", value="1e-4")
+        self.log_every = SpinBox(label="preview every", value=10, min=1, max=100000,
+                                 tooltip="iterations between curve points and preview updates")
+        self.batch = SpinBox(label="slices per batch", value=0, min=0, max=100000,
+                             tooltip="slices fitted together (0: as many as fit in a quarter "
+                                     "of free memory)")
+        self.seed = SpinBox(label="seed", value=0, min=0, max=2**31 - 1)
+        self.advanced = Container(widgets=[self.freeze, self.lr, self.log_every, self.batch,
+                                           self.seed])
+        super().__init__(viewer, [self.layer, self.encoder, self.encoder_file, self.task,
+                                  self.scale, self.sigma, self.steps, self.reference],
+                         plot_title="loss / PSNR")
+        self.advanced_fold = collapsible("Advanced", self.advanced)
+        self.native.layout().insertWidget(self.index(self.device), self.advanced_fold)
+        self.encoder_info = Label(value="")
+        self.encoder_info.native.setWordWrap(True)
+        self.insert(self.index(self.encoder_file) + 1, self.encoder_info)
+        self.task.changed.connect(self._task_changed)
+        self.encoder.changed.connect(self._encoder_changed)
+        self.encoder_file.changed.connect(self._encoder_changed)
+        self._encoder_changed()
+        self.preview_layer = None
+        self.result_layer = None
+        self._preview_data: np.ndarray | None = None
+        self._t0 = 0.0
+
+    # ------------------------------------------------------------------ form logic
+    def _task_changed(self, task: str) -> None:
+        self.scale.visible = task == "superres"
+        self.sigma.visible = task == "denoise"
+        self.steps.value = tasks.DEFAULT_STEPS[task]
+        self._set_default_freeze()
+
+    def _encoder_changed(self, *_) -> None:
+        """Show what the chosen encoder is; limit the freeze depth to its shared layers."""
+        choice = self.encoder.value
+        self.encoder_file.visible = choice == "file"
+        self.freeze.enabled = choice != "none"
+        self._shared_layers = None
+        text = ""
+        if choice == "none":
+            text = "SIREN baseline: random initialisation, nothing frozen"
+        else:
+            path = tasks.DEFAULT_ENCODER if choice == "default" else Path(
+                str(self.encoder_file.value))
+            enc = _peek_encoder(path)
+            if isinstance(enc, str):
+                text = enc
+            else:
+                c = enc.config
+                self._shared_layers = c.shared_layers
+                n = (enc.info.get("trained_on") or {}).get("images")
+                text = (f"{c.shared_layers} shared of {c.layers} sine layers, width {c.width}"
+                        + (f", pretrained on {n} images" if n else "")
+                        + ("" if enc.info.get("complete", True) else " (stopped early)"))
+        self.encoder_info.value = text
+        self._set_default_freeze()
+
+    def _set_default_freeze(self) -> None:
+        if self.encoder.value == "none":
+            self.freeze.value = 0
+            return
+        limit = self._shared_layers if self._shared_layers is not None else 31
+        self.freeze.max = limit
+        self.freeze.value = min(tasks.DEFAULT_FREEZE[self.task.value], limit)
+
+    def use_encoder_file(self, path) -> None:
+        """Select an encoder file (the Pretrain widget calls this when it has saved one)."""
+        self.encoder_file.value = str(path)
+        self.encoder.value = "file"
+
+    # ------------------------------------------------------------------ job
+    def prepare(self):
+        from ..denoise import make_stop_rule
+
+        layer = self.layer.value
+        if layer is None:
+            raise BadArgumentError("open a scan first (File > Open, or File > Open Sample > "
+                                   "napari-strainer)")
+        scan = image_layer_scan(layer)
+        task = self.task.value
+        scale = self.scale.value if task == "superres" else 1
+        ref_layer = self.reference.value
+        reference = image_layer_scan(ref_layer) if ref_layer is not None else None
+        encoder = self.encoder.value
+        if encoder == "file":
+            encoder = str(self.encoder_file.value).strip()
+            if not encoder or Path(encoder).is_dir():
+                raise BadArgumentError("choose an encoder file (*.safetensors)")
+        freeze = 0 if encoder == "none" else self.freeze.value
+        lr = parse_float(self.lr.value, "learning rate")
+        stop = None
+        if task == "denoise":
+            text = self.sigma.value.strip().lower()
+            sigma = text if text in ("auto", "none") else parse_float(text, "noise sigma")
+            stop = make_stop_rule(sigma, scan)
+        steps, device, seed = self.steps.value, self.device.value, self.seed.value
+        log_every, batch_size = self.log_every.value, self.batch.value
+        z, h, w = scan.shape
+        out_shape = (z, h * scale, w * scale)
+        if reference is not None and reference.shape != out_shape:
+            raise BadArgumentError(f"PSNR reference {ref_layer.name!r} has shape "
+                                   f"{reference.shape}; the output will be {out_shape}")
+
+        # the live preview layer, on the output grid, in normalised intensities
+        norm = tasks.Intensity.of(scan.data).forward(np.nan_to_num(scan.data))
+        if scale > 1:
+            norm = norm.repeat(scale, axis=1).repeat(scale, axis=2)
+        self._preview_data = norm
+        out_affine = upsampled_affine(scan.affine, (1, scale, scale))
+        p_scale, p_translate = geometry(out_affine)
+        self._remove_preview()
+        self.preview_layer = self.viewer.add_image(
+            norm, name=f"{layer.name} [live preview]", scale=p_scale, translate=p_translate,
+            contrast_limits=(0.0, 1.0), metadata={"strainer_preview": True})
+        self.viewer.layers.selection.active = layer
+        self._source_layer = layer
+        self.result_layer = None
+        self._run_info = (task, scale, encoder)
+        gui_free = threading.Event()
+        gui_free.set()
+        self._gui_free = gui_free
+
+        def work(report, cancel):
+            enc = tasks.get_encoder(encoder)
+            config = enc.config if enc is not None else tasks.SirenConfig()
+            bs = batch_size or min(z, tasks.auto_batch(
+                h * w * scale * scale, config.width, config.layers,
+                tasks.resolve_device(device)))
+            state = {"fn": None, "batch": -1}
+
+            def callback(p):
+                item = {"step": p.step, "total": p.total, "loss": p.loss, "psnr": p.psnr}
+                new_batch = p.preview is not state["fn"]
+                if new_batch:
+                    state["fn"] = p.preview
+                    state["batch"] += 1
+                # render only when the GUI has shown the previous preview (no backlog)
+                if gui_free.is_set() or new_batch:
+                    gui_free.clear()
+                    item["preview"] = (state["batch"] * bs,
+                                       p.preview()[..., 0].float().cpu().numpy())
+                report(item)
+
+            return tasks.restore(scan, task=task, encoder=enc, steps=steps, lr=lr,
+                                 scale=scale, freeze=freeze, stop=stop, reference=reference,
+                                 device=device, seed=seed, log_every=log_every, batch_size=bs,
+                                 callback=callback, cancel=cancel)
+
+        self._t0 = time.monotonic()
+        what = {v: k for k, v in TASK_LABELS}[task].split(" (")[0]
+        total = steps * max(1, -(-z // (batch_size or z)))
+        return work, total, f"{what}: {layer.name}"
+
+    def on_report(self, item: dict) -> None:
+        self.plot.add(item["step"], item["loss"], item.get("psnr"))
+        if self.job is not None:
+            self.job.progress(item["step"])
+            if self.job._pbar is not None and self.job._pbar.total != item["total"]:
+                self.job._pbar.total = item["total"]
+        if "preview" in item and self.preview_layer is not None:
+            start, img = item["preview"]
+            self._preview_data[start:start + img.shape[0]] = img
+            self.preview_layer.data = self._preview_data
+            self.preview_layer.refresh()
+            self._gui_free.set()
+        psnr = f"  PSNR {item['psnr']:.2f} dB" if item.get("psnr") is not None else ""
+        self.set_status(f"step {item['step']}/{item['total']}  loss {item['loss']:.3g}{psnr}"
+                        f"  ({time.monotonic() - self._t0:.0f} s)")
+
+    def on_done(self, restoration) -> None:
+        task, scale, encoder = self._run_info
+        hist = restoration.history
+        enc = "SIREN" if hist.get("encoder") == "none" else (
+            "STRAINER" if encoder == "default" else f"STRAINER {Path(encoder).stem}")
+        what = {"fit": "fit", "superres": f"superres x{scale}", "denoise": "denoised"}[task]
+        name = f"{self._source_layer.name} {what} ({enc})"
+        if hist.get("cancelled"):
+            name += " [stopped]"
+        data, attrs, _ = scan_to_layer(restoration.scan, name, metadata={
+            "strainer_history": hist})
+        src = self._source_layer
+        if src is not None and src in self.viewer.layers:
+            attrs["contrast_limits"] = tuple(src.contrast_limits)
+            attrs["colormap"] = src.colormap.name
+        self._remove_preview()
+        self.result_layer = self.viewer.add_image(data, **attrs)
+        last = (f"; final PSNR {hist['psnr'][-1]:.2f} dB" if hist.get("psnr")
+                and hist["psnr"][-1] is not None else "")
+        msg = (f"{'Stopped' if hist.get('cancelled') else 'Done'}: {name}"
+               f" ({time.monotonic() - self._t0:.0f} s{last})")
+        if task == "denoise" and hist.get("stop_reason"):
+            msg += f"; stopped by: {hist['stop_reason']}"
+        self.set_status(msg)
+        notify(msg)
+
+    def on_error(self, message: str) -> None:
+        super().on_error(message)
+        self._remove_preview()
+
+    def on_finished(self) -> None:
+        self._remove_preview()
+
+    def _remove_preview(self) -> None:
+        if self.preview_layer is not None and self.preview_layer in self.viewer.layers:
+            self.viewer.layers.remove(self.preview_layer)
+        self.preview_layer = None
+
+
+_PEEKED: dict = {}
+
+
+def _peek_encoder(path: Path):
+    """The encoder at ``path`` (cached by modification time), or a one-line problem."""
+    from ..core.checkpoint import load_encoder
+    from ..errors import StrainerError
+
+    if not str(path).strip() or not path.is_file():
+        return "no encoder file chosen" if not str(path).strip() or path.is_dir() else (
+            f"{path}: no such file")
+    key = (str(path), path.stat().st_mtime_ns)
+    if key not in _PEEKED:
+        try:
+            _PEEKED[key] = load_encoder(path)
+        except StrainerError as e:
+            return str(e)
+    return _PEEKED[key]
+
+
+__all__ = ["KEY", "RestoreWidget"]
