@@ -46,7 +46,8 @@ def bundle_root() -> str:
     """
     for frame in inspect.stack(0):
         owner = frame.frame.f_locals.get("self")
-        root = getattr(owner, "config_root_path", None)
+        # instance __dict__ only: MONAI workflows and parsers answer unknown attributes
+        root = getattr(owner, "__dict__", {}).get("config_root_path")
         if root is not None:
             root = Path(root).resolve()
             return str(root.parent if root.name == "configs" else root)
