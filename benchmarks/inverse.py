@@ -21,10 +21,9 @@ import argparse
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from _common import RESULTS, save, table
-from napari_strainer.core import (AreaDownsample, BatchedSiren, Identity, fit, load_encoder,
-                                  render)
+
+from napari_strainer.core import AreaDownsample, BatchedSiren, Identity, fit, load_encoder, render
 from napari_strainer.denoise import estimate_sigma
 from napari_strainer.io import read_scan, sample_path
 from napari_strainer.tasks import DEFAULT_ENCODER, Intensity, pick_slices

@@ -22,8 +22,8 @@ import argparse
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from _common import RESULTS, save, table
+
 from napari_strainer.core import BatchedSiren, Identity, SirenConfig, fit
 from napari_strainer.io import read_scan, sample_path
 from napari_strainer.tasks import Intensity, pick_slices, pretrain

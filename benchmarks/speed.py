@@ -15,9 +15,9 @@ import resource
 import time
 
 import torch
+from _common import save, table
 from torch import nn
 
-from _common import save, table
 from napari_strainer.core import BatchedSiren, Identity, SirenConfig, fit
 from napari_strainer.core.coords import grid
 
@@ -78,7 +78,7 @@ def step_flops(cfg: SirenConfig, pixels: int, members: int, shared: int) -> floa
 def time_ours(cfg, shape, members, shared, iters, device):
     net = BatchedSiren(cfg, batch=members, shared=shared).to(device)
     target = torch.rand(members, shape[0] * shape[1], 1, device=device)
-    kw = dict(operator=Identity(shape), keep_best=shared == 0, log_every=10**9)
+    kw = {"operator": Identity(shape), "keep_best": shared == 0, "log_every": 10**9}
     fit(net, target, steps=2, **kw)  # warm-up
     sync(device)
     t = time.perf_counter()

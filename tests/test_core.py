@@ -5,8 +5,7 @@ import math
 import pytest
 import torch
 
-from napari_strainer.core import (AreaDownsample, BatchedSiren, Identity, SirenConfig, fit,
-                                  render)
+from napari_strainer.core import AreaDownsample, BatchedSiren, Identity, SirenConfig, fit, render
 from napari_strainer.core.coords import axis, grid
 from napari_strainer.errors import BadArgumentError
 

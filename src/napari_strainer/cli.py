@@ -310,8 +310,9 @@ def cmd_convert(a) -> None:
     from .io import convert
 
     _check_output(a.output, a.overwrite, [a.input])
-    print(f"wrote {convert(a.input, a.output, series=a.series, volume=a.volume,
-                             overwrite=a.overwrite)}")
+    written = convert(a.input, a.output, series=a.series, volume=a.volume,
+                      overwrite=a.overwrite)
+    print(f"wrote {written}")
 
 
 def cmd_demo(a) -> None:

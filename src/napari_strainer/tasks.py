@@ -124,7 +124,7 @@ def training_slices(scans: Sequence[Scan], *, size: int | None = None,
     return torch.stack(out)
 
 
-def pretrain(images: torch.Tensor, output: str | Path, *, config: SirenConfig = SirenConfig(),
+def pretrain(images: torch.Tensor, output: str | Path, *, config: SirenConfig | None = None,
              steps: int = 5000, lr: float = 1e-4, batch_coords: int | None = None,
              device: str = "auto", seed: int = 0, resume: bool = False,
              checkpoint_every: int = 100, callback: Callable[[Progress], None] | None = None,
@@ -136,6 +136,7 @@ def pretrain(images: torch.Tensor, output: str | Path, *, config: SirenConfig = 
     as an uninterrupted run. A cancelled run still writes a usable encoder (and keeps the
     state for resuming).
     """
+    config = config or SirenConfig()
     if steps < 1:
         raise BadArgumentError(f"--steps must be at least 1, got {steps}")
     if lr <= 0:

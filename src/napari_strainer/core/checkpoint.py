@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..errors import CheckpointError
+from ..errors import BadArgumentError, CheckpointError
 from .siren import SirenConfig
 
 ENCODER_FORMAT = "napari-strainer-encoder"
@@ -95,7 +95,7 @@ def _check_header(path: Path, meta: dict, tensors: dict, fmt: str) -> None:
 def _config(path: Path, meta: dict) -> SirenConfig:
     try:
         return SirenConfig(**meta["config"])
-    except Exception as e:  # missing keys, wrong types, invalid values
+    except (KeyError, TypeError, ValueError, BadArgumentError) as e:  # missing/wrong/invalid
         raise CheckpointError(f"{path}: invalid architecture in metadata ({e})") from None
 
 

@@ -9,6 +9,7 @@ evaluated once for all members, batched layers as one ``bmm``: no Python loop ov
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass
 
@@ -57,7 +58,7 @@ class SirenConfig:
     def dims(self) -> list[tuple[int, int]]:
         """(in, out) of every layer."""
         sizes = [self.in_features] + [self.width] * (self.layers - 1) + [self.out_features]
-        return list(zip(sizes[:-1], sizes[1:]))
+        return list(itertools.pairwise(sizes))
 
     def omega(self, layer: int) -> float:
         """The factor applied before the sine of ``layer`` (1 for the linear head)."""
