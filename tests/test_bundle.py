@@ -178,3 +178,19 @@ def test_torchrun_training_matches_single_process(tmp_path, data):
         torch.testing.assert_close(wa, wb, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(ba, bb, atol=1e-5, rtol=1e-4)
     assert abs(a.info["final_loss"] - b.info["final_loss"]) < 1e-5
+
+
+def test_bundle_model_is_the_shipped_encoder():
+    meta = json.loads((BUNDLE / "models" / "model_metadata.json").read_text())
+    model = BUNDLE / "models" / meta["file"]
+    import hashlib
+
+    assert hashlib.sha256(model.read_bytes()).hexdigest() == meta["sha256"]
+    enc = load_encoder(model)
+    assert enc.config.to_dict() == meta["architecture"]
+    from napari_strainer.tasks import DEFAULT_ENCODER
+
+    if DEFAULT_ENCODER.is_file():  # the bundle's copy must follow the package's encoder
+        assert DEFAULT_ENCODER.read_bytes() == model.read_bytes()
+    net = StrainerNet(**meta["architecture"]).load_encoder(model)
+    assert net(grid((4, 4)).T.reshape(1, 2, 4, 4)).shape == (1, 1, 4, 4)
