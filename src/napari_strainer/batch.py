@@ -465,7 +465,7 @@ def run_batch(a) -> list[str]:
             finish_distributed()
     if not a.quiet and rank == 0:
         print(summary.text())
-    elif summary.failed:
+    elif summary.failed and rank == 0:
         for r in summary.failed:
             log.error("FAILED %s: %s", r.name, r.error)
     return [r.name for r in summary.failed]

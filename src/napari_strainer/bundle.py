@@ -24,7 +24,7 @@ from torch import nn
 
 from .batch import BatchSummary, TaskOptions, datalist, list_scans, run_items
 from .core.siren import SirenConfig
-from .errors import BadInputError, StrainerError
+from .errors import BadArgumentError, BadInputError, StrainerError
 from .io.scan import Scan
 
 log = logging.getLogger(__name__)
@@ -177,6 +177,17 @@ def _loader():
 
 
 # ----------------------------------------------------------------------------- entry points
+def _flag(value) -> bool:
+    """A command-line boolean: ``fire`` passes ``--x false`` as the string 'false'."""
+    if isinstance(value, str):
+        if value.strip().lower() in ("false", "0", "no", "off", ""):
+            return False
+        if value.strip().lower() in ("true", "1", "yes", "on"):
+            return True
+        raise BadArgumentError(f"expected true or false, got {value!r}")
+    return bool(value)
+
+
 def run_inference(dataset_dir: str, output_dir: str, *, task: str = "fit",
                   encoder: str = "default", steps: int | None = None, lr: float = 1e-4,
                   scale: int = 2, freeze: int | None = None, sigma="auto", device: str = "auto",
@@ -193,6 +204,7 @@ def run_inference(dataset_dir: str, output_dir: str, *, task: str = "fit",
     """
     from .distributed import local_device
 
+    overwrite, quiet = _flag(overwrite), _flag(quiet)
     options = TaskOptions(task=task, encoder=str(encoder), steps=steps, lr=lr, scale=scale,
                           freeze=freeze, sigma=sigma, device=local_device(str(device)),
                           seed=seed, log_every=log_every, batch_size=batch_size, format=format)
@@ -225,6 +237,8 @@ def run_training(dataset_dir: str, output: str, *, steps: int = 5000, lr: float 
     from tqdm import tqdm
 
     from .distributed import pretrain_distributed, world
+
+    resume, quiet = _flag(resume), _flag(quiet)
     from .tasks import training_slices
 
     rank, _ = world()

@@ -159,9 +159,9 @@ def pretrain_distributed(images: torch.Tensor, output: str | Path, *,
     if resume and state_path.exists():
         first = load_state(state_path, net, opt, run)
         log.info("rank %d: resuming from step %d of %s", rank, first, state_path)
-    steps_at = torch.tensor([first], dtype=torch.long)
+    steps_at = torch.tensor([first], dtype=torch.long, device=dev)  # NCCL: on the GPU
     dist.all_reduce(steps_at, op=dist.ReduceOp.MIN)
-    if int(steps_at) != first:
+    if int(steps_at.item()) != first:
         raise BadArgumentError(f"{state_path}: the ranks' saved states are at different steps; "
                                "delete the state files to start again")
     result = fit(net, target, steps=steps, operator=Identity((h, w)), lr=lr,
@@ -171,13 +171,13 @@ def pretrain_distributed(images: torch.Tensor, output: str | Path, *,
                  checkpoint=lambda step: save_state(state_path, net, opt, step, run),
                  checkpoint_every=checkpoint_every)
     local = result.history["loss"][-1] * (stop - start) if result.history["loss"] else 0.0
-    total = torch.tensor([local], dtype=torch.float64)
+    total = torch.tensor([local], dtype=torch.float64, device=dev)
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
     encoder = Encoder(config, [(a.cpu(), b.cpu()) for a, b in net.encoder_weights()], {
         "normalization": Intensity(0, 1).to_dict(),
         "trained_on": {"images": n, "shape": [h, w], **(info or {})},
         "steps": result.steps_done, "requested_steps": steps,
-        "final_loss": float(total) / n, "lr": lr, "seed": seed, "batch_coords": batch_coords,
+        "final_loss": float(total.item()) / n, "lr": lr, "seed": seed, "batch_coords": batch_coords,
         "complete": True, "processes": size})
     if rank == 0:
         save_encoder(encoder, output)
