@@ -340,3 +340,25 @@ def test_restore_result_saves_with_geometry(make_napari_viewer, qtbot, tmp_path)
         if target == "sr_series":
             assert back.meta["modality"] == src_scan.meta["modality"]
             assert "super-resolution" in (back.meta.get("series_description") or "")
+
+
+def test_cuda_oom_in_worker_is_shown_not_swallowed(make_napari_viewer, qtbot, tmp_path,
+                                                   monkeypatch):
+    """A RuntimeError (CUDA out-of-memory) in the worker reaches the user with advice."""
+    from napari.utils.notifications import notification_manager
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(tasks, "pretrain", oom)
+    viewer = make_napari_viewer()
+    layer = add_scan(viewer, small_scan())
+    w = dock(viewer, "Pretrain encoder")
+    w.layers.value = [layer]
+    w.output.value = str(tmp_path / "enc.safetensors")
+    n = len(notification_manager.records)
+    w.run()
+    wait_done(qtbot, w)
+    new = [r.message for r in notification_manager.records[n:]]
+    assert any("fewer coordinates per step" in m and "CPU" in m for m in new), new
+    assert "Out of memory" in w.status.value

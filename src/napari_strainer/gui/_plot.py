@@ -10,13 +10,17 @@ from qtpy.QtWidgets import QSizePolicy
 
 
 class CurvePlot(FigureCanvasQTAgg):
-    """Loss (left, log scale) and PSNR (right, dB) against the iteration, redrawn lazily."""
+    """Loss (left, log scale) and PSNR (right, dB) against the iteration, redrawn lazily.
 
-    def __init__(self, title: str = "", height: float = 2.4):
+    A run made of several fits (batches of slices) is drawn as one segment per fit, the
+    current one bright and the finished ones faded, all against the fit's own iteration.
+    """
+
+    def __init__(self, title: str = "", height: float = 2.2):
         fig = Figure(figsize=(3.2, height), dpi=80, layout="constrained")
         super().__init__(fig)
         self.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Preferred)
-        self.setMinimumHeight(int(height * 60))
+        self.setMinimumHeight(int(height * 70))
         self._title = title
         self.ax = fig.add_subplot(111)
         self.ax2 = self.ax.twinx()
@@ -27,16 +31,32 @@ class CurvePlot(FigureCanvasQTAgg):
         self.loss: list[float] = []
         self.psnr: list[float] = []
         self.psnr_steps: list[int] = []
+        self.segment: list[int] = []  # segment index of each loss point
+        self.psnr_segment: list[int] = []
+        self.subtitle = ""
         self._draw()
 
-    def add(self, step: int, loss: float, psnr: float | None = None) -> None:
+    def add(self, step: int, loss: float, psnr: float | None = None, segment: int = 0,
+            subtitle: str = "") -> None:
+        """Append a point; ``segment`` numbers the fit it belongs to (batches of slices)."""
         if math.isfinite(loss) and loss > 0:
             self.steps.append(step)
             self.loss.append(loss)
+            self.segment.append(segment)
         if psnr is not None and math.isfinite(psnr):
             self.psnr_steps.append(step)
             self.psnr.append(psnr)
+            self.psnr_segment.append(segment)
+        self.subtitle = subtitle
         self._draw()
+
+    @staticmethod
+    def _segments(xs, ys, seg):
+        out: dict[int, tuple[list, list]] = {}
+        for x, y, k in zip(xs, ys, seg):
+            out.setdefault(k, ([], []))[0].append(x)
+            out[k][1].append(y)
+        return out
 
     def _draw(self) -> None:
         fg, grid = "#d0d0d0", "#555555"
@@ -47,15 +67,22 @@ class CurvePlot(FigureCanvasQTAgg):
             ax.tick_params(colors=fg, labelsize=8)
             for spine in ax.spines.values():
                 spine.set_color(grid)
-        self.ax.set_title(self._title, color=fg, fontsize=9)
+        title = self._title + (f" ({self.subtitle})" if self.subtitle else "")
+        self.ax.set_title(title, color=fg, fontsize=9)
         self.ax.set_xlabel("iteration", color=fg, fontsize=8)
         self.ax.set_ylabel("loss (MSE)", color="#4fc3f7", fontsize=8)
+        last = self.segment[-1] if self.segment else 0
         if self.loss:
-            self.ax.plot(self.steps, self.loss, color="#4fc3f7", lw=1.2)
+            for k, (x, y) in self._segments(self.steps, self.loss, self.segment).items():
+                self.ax.plot(x, y, color="#4fc3f7", lw=1.2 if k == last else 0.8,
+                             alpha=1.0 if k == last else 0.35)
             self.ax.set_yscale("log")
         self.ax.grid(True, color=grid, lw=0.4, alpha=0.6)
         if self.psnr:
-            self.ax2.plot(self.psnr_steps, self.psnr, color="#ffb74d", lw=1.2)
+            for k, (x, y) in self._segments(self.psnr_steps, self.psnr,
+                                            self.psnr_segment).items():
+                self.ax2.plot(x, y, color="#ffb74d", lw=1.2 if k == last else 0.8,
+                              alpha=1.0 if k == last else 0.35)
             self.ax2.set_ylabel("PSNR (dB)", color="#ffb74d", fontsize=8)
             self.ax2.set_visible(True)
         else:

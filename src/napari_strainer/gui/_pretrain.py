@@ -65,6 +65,7 @@ class PretrainWidget(JobWidget):
                                   self.resume], plot_title="pretraining loss")
         self.arch_fold = collapsible("Architecture (paper defaults)", self.arch)
         self.native.layout().insertWidget(self.index(self.device), self.arch_fold)
+        self.layers.native.setMaximumHeight(90)
         self.source.changed.connect(self._source_changed)
         self._last_step = 0
         self._t0 = 0.0
@@ -156,7 +157,8 @@ class PretrainWidget(JobWidget):
         how = ("complete" if encoder.info.get("complete")
                else f"stopped at step {done}; tick 'resume' to continue")
         msg = f"Encoder saved to {output} ({how})"
-        self.set_status(msg)
+        self.set_status(f"Encoder saved to {output.name} ({how})")
+        self.status.tooltip = str(output)
         notify(msg)
         self.last_encoder = output
         from ._restore import RestoreWidget

@@ -188,11 +188,14 @@ class RestoreWidget(JobWidget):
             state = {"fn": None, "batch": -1}
 
             def callback(p):
-                item = {"step": p.step, "total": p.total, "loss": p.loss, "psnr": p.psnr}
                 new_batch = p.preview is not state["fn"]
                 if new_batch:
                     state["fn"] = p.preview
                     state["batch"] += 1
+                k = state["batch"]
+                item = {"step": p.step, "total": p.total, "loss": p.loss, "psnr": p.psnr,
+                        "batch": k, "local": p.step - k * steps,
+                        "slices": (k * bs + 1, min(z, (k + 1) * bs), z)}
                 # render only when the GUI has shown the previous preview (no backlog)
                 if gui_free.is_set() or new_batch:
                     gui_free.clear()
@@ -211,7 +214,11 @@ class RestoreWidget(JobWidget):
         return work, total, f"{what}: {layer.name}"
 
     def on_report(self, item: dict) -> None:
-        self.plot.add(item["step"], item["loss"], item.get("psnr"))
+        first, last, z = item["slices"]
+        where = "" if (first, last) == (1, z) else (
+            f"slice {first} of {z}" if first == last else f"slices {first}-{last} of {z}")
+        self.plot.add(item["local"], item["loss"], item.get("psnr"), segment=item["batch"],
+                      subtitle=where)
         if self.job is not None:
             self.job.progress(item["step"])
             if self.job._pbar is not None and self.job._pbar.total != item["total"]:
@@ -224,7 +231,7 @@ class RestoreWidget(JobWidget):
             self._gui_free.set()
         psnr = f"  PSNR {item['psnr']:.2f} dB" if item.get("psnr") is not None else ""
         self.set_status(f"step {item['step']}/{item['total']}  loss {item['loss']:.3g}{psnr}"
-                        f"  ({time.monotonic() - self._t0:.0f} s)")
+                        f"  ({time.monotonic() - self._t0:.0f} s){'  ' + where if where else ''}")
 
     def on_done(self, restoration) -> None:
         task, scale, encoder = self._run_info
