@@ -7,7 +7,6 @@ results and read them back with the geometry intact.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +26,6 @@ from napari_strainer.gui._layers import KEY, geometry, scan_to_layer
 from napari_strainer.io import read_scan, sample_path
 from napari_strainer.io.scan import Scan
 
-torch.set_num_threads(1)
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 PLUGIN = "napari-strainer"
 MANIFEST = Path(__file__).resolve().parents[1] / "src" / "napari_strainer" / "napari.yaml"
 TINY = SirenConfig(width=16, layers=3, shared_layers=2)
@@ -55,6 +52,15 @@ def tiny_encoder(tmp_path_factory) -> Path:
     images = tasks.training_slices([small_scan()], max_slices=2)
     tasks.pretrain(images, out, config=TINY, steps=10, device="cpu")
     return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The fits run in a worker thread next to Qt; one torch thread keeps 2-core CI smooth."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

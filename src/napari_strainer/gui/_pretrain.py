@@ -63,7 +63,9 @@ class PretrainWidget(JobWidget):
         super().__init__(viewer, [self.source, self.layers, self.folder, self.max_slices,
                                   self.size, self.steps, self.batch_coords, self.output,
                                   self.resume], plot_title="pretraining loss")
-        self.arch_fold = collapsible("Architecture (paper defaults)", self.arch)
+        self.arch_fold = collapsible(
+            f"Architecture (paper: width {PAPER.width}, {PAPER.layers} layers, "
+            f"{PAPER.shared_layers} shared)", self.arch)
         self.native.layout().insertWidget(self.index(self.device), self.arch_fold)
         self.layers.native.setMaximumHeight(90)
         self.source.changed.connect(self._source_changed)
