@@ -10,19 +10,6 @@ import pytest
 
 from napari_strainer.cli import main
 
-TINY = ["--width", "16", "--layers", "4", "--shared-layers", "3"]
-
-
-@pytest.fixture(scope="module")
-def tiny_encoder(tmp_path_factory):
-    from napari_strainer.io import sample_path
-
-    out = tmp_path_factory.mktemp("enc") / "tiny.safetensors"
-    assert main(["pretrain", str(sample_path("mr_brain")), "-o", str(out), "--size", "16",
-                 "--steps", "5", "--max-slices", "3", "--quiet", *TINY]) == 0
-    return out
-
-
 def test_pretrain_writes_encoder(tiny_encoder):
     from napari_strainer.core import load_encoder
 

@@ -329,7 +329,10 @@ COMMANDS = {"pretrain": cmd_pretrain, "fit": cmd_restore, "superres": cmd_restor
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``strainer`` console script."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error (already printed)
+        return int(e.code or 0)
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
                         format=f"{PROG}: %(message)s")
     try:
