@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,7 @@ def run_demo(outdir: str | Path, *, steps: int | None = None, pretrain_steps: in
     inten = Intensity.of(brain.data)
     if HELD_OUT in pick_slices(inten.forward(brain.data), 10):
         raise RuntimeError("demo slice is one the shipped encoder was trained on")
-    bar = tqdm(total=1, desc="demo", disable=quiet, unit="step")
+    bar = tqdm(total=1, desc="demo", disable=quiet or not sys.stderr.isatty(), unit="step")
     offset = 0
 
     def progress(p) -> None:
@@ -134,8 +135,8 @@ def _plots(out: Path, results: dict, jobs: dict, clean: np.ndarray) -> None:
                   ("STRAINER", results[(task, "STRAINER")].scan.data[0]), ("reference", clean)]
         for ax, (name, img) in zip(row, panels):
             ax.imshow(img, cmap="gray", vmin=lo, vmax=hi)
-            extra = "" if name in ("reference",) or img.shape != clean.shape else \
-                f" {_psnr(img, clean):.1f} dB"
+            skip = name == "reference" or (task, name) == ("fit", "input")
+            extra = "" if skip or img.shape != clean.shape else f" {_psnr(img, clean):.1f} dB"
             ax.set_title(f"{task}: {name}{extra}", fontsize=9)
             ax.axis("off")
     fig.tight_layout()
