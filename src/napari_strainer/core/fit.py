@@ -12,6 +12,7 @@ cancel and checkpoints are hooks, so the CLI, napari and the MONAI bundle share 
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -115,12 +116,13 @@ def fit(net: BatchedSiren, target: torch.Tensor, *, steps: int, operator=None,
     """
     device = target.device
     operator = operator or Identity(())
+    pixels = math.prod(operator.render_shape)
+    check_memory(net, min(batch_coords or pixels, pixels), device)
     coords = grid(operator.render_shape, device)
     if batch_coords and not isinstance(operator, Identity):
         raise ValueError("random-coordinate minibatches need the identity operator")
     if batch_coords and batch_coords >= coords.shape[0]:
         batch_coords = None
-    check_memory(net, batch_coords or coords.shape[0], device)
     params = [p for p in net.parameters() if p.requires_grad]
     if optimizer is None:
         optimizer = make_adam(params, lr)
