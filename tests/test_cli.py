@@ -6,9 +6,9 @@ import sys
 
 import nibabel as nib
 import numpy as np
-import pytest
 
 from napari_strainer.cli import main
+
 
 def test_pretrain_writes_encoder(tiny_encoder):
     from napari_strainer.core import load_encoder
@@ -87,3 +87,33 @@ def test_console_script_exit_codes(tmp_path):
     assert r.returncode == 2 and "nope.nii" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run([*exe, "--version"], capture_output=True, text=True, check=False)
     assert r.returncode == 0 and "strainer" in r.stdout
+
+
+def test_info_and_convert(samples, tmp_path, capsys):
+    assert main(["info", str(samples / "mr_series"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["shape"] == [24, 96, 128] and info["modality"] == "MR"
+    assert "PatientName" not in json.dumps(info) and "Sample^MR" not in json.dumps(info)
+    out = tmp_path / "series.nii.gz"
+    assert main(["convert", str(samples / "mr_series"), "-o", str(out)]) == 0
+    capsys.readouterr()
+    a = nib.load(samples / "mr_brain.nii.gz")
+    b = nib.load(out)
+    np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
+    np.testing.assert_allclose(a.affine, b.affine, atol=1e-4)
+    assert "already exists" in err(capsys, ["convert", str(samples / "mr_series"), "-o",
+                                            str(out)])
+
+
+def test_render_1024_stays_under_2gb(tmp_path):
+    """Chunked rendering of a 1024x1024 image from a width-256 INR: peak RSS < 2 GB."""
+    code = (
+        "import resource, torch\n"
+        "torch.set_num_threads(2)\n"
+        "from napari_strainer.core import BatchedSiren, SirenConfig, render\n"
+        "out = render(BatchedSiren(SirenConfig(), batch=1), (1024, 1024))\n"
+        "assert out.shape == (1, 1024, 1024, 1)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    peak_mib = int(r.stdout.strip()) / 1024
+    assert peak_mib < 2048, peak_mib
