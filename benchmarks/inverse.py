@@ -91,14 +91,14 @@ def classical(task: str, obs: np.ndarray, clean: np.ndarray, tune_clean: np.ndar
 
 def main():
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--steps", type=int, default=500, help="super-resolution steps")
+    p.add_argument("--denoise-steps", type=int, default=300)
     p.add_argument("--freeze", default="0,2,3,4")
     p.add_argument("--tasks", default="sr2,sr4,dn5,dn10")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     encoder = load_encoder(DEFAULT_ENCODER)
     freezes = [int(k) for k in a.freeze.split(",")]
-    checks = [c for c in CHECKS if c <= a.steps]
     rng = np.random.default_rng(a.seed)
     rows, curves, panels = [], {}, {}
     for sname, clean, tune in slices():
@@ -113,7 +113,9 @@ def main():
             methods = [("SIREN", None, 0)] + [(f"STRAINER K={k}", encoder, k) for k in freezes]
             siren_best = None
             for name, enc, k in methods:
-                r = _inr(obs, clean, task, enc, encoder.config, k, a.steps, checks, a.seed)
+                n = a.steps if task.startswith("sr") else a.denoise_steps
+                r = _inr(obs, clean, task, enc, encoder.config, k, n,
+                         [c for c in CHECKS if c <= n], a.seed)
                 row = {"image": sname, "task": task, "method": name, **r["row"]}
                 if sig_est is not None:
                     row["sigma_est_over_true"] = sig_est / sigma
