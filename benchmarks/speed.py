@@ -135,6 +135,7 @@ def time_case(shape, members, pretrain, iters, reps, device, variants):
     shared = CFG.shared_layers if pretrain else 0
     runs = {v: our_stepper(v, shape, members, shared, device) for v in variants}
     runs["ref"] = ref_stepper(shape, members, pretrain, device)
+    runs["matmul"] = lambda k: matmul_flops(device, reps=k)  # peak, measured in the same reps
     compile_s = None
     for v, run in runs.items():  # warm-up (and compilation)
         t = time.perf_counter()
@@ -149,7 +150,8 @@ def time_case(shape, members, pretrain, iters, reps, device, variants):
             run(iters)
             sync(device)
             times[v].append((time.perf_counter() - t) / iters)
-    return times, compile_s
+    peak = statistics.median(2 * 2048**3 / t for t in times.pop("matmul"))
+    return times, compile_s, peak
 
 
 def psnr_check(steps: int, size: int, device, variants) -> dict:
@@ -198,8 +200,21 @@ def child(case: str, device) -> dict:
                     log_every=1, callback=cb, cancel=cancel)
         info["slices_per_batch"] = len(r.history["best_step"])
     info["seconds"] = time.perf_counter() - t0
-    info["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    info["peak_rss_mib"] = peak_rss_mib()
     return info
+
+
+def peak_rss_mib() -> float:
+    """This process's peak RSS. VmHWM, not ru_maxrss: the latter survives ``exec`` and so
+    reports the parent's peak in a freshly started child."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_child(case: str, device) -> dict:
@@ -223,12 +238,12 @@ def main():
         print(json.dumps(child(a.child, device)))
         return
     torch.set_num_threads(a.threads)
-    peak = matmul_flops(device)
+    peak = matmul_flops(device)  # also measured per case, interleaved with the steps
     peak_bf16 = matmul_flops(device, dtype=torch.bfloat16)
     iters = 2 if a.quick else 3
     cases = [("fit 128x128", (128, 128), 1, False, 1),
              ("fit 256x256", (256, 256), 1, False, 1),
-             ("pretrain 10 heads 64x64", (64, 64), 10, True, 1),
+             ("pretrain 10 heads 64x64", (64, 64), 10, True, 10),
              # restore's CPU batching: 64 slices in batches of CPU_BATCH_PIXELS // 4096 = 4;
              # one batch is timed, the per-iteration time is for all 64 slices
              ("fit 64 slices 64x64", (64, 64), CPU_BATCH_PIXELS // 4096, False, 64)]
@@ -236,12 +251,13 @@ def main():
         cases = [c for c in cases if c[1] != (256, 256)]
     rows = []
     for name, shape, members, pretrain, total in cases:
-        times, compile_s = time_case(shape, members, pretrain, iters, a.reps, device, VARIANTS)
+        times, compile_s, peak = time_case(shape, members, pretrain, iters, a.reps, device,
+                                           VARIANTS)
         scale = total / members
         shared = CFG.shared_layers if pretrain else 0
         flops = step_flops(CFG, shape[0] * shape[1], members, shared)
         row = {"case": name, "ref_s_per_it": statistics.median(times["ref"]) * scale,
-               "compile_s": compile_s}
+               "compile_s": compile_s, "fp32_matmul_gflops": peak / 1e9}
         for v in VARIANTS:
             s = statistics.median(times[v])
             row[f"{v}_s_per_it"] = s * scale
@@ -266,7 +282,7 @@ def main():
         print(f"{c}: peak RSS {info['peak_rss_mib']:.0f} MiB", flush=True)
     cols = ["case", "ref_s_per_it"] + [f"{v}_s_per_it" for v in VARIANTS] + \
         [f"{v}_over_ref" for v in VARIANTS] + ["fused_pct_fp32_peak", "bf16_pct_fp32_peak",
-                                              "compile_s"]
+                                              "compile_s", "fp32_matmul_gflops"]
     print(f"\nmatmul peak: fp32 {peak / 1e9:.1f}, bf16 {peak_bf16 / 1e9:.1f} GFLOP/s on {device},"
           f" {a.threads} thread(s)")
     print(table(rows, cols))
