@@ -12,7 +12,7 @@ each initialisation, all weights trained (the paper's protocol, Adam 1e-4):
 Prints PSNR (mean over held-out slices) at iterations 10/50/100/200/500/1000/2000, the largest
 PSNR drop seen along each run (the paper's known weak spot), writes JSON and a PNG of curves.
 
-    python benchmarks/paper_fit.py [--size 64] [--steps 2000] [--pretrain-steps 2000]
+    python benchmarks/paper_fit.py [--size 64] [--steps 2000] [--pretrain-steps 2000] [--reuse]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from _common import RESULTS, save, table
 
-from napari_strainer.core import BatchedSiren, Identity, SirenConfig, fit
+from napari_strainer.core import BatchedSiren, Identity, SirenConfig, fit, load_encoder
 from napari_strainer.io import read_scan, sample_path
 from napari_strainer.tasks import Intensity, pick_slices, pretrain
 
@@ -48,6 +48,8 @@ def main():
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--pretrain-steps", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse encoders a previous run left in results/paper_fit_encoders")
     a = p.parse_args()
     cfg = SirenConfig()
     imgs, train, held = slices(a.size)
@@ -55,12 +57,14 @@ def main():
     tmp = RESULTS / "paper_fit_encoders"
     one = train[len(train) // 2]
     inits = {}
-    inits["STRAINER-10"] = pretrain(imgs[train], tmp / "s10.safetensors", config=cfg,
-                                    steps=a.pretrain_steps, device="cpu", seed=a.seed).weights
-    print("pretrained STRAINER-10", flush=True)
-    inits["STRAINER-1"] = pretrain(imgs[[one]], tmp / "s1.safetensors", config=cfg,
-                                   steps=a.pretrain_steps, device="cpu", seed=a.seed).weights
-    print("pretrained STRAINER-1", flush=True)
+    for name, which in (("STRAINER-10", train), ("STRAINER-1", [one])):
+        path = tmp / f"{name}.safetensors"
+        if a.reuse and path.exists():  # same data, steps and seed: reuse a finished run
+            inits[name] = load_encoder(path).weights
+        else:
+            inits[name] = pretrain(imgs[which], path, config=cfg, steps=a.pretrain_steps,
+                                   device="cpu", seed=a.seed).weights
+        print(f"encoder {name} ready", flush=True)
     donor = BatchedSiren(cfg, batch=1, seed=a.seed)
     fit(donor, imgs[[one]].reshape(1, -1, 1), steps=a.pretrain_steps,
         operator=Identity((a.size, a.size)), keep_best=True)
