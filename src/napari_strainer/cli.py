@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from . import __version__
@@ -335,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
                         format=f"{PROG}: %(message)s")
+    # Reader warnings (assumed geometry, replaced NaNs, ...) as one line each, no source line.
+    warnings.showwarning = lambda message, *_a, **_k: print(f"{PROG}: warning: {message}",
+                                                            file=sys.stderr)
     try:
         COMMANDS[args.verb](args)
     except StrainerError as e:
