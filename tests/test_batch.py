@@ -12,10 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from _helpers import make_nifti
 
 from napari_strainer.batch import (
     TaskOptions,
@@ -33,18 +33,6 @@ from napari_strainer.tasks import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = SirenConfig(width=16, layers=4, shared_layers=3)
-
-
-def make_nifti(path: Path, seed: int, shape=(2, 16, 16)) -> Path:
-    z, h, w = shape
-    yy, xx = np.mgrid[:h, :w]
-    data = np.stack([(np.sin(xx / 3 + seed) + np.cos(yy / 4 + k)) * 100 + 300
-                     for k in range(z)]).astype(np.int16)
-    aff = np.diag([0.9, 0.8, 3.0, 1.0])
-    aff[:3, 3] = [-10, 5, 2]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(data.transpose(2, 1, 0), aff), str(path))
-    return path
 
 
 def tree_digest(folder: Path) -> dict[str, str]:

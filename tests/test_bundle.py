@@ -16,6 +16,8 @@ import torch
 pytest.importorskip("monai")
 pytest.importorskip("fire")
 
+from _helpers import make_nifti
+
 from napari_strainer.batch import read_manifest
 from napari_strainer.bundle import StrainerNet, export_checkpoint, load_item
 from napari_strainer.core.checkpoint import load_encoder
@@ -27,20 +29,6 @@ from napari_strainer.tasks import pretrain
 BUNDLE = Path(__file__).resolve().parents[1] / "monai_bundle"
 CONFIGS = BUNDLE / "configs"
 TINY = ["--width", "16", "--layers", "4", "--shared_layers", "3"]
-
-
-def make_nifti(path: Path, seed: int, shape=(2, 16, 16)) -> Path:
-    import nibabel as nib
-
-    z, h, w = shape
-    yy, xx = np.mgrid[:h, :w]
-    data = np.stack([(np.sin(xx / 3 + seed) + np.cos(yy / 4 + k)) * 100 + 300
-                     for k in range(z)]).astype(np.int16)
-    aff = np.diag([0.9, 0.8, 3.0, 1.0])
-    aff[:3, 3] = [-10, 5, 2]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(data.transpose(2, 1, 0), aff), str(path))
-    return path
 
 
 def env() -> dict:
