@@ -217,7 +217,7 @@ def test_restore_superres_live_preview_and_ui_stays_responsive(
     w.use_encoder_file(tiny_encoder)
     w.task.value = "superres"
     # benchmark default, limited to the tiny encoder's 2 shared layers
-    assert w.freeze.value == min(tasks.DEFAULT_FREEZE["superres"], TINY.shared_layers)
+    assert w.freeze.value == tasks.default_freeze("superres", TINY.shared_layers)
     assert w.freeze.max == TINY.shared_layers and "width 16" in w.encoder_info.value
     assert w.steps.value == tasks.DEFAULT_STEPS["superres"]
     w.freeze.value = 1

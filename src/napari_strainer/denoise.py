@@ -16,7 +16,7 @@ from .core.fit import StopRule
 from .errors import BadArgumentError
 from .io.scan import Scan
 
-STOP_FACTOR = 0.95
+STOP_FACTOR = 0.85
 MAD_TO_SIGMA = 1 / 0.6745
 
 

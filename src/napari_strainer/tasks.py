@@ -26,12 +26,21 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ENCODER = Path(__file__).parent / "encoders" / "mri_default.safetensors"
 TASKS = ("fit", "superres", "denoise")
-# Layers kept fixed at test time, per task (chosen by benchmarks/inverse; paper: 0 everywhere).
-DEFAULT_FREEZE = {"fit": 0, "superres": 3, "denoise": 3}
+# Layers kept fixed at test time, per task (chosen by benchmarks/inverse on brain MRI; the
+# paper fine-tunes everything, i.e. 0). Capped at the encoder's shared layers minus one.
+DEFAULT_FREEZE = {"fit": 0, "superres": 3, "denoise": 4}
 DEFAULT_STEPS = {"fit": 500, "superres": 500, "denoise": 300}
 MAX_OUTPUT_VOXELS = 2**31 // 4  # a float32 output above 2 GiB is refused
 LOW_PCT, HIGH_PCT = 0.5, 99.5
 CPU_BATCH_PIXELS = 16384
+
+
+def default_freeze(task: str, shared_layers: int | None) -> int:
+    """The freeze depth a task uses by default with an encoder of ``shared_layers`` layers
+    (``None``: no encoder, nothing to freeze); at least one encoder layer stays trainable."""
+    if shared_layers is None:
+        return 0
+    return max(0, min(DEFAULT_FREEZE[task], shared_layers - 1))
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -249,7 +258,8 @@ def restore(scan: Scan, *, task: str = "fit", encoder: str | Path | Encoder | No
     scale = int(scale) if task == "superres" else 1
     enc = get_encoder(encoder)
     config = enc.config if enc is not None else SirenConfig()
-    freeze = (DEFAULT_FREEZE[task] if enc is not None else 0) if freeze is None else freeze
+    if freeze is None:
+        freeze = default_freeze(task, None if enc is None else config.shared_layers)
     limit = config.shared_layers if enc is not None else 0
     if not 0 <= freeze <= limit:
         raise BadArgumentError(f"--freeze must be between 0 and {limit} (the encoder's layers"

@@ -120,7 +120,7 @@ class RestoreWidget(JobWidget):
             return
         limit = self._shared_layers if self._shared_layers is not None else 31
         self.freeze.max = limit
-        self.freeze.value = min(tasks.DEFAULT_FREEZE[self.task.value], limit)
+        self.freeze.value = tasks.default_freeze(self.task.value, limit)
 
     def use_encoder_file(self, path) -> None:
         """Select an encoder file (the Pretrain widget calls this when it has saved one)."""
