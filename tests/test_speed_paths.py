@@ -57,7 +57,7 @@ def test_unknown_kernel_is_a_clear_error():
 
 def test_slice_too_big_for_memory_is_refused_before_allocating():
     net = BatchedSiren(SirenConfig(), batch=1)
-    assert activation_bytes(net, 512 * 512) < 4 << 30  # a 512x512 slice: ~3 GiB
+    assert activation_bytes(net.config, net.batch, 512 * 512) < 4 << 30  # a 512x512 slice: ~3 GiB
     with pytest.raises(StrainerError, match="batch_coords"):
         check_memory(net, 10**9, torch.device("cpu"))  # 1e9 pixels: terabytes
     with pytest.raises(BadArgumentError):  # fit checks before its first step

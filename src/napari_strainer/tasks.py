@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .core.checkpoint import Encoder, load_encoder, load_state, save_encoder, save_state
-from .core.fit import Progress, fit, render
+from .core.fit import Progress, activation_bytes, available_bytes, fit, render
 from .core.operators import AreaDownsample, Identity
 from .core.siren import BatchedSiren, SirenConfig
 from .errors import BadArgumentError, BadInputError, CheckpointError
@@ -213,21 +212,14 @@ class Restoration:
     history: dict = field(default_factory=dict)
 
 
-def auto_batch(pixels: int, width: int, layers: int, device: torch.device) -> int:
-    """How many slices to fit at once.
-
-    GPU: as many as a quarter of the free memory holds (activations kept for backward,
-    ~3 floats per pixel, layer and unit). CPU: about 16k pixels per batch, because larger
-    batches fall out of cache and run slower per slice (measured in benchmarks/speed.py).
-    """
-    per_slice = pixels * width * layers * 3 * 4 * 2
+def auto_batch(pixels: int, config: SirenConfig, device: torch.device) -> int:
+    """How many slices to fit at once: as many as half the free memory holds (GPU), and on
+    CPU at most about 16k pixels per batch, because larger batches fall out of cache and run
+    slower per slice (measured in benchmarks/speed.py)."""
+    fit_in_memory = available_bytes(device) // 2 // activation_bytes(config, 1, pixels)
     if device.type == "cuda":
-        return max(1, int(torch.cuda.mem_get_info(device)[0] // 4 // per_slice))
-    try:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        free = 4 << 30
-    return max(1, min(CPU_BATCH_PIXELS // pixels, int(free // 4 // per_slice)))
+        return max(1, int(fit_in_memory))
+    return max(1, min(CPU_BATCH_PIXELS // pixels, int(fit_in_memory)))
 
 
 def restore(scan: Scan, *, task: str = "fit", encoder: str | Path | Encoder | None = "default",
@@ -283,8 +275,7 @@ def restore(scan: Scan, *, task: str = "fit", encoder: str | Path | Encoder | No
         ref_norm = inten.forward(reference.data)
         ref_range = float(np.ptp(reference.data)) / (inten.high - inten.low) or 1.0
     operator = AreaDownsample((h, w), scale) if scale > 1 else Identity((h, w))
-    bs = batch_size or min(z, auto_batch(h * w * scale * scale, config.width, config.layers,
-                                          dev))
+    bs = batch_size or min(z, auto_batch(h * w * scale * scale, config, dev))
     result = np.empty(out_shape, np.float32)
     parts, best, stopped, sigmas, reason = [], [], [], [], None
     for start in range(0, z, bs):

@@ -25,7 +25,7 @@ from ..errors import BadArgumentError
 from .coords import grid
 from .metrics import psnr
 from .operators import Identity
-from .siren import BatchedSiren
+from .siren import BatchedSiren, SirenConfig
 
 
 @dataclass
@@ -243,11 +243,11 @@ def make_adam(params: list, lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=lr)
 
 
-def activation_bytes(net: BatchedSiren, pixels: int) -> int:
-    """Estimated memory of one training step over ``pixels`` coordinates for all members:
-    per sine layer, the two float32 ``[batch, pixels, width]`` tensors kept for backward,
+def activation_bytes(config: SirenConfig, members: int, pixels: int) -> int:
+    """Estimated memory of one training step over ``pixels`` coordinates for ``members`` INRs:
+    per sine layer, the two float32 ``[members, pixels, width]`` tensors kept for backward,
     plus two transient ones (gradients; parameters and Adam are small in comparison)."""
-    return 4 * net.batch * pixels * net.config.width * (2 * (net.config.layers - 1) + 2)
+    return 4 * members * pixels * config.width * (2 * (config.layers - 1) + 2)
 
 
 def available_bytes(device: torch.device) -> int:
@@ -267,7 +267,7 @@ def available_bytes(device: torch.device) -> int:
 
 def check_memory(net: BatchedSiren, pixels: int, device: torch.device) -> None:
     """Refuse, before allocating, a step that cannot fit in memory (BadArgumentError)."""
-    need, free = activation_bytes(net, pixels), available_bytes(device)
+    need, free = activation_bytes(net.config, net.batch, pixels), available_bytes(device)
     if need > free:
         raise BadArgumentError(
             f"fitting {net.batch} member(s) on {pixels} pixels each needs about "

@@ -183,8 +183,7 @@ class RestoreWidget(JobWidget):
             enc = tasks.get_encoder(encoder)
             config = enc.config if enc is not None else tasks.SirenConfig()
             bs = batch_size or min(z, tasks.auto_batch(
-                h * w * scale * scale, config.width, config.layers,
-                tasks.resolve_device(device)))
+                h * w * scale * scale, config, tasks.resolve_device(device)))
             state = {"fn": None, "batch": -1}
 
             def callback(p):
