@@ -117,3 +117,15 @@ def test_render_1024_stays_under_2gb(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     peak_mib = int(r.stdout.strip()) / 1024
     assert peak_mib < 2048, peak_mib
+
+
+def test_pretrain_on_a_folder_takes_every_scan_and_series(samples, tmp_path):
+    """sample_data holds NIfTI files, single and multi-frame DICOM files and a series folder."""
+    from napari_strainer.core import load_encoder
+
+    out = tmp_path / "all.safetensors"
+    assert main(["pretrain", str(samples), "-o", str(out), "--size", "8", "--steps", "1",
+                 "--max-slices", "1", "--width", "8", "--layers", "3", "--shared-layers", "2",
+                 "--quiet"]) == 0
+    info = load_encoder(out).info["trained_on"]
+    assert info["images"] == 7 and "mr_series" in info["files"]

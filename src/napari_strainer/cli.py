@@ -203,47 +203,40 @@ def _write_json(path: str | Path, data: dict) -> None:
 
 
 def cmd_pretrain(a) -> None:
+    from .batch import list_scans
     from .core.siren import SirenConfig
-    from .io import find_scans, read_scan
+    from .io import read_scan
     from .tasks import pretrain, training_slices
 
     out = Path(a.output)
     if not a.resume:
         _check_output(out, a.overwrite, a.inputs)
-    paths = []
+    sources = []  # (path, series UID or None): one per scan, a folder's series each apart
     for i in a.inputs:
         p = Path(i)
-        if p.is_dir() and not _is_series(p):
-            found = find_scans(p)
-            if not found:
-                raise BadArgumentError(f"{p}: no scans found in this folder")
-            paths += found
-        else:
-            paths.append(p)
+        if not p.is_dir():
+            sources.append((p, None))
+            continue
+        found = [(Path(d["image"]), d["series"]) for d in list_scans(p)]
+        if not found:
+            raise BadArgumentError(f"{p}: no scans found in this folder")
+        sources += found
     config = SirenConfig(width=a.width, layers=a.layers, shared_layers=a.shared_layers,
                          omega_first=a.omega, omega_hidden=a.omega)
-    scans = [read_scan(p) for p in paths]
+    scans = [read_scan(p, series=uid) for p, uid in sources]
     images = training_slices(scans, size=a.size, max_slices=a.max_slices)
     bar = _Bar("pretrain", a.quiet)
     try:
         enc = pretrain(images, out, config=config, steps=a.steps, lr=a.lr,
                        batch_coords=a.batch_coords, device=a.device, seed=a.seed,
                        resume=a.resume, checkpoint_every=a.checkpoint_every, callback=bar,
-                       info={"files": [p.name for p in paths]})
+                       info={"files": [p.name for p, _ in sources]})
     finally:
         bar.close()
     if not a.quiet:
         print(f"wrote {out}: encoder of {config.shared_layers} layers trained on "
               f"{images.shape[0]} slices of {tuple(images.shape[1:])}, {enc.info['steps']} "
               f"steps, final loss {enc.info['final_loss']:.3g}")
-
-
-def _is_series(path: Path) -> bool:
-    """A folder that directly holds DICOM files (a series), not a folder of scans."""
-    from .io import find_scans
-
-    found = find_scans(path)
-    return bool(found) and all(f == path for f in found)
 
 
 def _stop_rule(a, scan):
