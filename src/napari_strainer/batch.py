@@ -398,7 +398,7 @@ def _one(item, options, params, out_dir, load, encoder, overwrite, run_id, rank,
         _write_json(mpath, record)
         output.parent.mkdir(parents=True, exist_ok=True)
         scan = load(item)
-        stop = make_stop_rule(options.sigma, scan) if options.task == "denoise" else None
+        stop = make_stop_rule(options.sigma) if options.task == "denoise" else None
 
         def progress(p) -> None:
             bar.set_postfix({"scan": Path(name).name[:24], "step": f"{p.step}/{p.total}",

@@ -239,12 +239,12 @@ def cmd_pretrain(a) -> None:
               f"steps, final loss {enc.info['final_loss']:.3g}")
 
 
-def _stop_rule(a, scan):
+def _stop_rule(a):
     if getattr(a, "sigma", None) is None:
         return None
     from .denoise import make_stop_rule
 
-    return make_stop_rule(a.sigma, scan)
+    return make_stop_rule(a.sigma)
 
 
 def cmd_restore(a) -> None:
@@ -257,7 +257,7 @@ def cmd_restore(a) -> None:
     bar = _Bar(a.verb, a.quiet)
     try:
         res = restore(scan, task=a.verb, encoder=a.encoder, steps=a.steps, lr=a.lr,
-                      scale=getattr(a, "scale", 1), freeze=a.freeze, stop=_stop_rule(a, scan),
+                      scale=getattr(a, "scale", 1), freeze=a.freeze, stop=_stop_rule(a),
                       reference=ref, device=a.device, seed=a.seed, log_every=a.log_every,
                       batch_size=a.batch_size, callback=bar)
     finally:

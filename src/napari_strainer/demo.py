@@ -73,7 +73,7 @@ def run_demo(outdir: str | Path, *, steps: int | None = None, pretrain_steps: in
     noisy = _slice_scan(brain, HELD_OUT, clean + rng.normal(0, sigma, clean.shape).astype(
         np.float32))
     jobs = {"fit": (ref, {}), "superres": (low, {"scale": 2}),
-            "denoise": (noisy, {"stop": make_stop_rule("auto", noisy)})}
+            "denoise": (noisy, {"stop": make_stop_rule("auto")})}
     results, table = {}, []
     for task, (inp, kw) in jobs.items():
         for name, enc in (("STRAINER", "default"), ("SIREN", "none")):

@@ -14,7 +14,6 @@ import torch
 
 from .core.fit import StopRule
 from .errors import BadArgumentError
-from .io.scan import Scan
 
 STOP_FACTOR = 0.85
 MAD_TO_SIGMA = 1 / 0.6745
@@ -46,30 +45,28 @@ class DiscrepancyStop(StopRule):
         return loss <= self._threshold
 
 
-def make_stop_rule(sigma, scan: Scan):
-    """A factory ``rule(norm_slices) -> StopRule | None`` for ``--sigma``.
+def make_stop_rule(sigma):
+    """A factory ``rule(norm_slices, units_per_norm) -> StopRule`` for ``--sigma``, or None.
+
+    ``restore`` calls it per batch of normalised slices, with the scan's intensity units per
+    normalised unit (it has computed the scan's normalisation already).
 
     Args:
         sigma: ``"auto"`` (estimate per slice), ``"none"`` (no rule: run all steps) or a noise
             standard deviation in the scan's intensity units.
-        scan: the noisy scan (for the unit conversion).
     """
-    from .tasks import Intensity
-
     if sigma in (None, "none"):
         return None
     if sigma != "auto":
         sigma = float(sigma)
         if sigma < 0:
             raise BadArgumentError(f"--sigma must be >= 0, got {sigma}")
-        inten = Intensity.of(scan.data)
-        norm_sigma = sigma / (inten.high - inten.low)
 
-    def rule(norm_slices: np.ndarray) -> DiscrepancyStop:
+    def rule(norm_slices: np.ndarray, units_per_norm: float) -> DiscrepancyStop:
         if sigma == "auto":
             est = np.array([estimate_sigma(s) for s in norm_slices])
         else:
-            est = np.full(len(norm_slices), norm_sigma)
+            est = np.full(len(norm_slices), sigma / units_per_norm)
         return DiscrepancyStop(est)
 
     return rule

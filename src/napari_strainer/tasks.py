@@ -233,7 +233,7 @@ def restore(scan: Scan, *, task: str = "fit", encoder: str | Path | Encoder | No
     * ``fit``: represent the scan (output: same grid);
     * ``superres``: the scan is the ``scale``-times area-downsampled view of the output;
     * ``denoise``: like ``fit``, stopped per slice by ``stop`` (a :class:`StopRule` factory
-      ``stop(norm_slices) -> StopRule``, see :mod:`napari_strainer.denoise`).
+      ``stop(norm_slices, units_per_norm) -> StopRule``, see :mod:`napari_strainer.denoise`).
 
     The encoder initialises the first layers (``None``: SIREN random initialisation), the
     first ``freeze`` stay fixed. Output voxels are in the input's units and dtype.
@@ -295,7 +295,7 @@ def restore(scan: Scan, *, task: str = "fit", encoder: str | Path | Encoder | No
                 callback(Progress(k * steps + p.step, n * steps, p.loss, p.psnr, p.seconds,
                                   p.preview))
 
-        rule = stop(norm[sl]) if stop is not None else None
+        rule = stop(norm[sl], inten.high - inten.low) if stop is not None else None
         if rule is not None:
             sigmas += [float(v) * (inten.high - inten.low) for v in rule.sigma]
             reason = rule.reason

@@ -151,7 +151,7 @@ class RestoreWidget(JobWidget):
         if task == "denoise":
             text = self.sigma.value.strip().lower()
             sigma = text if text in ("auto", "none") else parse_float(text, "noise sigma")
-            stop = make_stop_rule(sigma, scan)
+            stop = make_stop_rule(sigma)
         steps, device, seed = self.steps.value, self.device.value, self.seed.value
         log_every, batch_size = self.log_every.value, self.batch.value
         z, h, w = scan.shape
