@@ -33,3 +33,17 @@ def copy_series(dst: Path, name: str = "mr_series") -> Path:
 def tree(folder: Path) -> list[str]:
     """Every entry under ``folder`` (to prove that nothing was left behind)."""
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def assert_matches_monai(path, reader, atol: float) -> None:
+    """MONAI's LoadImage with ``reader`` gives (column, row, slice) in RAS: our Scan is its
+    transpose, with the affine's first three columns reversed."""
+    import numpy as np
+    from monai.transforms import LoadImage
+
+    from napari_strainer.io import read_scan
+
+    img = LoadImage(reader=reader, image_only=True)(str(path))
+    scan = read_scan(path)
+    np.testing.assert_array_equal(np.asarray(img).transpose(2, 1, 0), scan.data)
+    np.testing.assert_allclose(np.asarray(img.affine)[:, [2, 1, 0, 3]], scan.affine, atol=atol)

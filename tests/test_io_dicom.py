@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
-from conftest_io import PYDICOM_DATA, copy_series, data_store
+from conftest_io import PYDICOM_DATA, assert_matches_monai, copy_series, data_store
 
 from napari_strainer.errors import BadInputError
 from napari_strainer.io import read_scan, sample_path, write_scan
@@ -30,13 +30,8 @@ def test_series_sample_equals_its_nifti_source():
 def test_series_matches_monai_loadimage():
     """MONAI's PydicomReader gives (column, row, slice) in RAS: ours is its transpose."""
     from monai.data import PydicomReader
-    from monai.transforms import LoadImage
 
-    path = sample_path("mr_series")
-    img = LoadImage(reader=PydicomReader(), image_only=True)(str(path))
-    scan = read_scan(path)
-    np.testing.assert_array_equal(np.asarray(img).transpose(2, 1, 0), scan.data)
-    np.testing.assert_allclose(np.asarray(img.affine)[:, [2, 1, 0, 3]], scan.affine, atol=1e-4)
+    assert_matches_monai(sample_path("mr_series"), PydicomReader(), atol=1e-4)
 
 
 def test_ct_matches_pydicom_and_has_hounsfield_units():

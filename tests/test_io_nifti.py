@@ -5,7 +5,7 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest_io import NIBABEL_DATA
+from conftest_io import NIBABEL_DATA, assert_matches_monai
 
 from napari_strainer.errors import BadInputError
 from napari_strainer.io import read_scan, sample_path, upsampled_affine, write_scan
@@ -40,13 +40,8 @@ def test_matches_nibabel_up_to_axis_order(name):
 
 def test_matches_monai_loadimage():
     from monai.data import NibabelReader
-    from monai.transforms import LoadImage
 
-    path = sample_path("mr_brain")
-    img = LoadImage(reader=NibabelReader(), image_only=True)(str(path))
-    scan = read_scan(path)
-    np.testing.assert_array_equal(np.asarray(img).transpose(2, 1, 0), scan.data)
-    np.testing.assert_allclose(np.asarray(img.affine)[:, [2, 1, 0, 3]], scan.affine, atol=1e-5)
+    assert_matches_monai(sample_path("mr_brain"), NibabelReader(), atol=1e-5)
 
 
 @pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
