@@ -64,12 +64,14 @@ def test_batched_members_are_independent():
     """Fitting B slices together gives each slice what fitting it alone gives."""
     targets = torch.cat([image(phase=p) for p in (0.0, 1.0)])
     together = BatchedSiren(SMALL, batch=2, seed=0)
+    together.kernel = "fused"  # float32: bfloat16 rounding depends on the pixel chunking
     fit(together, targets, steps=30, operator=Identity((16, 16)), lr=1e-3)
     alone = BatchedSiren(SMALL, batch=2, seed=0)
     with torch.no_grad():  # keep only member 1's initial weights, fitted alone
         one = BatchedSiren(SMALL, batch=1, seed=0)
         for p1, p2 in zip(one.parameters(), alone.parameters()):
             p1.copy_(p2[1:2])
+    one.kernel = "fused"
     fit(one, targets[1:2], steps=30, operator=Identity((16, 16)), lr=1e-3)
     g = grid((16, 16))
     assert torch.allclose(together(g)[1], one(g)[0], atol=1e-4)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from napari_strainer.core import BatchedSiren, Identity, SirenConfig, fit
+from napari_strainer.core import BatchedSiren, Identity, SirenConfig, fit, siren
 from napari_strainer.core.fit import activation_bytes, check_memory
 from napari_strainer.errors import BadArgumentError, StrainerError
 
@@ -12,20 +12,59 @@ def _grads(kernel, shared, freeze):
     net = BatchedSiren(SirenConfig(width=32), batch=3, shared=shared, seed=1)
     net.kernel = kernel
     net.freeze(freeze)
-    c = torch.linspace(-1, 1, 120).reshape(60, 2)
+    c = torch.rand(97, 2, generator=torch.Generator().manual_seed(0)) * 2 - 1
     out = net(c)
     out.pow(2).sum().backward()
     return out.detach(), [p.grad for p in net.parameters() if p.requires_grad]
 
 
-@pytest.mark.parametrize(("shared", "freeze"), [(0, 0), (5, 0), (3, 2)])
-def test_fused_kernel_matches_autograd(shared, freeze):
+@pytest.mark.parametrize("chunk", [1 << 18, 200])  # one pixel chunk, or 32 rows at a time
+@pytest.mark.parametrize(("shared", "freeze"), [(0, 0), (5, 0), (3, 2), (3, 3), (5, 5)])
+def test_fused_kernels_match_autograd(shared, freeze, chunk, monkeypatch):
+    monkeypatch.setattr(siren, "CHUNK_ELEMENTS", chunk)
     ref_out, ref_g = _grads("eager", shared, freeze)
     for kernel, tol in (("fused", 1e-5), ("bf16", 3e-2)):
         out, g = _grads(kernel, shared, freeze)
-        assert torch.equal(out, ref_out)  # the forward is float32 in every kernel
+        torch.testing.assert_close(out, ref_out)  # the forward is float32 in every kernel
+        assert len(g) == len(ref_g)
         for a, b in zip(g, ref_g):
             assert (a - b).abs().max() <= tol * b.abs().max()
+
+
+def test_saved_buffers_are_reused_and_never_shared_by_two_graphs():
+    net = BatchedSiren(SirenConfig(width=16, layers=3, shared_layers=2), batch=2)
+    net.kernel = "fused"
+    c = torch.rand(50, 2) * 2 - 1
+    net(c).sum().backward()
+    held = {k: t.data_ptr() for k, t in net.buffers.buffers.items()}
+    assert held
+    net(c).sum().backward()  # the next step reuses them
+    assert {k: t.data_ptr() for k, t in net.buffers.buffers.items()} == held
+    # two graphs alive at once: the second must not overwrite the first one's activations
+    net.zero_grad()
+    first, second = net(c), net(c * 0.5)
+    second.sum().backward()
+    first.sum().backward()
+    both = [p.grad.clone() for p in net.parameters()]
+    ref = BatchedSiren(SirenConfig(width=16, layers=3, shared_layers=2), batch=2)
+    ref.kernel = "eager"
+    (ref(c).sum() + ref(c * 0.5).sum()).backward()
+    for a, b in zip(both, ref.parameters()):
+        torch.testing.assert_close(a, b.grad)
+
+
+def test_auto_kernel_follows_the_cpu_and_the_environment(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv("STRAINER_KERNEL", raising=False)
+    expected = "bf16" if siren.cpu_has_bf16() else "fused"
+    assert siren.resolve_kernel("auto", cpu) == expected
+    assert siren.resolve_kernel("auto", cuda) == "fused"
+    assert siren.resolve_kernel("eager", cpu) == "eager"
+    monkeypatch.setenv("STRAINER_KERNEL", "fused")
+    assert siren.resolve_kernel("auto", cpu) == "fused"
+    monkeypatch.setenv("STRAINER_KERNEL", "fp8")
+    with pytest.raises(BadArgumentError, match="STRAINER_KERNEL"):
+        siren.resolve_kernel("auto", cpu)
 
 
 def _image(n=24):
@@ -63,15 +102,3 @@ def test_slice_too_big_for_memory_is_refused_before_allocating():
     with pytest.raises(BadArgumentError):  # fit checks before its first step
         fit(net, torch.zeros(1, 1, 1).expand(1, 50_000**2, 1), steps=1,
             operator=Identity((50_000, 50_000)))
-
-
-def test_compile_falls_back_to_eager(monkeypatch):
-    def broken(fn):
-        def call(*a):
-            raise RuntimeError("no compiler here")
-        return call
-    monkeypatch.setattr(torch, "compile", broken)
-    net = BatchedSiren(SirenConfig(width=16, layers=3, shared_layers=2), batch=1)
-    net.compile = True
-    res = fit(net, _image(8), steps=3, operator=Identity((8, 8)))
-    assert res.steps_done == 3 and net.compile is False

@@ -196,21 +196,12 @@ def fit(net: BatchedSiren, target: torch.Tensor, *, steps: int, operator=None,
         if stop is not None and not bool(active.any()):
             break
         optimizer.zero_grad(set_to_none=True)
-        try:
-            loss_per.sum().backward()
-        except Exception as e:
-            if not net.compile:  # a compiled backward failing: redo this step eagerly
-                raise
-            net.compile_failed(e)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.enable_grad():
-                pred = net(coords[idx] if batch_coords else coords)
-                err = pred - target[:, idx] if batch_coords else operator(pred) - target
-                err.pow(2).mean(dim=(1, 2)).sum().backward()
+        loss_per.sum().backward()
         optimizer.step()
     if tf32 is not None:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     result.steps_done = step
+    net.buffers.clear()
     if keep_best:
         with torch.no_grad():
             for n in snap_names:

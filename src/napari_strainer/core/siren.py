@@ -6,36 +6,35 @@ the whole batch: the STRAINER encoder during pretraining, or frozen layers at te
 *batched* (shape ``[batch, in, out]``: one copy per head / per slice). Shared layers are
 evaluated once for all members, batched layers as one ``bmm``: no Python loop over heads.
 
-Kernels (``BatchedSiren.kernel``), all the same maths:
+Training forwards and backwards (``BatchedSiren.kernel``), all the same maths:
 
-* ``"eager"``: ``addmm``/``baddbmm`` then ``torch.sin``, differentiated by autograd.
-* ``"fused"`` (default): one autograd function per sine layer (:class:`SineLayer`) whose
-  backward does one elementwise pass (``cos(z) * grad``) and folds ``omega`` into the small
-  weight matrix, where autograd's does four (``cos``, ``*``, ``* alpha``, ``* beta``).
-* ``"bf16"``: ``"fused"`` whose *backward* matmuls (weight and input gradients) run in
-  bfloat16; the forward pass stays float32. Opt-in: 1.7-1.9x faster per step on a CPU with
-  AVX-512 BF16, PSNR at the end of a standard fit within 0.1 dB of float32 (checked by
-  ``benchmarks/speed.py`` and ``tests/test_speed_paths.py``).
-
-``BatchedSiren.compile = True`` (opt-in) runs the training forward through ``torch.compile``
-(which also fuses the backward's elementwise work, another 15-20% per step on CPU), falling
-back to eager with a warning when compilation fails. Compiling costs 10-20 s on two CPU cores,
-so it pays only for runs of a few minutes or more.
+* ``"eager"``: ``addmm``/``baddbmm`` then ``torch.sin``, differentiated by autograd (the
+  reference the others are tested against).
+* ``"fused"``: the whole network as one autograd function (:class:`SirenFunction`), run pixel
+  chunk by pixel chunk so that activations stay in cache, saved buffers reused between steps;
+  float32 throughout.
+* ``"bf16"``: ``"fused"`` with the *backward* matmuls (weight and input gradients) and the
+  saved activations in bfloat16; the forward pass stays float32. PSNR at the end of a
+  standard fit within 0.1 dB of float32 (``benchmarks/speed.py``, ``tests/test_speed_paths.py``).
+* ``"auto"`` (default): ``"bf16"`` on a CPU with native bfloat16 matmuls (AVX-512 BF16 or AMX,
+  where they run 3-4x faster than float32), ``"fused"`` otherwise (GPUs: float32 with TF32).
+  The environment variable ``STRAINER_KERNEL`` overrides the default for a whole process,
+  e.g. ``STRAINER_KERNEL=fused`` for float32 everywhere.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
-import logging
 import math
+import os
+import weakref
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from ..errors import BadArgumentError
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -104,63 +103,214 @@ def init_layer(config: SirenConfig, layer: int, batch: int | None,
     return w, b
 
 
-KERNELS = ("eager", "fused", "bf16")
+KERNELS = ("auto", "eager", "fused", "bf16")
 
 
-class SineLayer(torch.autograd.Function):
-    """``sin(omega * (h @ w + b))`` with a hand-written backward.
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices natively (AVX-512 BF16 or AMX-BF16)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:  # not Linux: no cheap way to tell, stay in float32
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
-    ``h``: ``[P, in]`` or ``[B, P, in]``; ``w``: shared ``[in, out]`` or batched ``[B, in, out]``
-    (then ``h`` is ``[B, P, in]``). Saves ``h`` and ``z`` (float32) or, with ``bf16``, ``h`` and
-    ``cos(z)`` in bfloat16 (half the memory) for backward matmuls in bfloat16.
+
+def resolve_kernel(kernel: str, device: torch.device) -> str:
+    """The kernel ``"auto"`` stands for on ``device`` (``STRAINER_KERNEL`` overrides it)."""
+    if kernel == "auto":
+        kernel = os.environ.get("STRAINER_KERNEL") or (
+            "bf16" if device.type == "cpu" and cpu_has_bf16() else "fused")
+    if kernel not in KERNELS or kernel == "auto":
+        raise BadArgumentError(f"kernel must be one of {KERNELS}, got {kernel!r}"
+                               " (BatchedSiren.kernel or STRAINER_KERNEL)")
+    return kernel
+
+
+def _layer_forward(h, w, b, omega: float) -> torch.Tensor:
+    """``omega * (h @ w + b)`` for the three layouts; returns ``[P, out]`` or ``[B, P, out]``.
+
+    A batched layer on shared features (``h`` ``[P, in]``, ``w`` ``[B, in, out]``) is one GEMM
+    against the members' weights side by side; its result is a transposed view."""
+    if w.dim() == 2:  # shared: one GEMM for every member
+        z = torch.addmm(b, h.reshape(-1, h.shape[-1]), w, beta=omega, alpha=omega)
+        return z.reshape(*h.shape[:-1], w.shape[1])
+    if h.dim() == 2:
+        n, fi, fo = w.shape
+        z = torch.addmm(b.reshape(-1), h, w.permute(1, 0, 2).reshape(fi, n * fo),
+                        beta=omega, alpha=omega)
+        return z.view(-1, n, fo).transpose(0, 1)
+    return torch.baddbmm(b[:, None, :], h, w, beta=omega, alpha=omega)
+
+
+CHUNK_ELEMENTS = 1 << 18
+"""Activations of one layer per pixel chunk on CPU (1 MiB in float32). A chunk stays in the
+L2 cache from its matmul through the sine and the saved copies; whole-image temporaries cost
+a trip to RAM (and fresh pages) per elementwise pass. GPUs run the whole image at once."""
+
+
+class _Lease:
+    """Marks a :class:`SavedBuffers` as in use by one forward until its backward (or until the
+    graph holding it is freed)."""
+
+
+class SavedBuffers:
+    """Saved-activation buffers reused from one training step to the next.
+
+    Fresh multi-MiB tensors every step cost page faults (a third of a CPU step at 256x256);
+    reusing them is safe because a step's backward is done before the next forward. A second
+    forward while the buffers are held (graph still alive, no backward yet) gets fresh ones.
+    """
+
+    def __init__(self):
+        self.buffers: dict = {}
+        self.lease = None
+
+    def acquire(self) -> _Lease | None:
+        """A lease if the buffers are free (else None: use fresh memory)."""
+        if self.lease is not None and self.lease() is not None:
+            return None
+        lease = _Lease()
+        self.lease = weakref.ref(lease)
+        return lease
+
+    def release(self) -> None:
+        self.lease = None
+
+    def take(self, lease, key, shape, dtype, device) -> torch.Tensor:
+        t = self.buffers.get(key)
+        if lease is None or t is None or t.shape != shape or t.dtype != dtype \
+                or t.device != device:
+            t = torch.empty(shape, dtype=dtype, device=device)
+            if lease is not None:
+                self.buffers[key] = t
+        return t
+
+    def clear(self) -> None:
+        self.buffers.clear()
+        self.lease = None
+
+
+class SirenFunction(torch.autograd.Function):
+    """The whole network as one autograd node: float32 forward, hand-written backward.
+
+    ``params`` are ``w0, b0, w1, b1, ...``: shared ``[in, out]`` layers first, then batched
+    ``[B, in, out]`` ones (the head is always batched); ``coords`` ``[P, d]`` gets no gradient;
+    returns ``[B, P, out]``. Per sine layer the backward does one elementwise pass
+    (``grad * cos(z)``) and folds ``omega`` into the small weight matrix. Both passes run
+    pixel chunk by pixel chunk through all layers (:data:`CHUNK_ELEMENTS`), accumulating
+    weight gradients in float32; the gradient between layers never leaves the function, so
+    with ``bf16`` it stays in bfloat16 (no casts back to float32 between layers).
+
+    Saved, from the first layer that trains on: each layer's input and ``cos(z)``, in float32
+    or, with ``bf16``, in bfloat16 (half the memory) for bfloat16 backward matmuls.
     """
 
     @staticmethod
-    def forward(ctx, h, w, b, omega: float, bf16: bool):
-        if w.dim() == 2:
-            z = torch.addmm(b, h.reshape(-1, h.shape[-1]), w, beta=omega, alpha=omega)
-            z = z.reshape(*h.shape[:-1], w.shape[1])
-        else:
-            z = torch.baddbmm(b[:, None, :], h, w, beta=omega, alpha=omega)
-        out = torch.sin(z)
-        if bf16:
-            c = torch.empty_like(z, dtype=torch.bfloat16)
-            torch.cos(z, out=c)
-            ctx.save_for_backward(h.to(torch.bfloat16), w, c)
-        else:
-            ctx.save_for_backward(h, w, z)
-        ctx.omega, ctx.bf16 = omega, bf16
+    def forward(ctx, coords, omegas: tuple, bf16: bool, pool: SavedBuffers, *params):
+        n = len(omegas)
+        grad_w = [ctx.needs_input_grad[4 + 2 * i] for i in range(n)]
+        grad_b = [ctx.needs_input_grad[5 + 2 * i] for i in range(n)]
+        first = [a or b for a, b in zip(grad_w, grad_b)].index(True)
+        fan = next(i for i in range(n) if params[2 * i].dim() == 3)  # first batched layer
+        members, pixels = params[2 * fan].shape[0], coords.shape[0]
+        low = torch.bfloat16 if bf16 else coords.dtype
+        dev = coords.device
+        lease = pool.acquire()
+
+        def lead(i):
+            return (pixels,) if i <= fan else (members, pixels)
+
+        h_saved, c_saved = [None] * n, [None] * n
+        for i in range(first, n):
+            fi, fo = params[2 * i].shape[-2:]
+            if grad_w[i]:
+                h_saved[i] = pool.take(lease, ("h", i), (*lead(i), fi), low, dev)
+            if i < n - 1:
+                out_lead = (pixels,) if i < fan else (members, pixels)
+                c_saved[i] = pool.take(lease, ("c", i), (*out_lead, fo), low, dev)
+        out = torch.empty(members, pixels, params[-2].shape[-1], dtype=coords.dtype, device=dev)
+        width = max(w.shape[-1] for w in params[0::2])
+        step = pixels if dev.type != "cpu" else max(16, CHUNK_ELEMENTS // (members * width))
+        for s in range(0, pixels, step):
+            e = min(s + step, pixels)
+            h = coords[s:e]
+            for i in range(n):
+                if h_saved[i] is not None:  # 2D [P, in] up to the fan-out layer, then [B, P, in]
+                    (h_saved[i][s:e] if i <= fan else h_saved[i][:, s:e]).copy_(h)
+                z = _layer_forward(h, params[2 * i], params[2 * i + 1], omegas[i])
+                if i == n - 1:
+                    out[:, s:e] = z
+                    break
+                h = torch.sin(z)
+                if c_saved[i] is not None:
+                    torch.cos(z, out=c_saved[i][s:e] if i < fan else c_saved[i][:, s:e])
+        ctx.save_for_backward(*h_saved, *c_saved, *params[0::2])
+        ctx.omegas, ctx.first, ctx.fan, ctx.low, ctx.step = omegas, first, fan, low, step
+        ctx.pool, ctx.lease = pool, lease
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        h, w, zc = ctx.saved_tensors
-        omega = ctx.omega
-        if ctx.bf16:
-            g = torch.empty_like(zc)
-            torch.mul(grad, zc, out=g)  # cos(z) * grad, rounded to bf16 in the same pass
-        else:
-            g = torch.cos(zc).mul_(grad)
-        gh = gw = gb = None
-        ws = w.detach() * omega
-        if ctx.bf16:
-            ws = ws.to(torch.bfloat16)
-        if w.dim() == 2:
-            g2, h2 = g.reshape(-1, g.shape[-1]), h.reshape(-1, h.shape[-1])
-            if ctx.needs_input_grad[0]:
-                gh = (g2 @ ws.t()).reshape(h.shape)
-            if ctx.needs_input_grad[1]:
-                gw = (h2.t() @ g2).float().mul_(omega)
-            if ctx.needs_input_grad[2]:
-                gb = g2.sum(0, dtype=torch.float32).mul_(omega)
-        else:
-            if ctx.needs_input_grad[0]:
-                gh = torch.bmm(g, ws.transpose(1, 2))
-            if ctx.needs_input_grad[1]:
-                gw = torch.bmm(h.transpose(1, 2), g).float().mul_(omega)
-            if ctx.needs_input_grad[2]:
-                gb = g.sum(1, dtype=torch.float32).mul_(omega)
-        return gh, gw, gb, None, None
+        omegas, first, fan, low, step = ctx.omegas, ctx.first, ctx.fan, ctx.low, ctx.step
+        n = len(omegas)
+        saved = ctx.saved_tensors
+        h_saved, c_saved, weights = saved[:n], saved[n:2 * n], saved[2 * n:]
+        members, pixels, _ = grad.shape
+        f32 = torch.float32
+        # weight/bias gradient accumulators; the fan-out layer's as [in, B * out]
+        gw = [None] * n
+        gb = [None] * n
+        ws = [None] * n  # omega * weight, in the backward's precision, laid out for gh
+        for i in range(first, n):
+            w = weights[i].detach()
+            fi, fo = w.shape[-2:]
+            gw[i] = torch.zeros((fi, members * fo) if i == fan else w.shape, dtype=f32,
+                                device=w.device)
+            gb[i] = torch.zeros(w.shape[:-2] + (fo,), dtype=f32, device=w.device)
+            if i > first:
+                wl = (w * omegas[i]).to(low)
+                ws[i] = wl.transpose(1, 2).reshape(members * fo, fi) if i == fan \
+                    else wl.transpose(-1, -2)
+        for s in range(0, pixels, step):
+            e = min(s + step, pixels)
+            g = grad[:, s:e].to(low)
+            for i in reversed(range(first, n)):
+                if i < fan:
+                    g = g.mul_(c_saved[i][s:e])
+                    if h_saved[i] is not None:
+                        gw[i].add_(h_saved[i][s:e].t() @ g)
+                    gb[i].add_(g.sum(0))
+                    g = g @ ws[i] if i > first else None
+                elif i == fan:
+                    if i != n - 1:
+                        g = g.mul_(c_saved[i][:, s:e])
+                    g2 = g.transpose(0, 1).reshape(e - s, -1)
+                    if h_saved[i] is not None:
+                        gw[i].add_(h_saved[i][s:e].t() @ g2)
+                    gb[i].add_(g.sum(1))
+                    g = g2 @ ws[i] if i > first else None
+                else:
+                    if i != n - 1:
+                        g = g.mul_(c_saved[i][:, s:e])
+                    if h_saved[i] is not None:
+                        gw[i].add_(torch.bmm(h_saved[i][:, s:e].transpose(1, 2), g))
+                    gb[i].add_(g.sum(1))
+                    g = torch.bmm(g, ws[i]) if i > first else None
+        if ctx.lease is not None:
+            ctx.pool.release()
+        grads = [None] * (2 * n)
+        for i in range(first, n):
+            if ctx.needs_input_grad[4 + 2 * i]:
+                w = gw[i]
+                if i == fan:
+                    fo = weights[i].shape[-1]
+                    w = w.view(w.shape[0], members, fo).transpose(0, 1).contiguous()
+                grads[2 * i] = w.mul_(omegas[i])
+            if ctx.needs_input_grad[5 + 2 * i]:
+                grads[2 * i + 1] = gb[i].mul_(omegas[i])
+        return (None, None, None, None, *grads)
 
 
 class BatchedSiren(nn.Module):
@@ -183,11 +333,10 @@ class BatchedSiren(nn.Module):
         if not 0 <= shared <= config.layers - 1:
             raise BadArgumentError(f"shared must be in [0, {config.layers - 1}], got {shared}")
         self.config, self.batch, self.shared = config, batch, shared
-        self.kernel = "fused"
+        self.kernel = "auto"
         """One of :data:`KERNELS`; see the module docstring."""
-        self.compile = False
-        """Run training forwards through ``torch.compile`` (eager fallback on failure)."""
-        self._compiled = None
+        self.buffers = SavedBuffers()
+        """Saved activations reused between training steps (see :class:`SavedBuffers`)."""
 
         g = torch.Generator().manual_seed(seed)
         self.weights = nn.ParameterList()
@@ -196,12 +345,6 @@ class BatchedSiren(nn.Module):
             w, b = init_layer(config, i, None if i < shared else batch, g)
             self.weights.append(nn.Parameter(w))
             self.biases.append(nn.Parameter(b))
-
-    def compile_failed(self, error: BaseException) -> None:
-        """Fall back to eager for good after a compilation error."""
-        log.warning("torch.compile failed (%s: %s); continuing eagerly",
-                    type(error).__name__, str(error).splitlines()[0] if str(error) else "")
-        self.compile, self._compiled = False, None
 
     def load_encoder(self, weights: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Copy pretrained (shared, unbatched) encoder layers into the first layers."""
@@ -224,40 +367,16 @@ class BatchedSiren(nn.Module):
 
     def forward(self, coords: torch.Tensor) -> torch.Tensor:
         """Evaluate at ``coords`` of shape ``[P, d]``; returns ``[batch, P, out]``."""
-        if self.compile and torch.is_grad_enabled():
-            if self._compiled is None:
-                self._compiled = torch.compile(self._forward)
-            try:
-                return self._compiled(coords)
-            except Exception as e:  # noqa: BLE001 - any compiler failure: run eagerly
-                self.compile_failed(e)
-        return self._forward(coords)
-
-    def _forward(self, coords: torch.Tensor) -> torch.Tensor:
-        if self.kernel not in KERNELS:
-            raise BadArgumentError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
+        kernel = resolve_kernel(self.kernel, coords.device)
+        params = [p for pair in zip(self.weights, self.biases) for p in pair]
+        layers = self.config.layers
+        if kernel != "eager" and torch.is_grad_enabled() and not coords.requires_grad \
+                and any(p.requires_grad for p in params):
+            omegas = tuple(self.config.omega(i) for i in range(layers))
+            return SirenFunction.apply(coords, omegas, kernel == "bf16", self.buffers,
+                                       *params)
         h = coords
-        last = self.config.layers - 1
-        grad = torch.is_grad_enabled() and self.kernel != "eager"
-        for i in range(self.config.layers):
-            w, b, omega = self.weights[i], self.biases[i], self.config.omega(i)
-            if grad and i != last and (w.dim() == 2 or h.dim() == 3) and (
-                    h.requires_grad or w.requires_grad or b.requires_grad):
-                # bf16 only where the matmul is big (not the 2- or 3-feature first layer)
-                bf16 = self.kernel == "bf16" and h.shape[-1] >= 16
-                h = SineLayer.apply(h, w, b, omega, bf16)
-                continue
-            if w.dim() == 2:  # shared: one GEMM for every member
-                flat = h.reshape(-1, h.shape[-1])
-                z = torch.addmm(b, flat, w, beta=omega, alpha=omega)
-                z = z.reshape(*h.shape[:-1], w.shape[1])
-            elif h.dim() == 2:  # first batched layer on shared features: still one GEMM
-                n, fi, fo = w.shape
-                z = (h @ w.permute(1, 0, 2).reshape(fi, n * fo)).reshape(-1, n, fo)
-                z = (z.transpose(0, 1) + b[:, None, :]) * omega
-            else:
-                z = torch.baddbmm(b[:, None, :], h, w, beta=omega, alpha=omega)
-            h = z if i == last else torch.sin(z)
-        if h.dim() == 2:  # every layer shared (degenerate): one member
-            h = h.unsqueeze(0).expand(self.batch, *h.shape)
+        for i in range(layers):
+            z = _layer_forward(h, self.weights[i], self.biases[i], self.config.omega(i))
+            h = z if i == layers - 1 else torch.sin(z)
         return h
