@@ -3,17 +3,21 @@ vs a straightforward reference, in the same run.
 
 The reference is written the paper's way: ``nn.Linear`` layers, ``sin(omega * x)`` as separate
 ops, one model per image (heads / slices in a Python loop). All variants run the paper network
-(6 layers, width 256) with Adam. Variants of our loop (``BatchedSiren.kernel`` / ``.compile``):
+(6 layers, width 256) with Adam. Variants of our loop (``BatchedSiren.kernel``):
 
 * ``before``: autograd through ``addmm``/``baddbmm`` + ``torch.sin``, ``foreach`` Adam;
-* ``fused``: :class:`~napari_strainer.core.siren.SineLayer` + fused Adam (the default);
-* ``bf16``: ``fused`` with bfloat16 backward matmuls (opt-in);
-* ``bf16+compile``: ``bf16`` through ``torch.compile`` (opt-in; compile time reported).
+* ``whole``: the network as one autograd function
+  (:class:`~napari_strainer.core.siren.SirenFunction`), float32, fused Adam, every pixel at
+  once (one chunk: the GPU layout);
+* ``fused``: ``whole`` run in L2-sized pixel chunks with saved buffers reused between steps;
+* ``bf16``: ``fused`` with bfloat16 backward matmuls and saved activations (the default,
+  ``"auto"``, on CPUs with native bfloat16).
 
 Timings interleave the variants repetition by repetition (the machine is shared) and report
-medians; ratios are medians of per-repetition ratios. Peak RSS is measured in a child process
-per case. A standard fit (sample brain MRI slice, 64x64, 500 steps) checks that ``fused``
-matches ``before`` (|dPSNR| < 0.05 dB) and ``bf16`` loses < 0.1 dB.
+medians; ratios are medians of per-repetition ratios; the fp32 matmul peak (2048^3) is timed
+in the same repetitions. Peak RSS is measured in a child process per case. A standard fit
+(sample brain MRI slice, 64x64, 500 steps) checks that ``fused`` matches ``before``
+(|dPSNR| < 0.05 dB) and ``bf16`` loses < 0.1 dB.
 
     python benchmarks/speed.py [--quick] [--device cpu|cuda] [--threads N]
 """
@@ -36,13 +40,13 @@ import torch.nn.functional as F
 from _common import save, table
 from torch import nn
 
-from napari_strainer.core import BatchedSiren, Identity, SirenConfig, fit
+from napari_strainer.core import BatchedSiren, Identity, SirenConfig, fit, siren
 from napari_strainer.core.coords import grid
 from napari_strainer.core.fit import render
 from napari_strainer.tasks import CPU_BATCH_PIXELS, Intensity
 
 CFG = SirenConfig()
-VARIANTS = ["before", "fused", "bf16", "bf16+compile"]
+VARIANTS = ["before", "whole", "fused", "bf16"]
 
 
 class RefSiren(nn.Module):
@@ -95,8 +99,7 @@ def step_flops(cfg: SirenConfig, pixels: int, members: int, shared: int) -> floa
 
 def make_net(variant, members, shared, device):
     net = BatchedSiren(CFG, batch=members, shared=shared).to(device)
-    net.kernel = {"before": "eager", "fused": "fused"}.get(variant, "bf16")
-    net.compile = variant.endswith("compile")
+    net.kernel = {"before": "eager", "bf16": "bf16"}.get(variant, "fused")
     return net
 
 
@@ -106,9 +109,14 @@ def our_stepper(variant, shape, members, shared, device):
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=1e-4, foreach=True) if variant == "before" else None
     kw = {"operator": Identity(shape), "keep_best": shared == 0, "log_every": 10**9}
+    chunk = 1 << 62 if variant == "whole" else siren.CHUNK_ELEMENTS
 
     def run(k):
-        fit(net, target, steps=k, optimizer=opt, **kw)
+        default, siren.CHUNK_ELEMENTS = siren.CHUNK_ELEMENTS, chunk
+        try:
+            fit(net, target, steps=k, optimizer=opt, **kw)
+        finally:
+            siren.CHUNK_ELEMENTS = default
     return run
 
 
@@ -137,12 +145,8 @@ def time_case(shape, members, pretrain, iters, reps, device, variants):
     runs["ref"] = ref_stepper(shape, members, pretrain, device)
     a, b = (torch.randn(2048, 2048, device=device) for _ in range(2))
     runs["matmul"] = lambda k: [a @ b for _ in range(k)]  # fp32 peak, in the same reps
-    compile_s = None
-    for v, run in runs.items():  # warm-up (and compilation)
-        t = time.perf_counter()
+    for run in runs.values():  # warm-up
         run(2)
-        if v.endswith("compile"):
-            compile_s = time.perf_counter() - t
     times = {v: [] for v in runs}
     for _ in range(reps):
         for v, run in runs.items():
@@ -152,7 +156,7 @@ def time_case(shape, members, pretrain, iters, reps, device, variants):
             sync(device)
             times[v].append((time.perf_counter() - t) / iters)
     peak = statistics.median(2 * 2048**3 / t for t in times.pop("matmul"))
-    return times, compile_s, peak
+    return times, peak
 
 
 def psnr_check(steps: int, size: int, device, variants) -> dict:
@@ -182,8 +186,7 @@ def child(case: str, device) -> dict:
     if case.startswith("fit"):  # fit 256x256 <kernel>
         _, size, variant = case.split()
         n = int(size.split("x")[0])
-        net = make_net(variant, 1, 0, device)
-        fit(net, torch.rand(1, n * n, 1, device=device), steps=2, operator=Identity((n, n)))
+        our_stepper(variant, (n, n), 1, 0, device)(2)
     elif case == "render 1024x1024":
         net = make_net("fused", 1, 0, device)
         render(net, (1024, 1024))
@@ -252,21 +255,20 @@ def main():
         cases = [c for c in cases if c[1] != (256, 256)]
     rows = []
     for name, shape, members, pretrain, total in cases:
-        times, compile_s, peak = time_case(shape, members, pretrain, iters, a.reps, device,
+        times, peak = time_case(shape, members, pretrain, iters, a.reps, device,
                                            VARIANTS)
         scale = total / members
         shared = CFG.shared_layers if pretrain else 0
         flops = step_flops(CFG, shape[0] * shape[1], members, shared)
         row = {"case": name, "ref_s_per_it": statistics.median(times["ref"]) * scale,
-               "compile_s": compile_s, "fp32_matmul_gflops": peak / 1e9}
+               "fp32_matmul_gflops": peak / 1e9,
+               "ref_pct_fp32_peak": 100 * flops / statistics.median(times["ref"]) / peak}
         for v in VARIANTS:
             s = statistics.median(times[v])
             row[f"{v}_s_per_it"] = s * scale
             row[f"{v}_over_ref"] = statistics.median(
                 x / r for x, r in zip(times[v], times["ref"]))
             row[f"{v}_pct_fp32_peak"] = 100 * flops / s / peak
-        row["fused_over_before"] = statistics.median(
-            x / r for x, r in zip(times["fused"], times["before"]))
         rows.append(row)
         print(f"{name}: " + ", ".join(f"{k} {row[k]:.3f}" for k in row
                                      if k.endswith("s_per_it")), flush=True)
@@ -274,7 +276,8 @@ def main():
     psnr_delta = {"fused_minus_before_db": psnr["fused"] - psnr["before"],
                   "bf16_minus_before_db": psnr["bf16"] - psnr["before"]}
     print(f"PSNR after {a.psnr_steps} steps (64x64 MRI slice): {psnr} {psnr_delta}", flush=True)
-    mem_cases = ["fit 256x256 before", "fit 256x256 fused", "fit 256x256 bf16",
+    mem_cases = ["fit 256x256 before", "fit 256x256 whole", "fit 256x256 fused",
+                 "fit 256x256 bf16",
                  "render 1024x1024", "restore 512x512x300"]
     mem = []
     for c in mem_cases:
@@ -282,8 +285,8 @@ def main():
         mem.append({"case": c, **info})
         print(f"{c}: peak RSS {info['peak_rss_mib']:.0f} MiB", flush=True)
     cols = ["case", "ref_s_per_it"] + [f"{v}_s_per_it" for v in VARIANTS] + \
-        [f"{v}_over_ref" for v in VARIANTS] + ["fused_pct_fp32_peak", "bf16_pct_fp32_peak",
-                                              "compile_s", "fp32_matmul_gflops"]
+        [f"{v}_over_ref" for v in VARIANTS] + \
+        ["ref_pct_fp32_peak"] + [f"{v}_pct_fp32_peak" for v in VARIANTS] + ["fp32_matmul_gflops"]
     print(f"\nmatmul peak: fp32 {peak / 1e9:.1f}, bf16 {peak_bf16 / 1e9:.1f} GFLOP/s on {device},"
           f" {a.threads} thread(s)")
     print(table(rows, cols))

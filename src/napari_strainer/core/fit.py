@@ -235,9 +235,10 @@ def make_adam(params: list, lr: float) -> torch.optim.Optimizer:
 
 
 def activation_bytes(config: SirenConfig, members: int, pixels: int) -> int:
-    """Estimated memory of one training step over ``pixels`` coordinates for ``members`` INRs:
-    per sine layer, the two float32 ``[members, pixels, width]`` tensors kept for backward,
-    plus two transient ones (gradients; parameters and Adam are small in comparison)."""
+    """Upper bound on the memory of one training step over ``pixels`` coordinates for
+    ``members`` INRs: per sine layer, the two ``[members, pixels, width]`` tensors kept for
+    backward, counted in float32 (bfloat16 kernels keep half), plus two transient ones (GPU;
+    CPU runs pixel chunks). Parameters and Adam are small in comparison."""
     return 4 * members * pixels * config.width * (2 * (config.layers - 1) + 2)
 
 

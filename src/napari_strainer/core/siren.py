@@ -231,8 +231,8 @@ class SirenFunction(torch.autograd.Function):
                 out_lead = (pixels,) if i < fan else (members, pixels)
                 c_saved[i] = pool.take(lease, ("c", i), (*out_lead, fo), low, dev)
         out = torch.empty(members, pixels, params[-2].shape[-1], dtype=coords.dtype, device=dev)
-        width = max(w.shape[-1] for w in params[0::2])
-        step = pixels if dev.type != "cpu" else max(16, CHUNK_ELEMENTS // (members * width))
+        per_pixel = max(w.shape[-1] * (w.shape[0] if w.dim() == 3 else 1) for w in params[0::2])
+        step = pixels if dev.type != "cpu" else max(16, CHUNK_ELEMENTS // per_pixel)
         for s in range(0, pixels, step):
             e = min(s + step, pixels)
             h = coords[s:e]
