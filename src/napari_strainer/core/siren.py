@@ -158,8 +158,7 @@ class _Lease:
 class SavedBuffers:
     """Saved-activation buffers reused from one training step to the next.
 
-    Fresh multi-MiB tensors every step cost page faults (a third of a CPU step at 256x256);
-    reusing them is safe because a step's backward is done before the next forward. A second
+    Fresh multi-MiB tensors every step cost page faults on CPU; reusing them is safe because a step's backward is done before the next forward. A second
     forward while the buffers are held (graph still alive, no backward yet) gets fresh ones.
     """
 
