@@ -183,10 +183,13 @@ def child(case: str, device) -> dict:
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     info = {}
-    if case.startswith("fit"):  # fit 256x256 <kernel>
+    if case.startswith("fit"):  # fit 256x256 <variant or ref>
         _, size, variant = case.split()
         n = int(size.split("x")[0])
-        our_stepper(variant, (n, n), 1, 0, device)(2)
+        if variant == "ref":
+            ref_stepper((n, n), 1, False, device)(2)
+        else:
+            our_stepper(variant, (n, n), 1, 0, device)(2)
     elif case == "render 1024x1024":
         net = make_net("fused", 1, 0, device)
         render(net, (1024, 1024))
@@ -276,9 +279,9 @@ def main():
     psnr_delta = {"fused_minus_before_db": psnr["fused"] - psnr["before"],
                   "bf16_minus_before_db": psnr["bf16"] - psnr["before"]}
     print(f"PSNR after {a.psnr_steps} steps (64x64 MRI slice): {psnr} {psnr_delta}", flush=True)
-    mem_cases = ["fit 256x256 before", "fit 256x256 whole", "fit 256x256 fused",
-                 "fit 256x256 bf16",
-                 "render 1024x1024", "restore 512x512x300"]
+    mem_cases = ["fit 256x256 ref", "fit 256x256 before", "fit 256x256 whole",
+                 "fit 256x256 fused", "fit 256x256 bf16", "render 1024x1024",
+                 "restore 512x512x300"]
     mem = []
     for c in mem_cases:
         info = run_child(c, device)
