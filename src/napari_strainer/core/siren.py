@@ -236,15 +236,15 @@ class SirenFunction(torch.autograd.Function):
             e = min(s + step, pixels)
             h = coords[s:e]
             for i in range(n):
-                if h_saved[i] is not None:  # 2D [P, in] up to the fan-out layer, then [B, P, in]
-                    (h_saved[i][s:e] if i <= fan else h_saved[i][:, s:e]).copy_(h)
+                if h_saved[i] is not None:  # [P, in] up to the fan-out layer, then [B, P, in]
+                    h_saved[i][..., s:e, :].copy_(h)
                 z = _layer_forward(h, params[2 * i], params[2 * i + 1], omegas[i])
                 if i == n - 1:
                     out[:, s:e] = z
                     break
                 h = torch.sin(z)
                 if c_saved[i] is not None:
-                    torch.cos(z, out=c_saved[i][s:e] if i < fan else c_saved[i][:, s:e])
+                    torch.cos(z, out=c_saved[i][..., s:e, :])
         ctx.save_for_backward(*h_saved, *c_saved, *params[0::2])
         ctx.omegas, ctx.first, ctx.fan, ctx.low, ctx.step = omegas, first, fan, low, step
         ctx.pool, ctx.lease = pool, lease
@@ -258,57 +258,43 @@ class SirenFunction(torch.autograd.Function):
         h_saved, c_saved, weights = saved[:n], saved[n:2 * n], saved[2 * n:]
         members, pixels, _ = grad.shape
         f32 = torch.float32
-        # weight/bias gradient accumulators; the fan-out layer's as [in, B * out]
-        gw = [None] * n
-        gb = [None] * n
-        ws = [None] * n  # omega * weight, in the backward's precision, laid out for gh
+        # Weight/bias gradient accumulators and omega * weight (in the backward's precision,
+        # laid out for the input gradient). The fan-out layer sees its members side by side,
+        # as one [rows, B * out] gradient: its accumulators are [in, B * out] and [B * out].
+        gw, gb, ws = [None] * n, [None] * n, [None] * n
         for i in range(first, n):
             w = weights[i].detach()
-            fi, fo = w.shape[-2:]
-            gw[i] = torch.zeros((fi, members * fo) if i == fan else w.shape, dtype=f32,
-                                device=w.device)
-            gb[i] = torch.zeros(w.shape[:-2] + (fo,), dtype=f32, device=w.device)
-            if i > first:
-                wl = (w * omegas[i]).to(low)
-                ws[i] = wl.transpose(1, 2).reshape(members * fo, fi) if i == fan \
-                    else wl.transpose(-1, -2)
+            wl = (w * omegas[i]).to(low).transpose(-1, -2)
+            if i == fan:
+                w, wl = w.permute(1, 0, 2).flatten(1), wl.flatten(0, 1)
+            gw[i] = torch.zeros(w.shape, dtype=f32, device=w.device)
+            gb[i] = torch.zeros(w.shape[:-2] + w.shape[-1:], dtype=f32, device=w.device)
+            ws[i] = wl if i > first else None
         for s in range(0, pixels, step):
             e = min(s + step, pixels)
             g = grad[:, s:e].to(low)
             for i in reversed(range(first, n)):
-                if i < fan:
-                    g = g.mul_(c_saved[i][s:e])
-                    if h_saved[i] is not None:
-                        gw[i].add_(h_saved[i][s:e].t() @ g)
-                    gb[i].add_(g.sum(0))
-                    g = g @ ws[i] if i > first else None
-                elif i == fan:
-                    if i != n - 1:
-                        g = g.mul_(c_saved[i][:, s:e])
-                    g2 = g.transpose(0, 1).reshape(e - s, -1)
-                    if h_saved[i] is not None:
-                        gw[i].add_(h_saved[i][s:e].t() @ g2)
-                    gb[i].add_(g.sum(1))
-                    g = g2 @ ws[i] if i > first else None
-                else:
-                    if i != n - 1:
-                        g = g.mul_(c_saved[i][:, s:e])
-                    if h_saved[i] is not None:
-                        gw[i].add_(torch.bmm(h_saved[i][:, s:e].transpose(1, 2), g))
-                    gb[i].add_(g.sum(1))
-                    g = torch.bmm(g, ws[i]) if i > first else None
+                if i != n - 1:
+                    g = g.mul_(c_saved[i][..., s:e, :])
+                if i == fan:
+                    g = g.transpose(0, 1).reshape(e - s, -1)
+                if h_saved[i] is not None:
+                    gw[i].add_(h_saved[i][..., s:e, :].mT @ g)
+                gb[i].add_(g.sum(-2))
+                g = g @ ws[i] if i > first else None
         if ctx.lease is not None:
             ctx.pool.release()
         grads = [None] * (2 * n)
         for i in range(first, n):
+            w_grad, b_grad = gw[i].mul_(omegas[i]), gb[i].mul_(omegas[i])
+            if i == fan:
+                fo = weights[i].shape[-1]
+                w_grad = w_grad.view(-1, members, fo).transpose(0, 1).contiguous()
+                b_grad = b_grad.view(members, fo)
             if ctx.needs_input_grad[4 + 2 * i]:
-                w = gw[i]
-                if i == fan:
-                    fo = weights[i].shape[-1]
-                    w = w.view(w.shape[0], members, fo).transpose(0, 1).contiguous()
-                grads[2 * i] = w.mul_(omegas[i])
+                grads[2 * i] = w_grad
             if ctx.needs_input_grad[5 + 2 * i]:
-                grads[2 * i + 1] = gb[i].mul_(omegas[i])
+                grads[2 * i + 1] = b_grad
         return (None, None, None, None, *grads)
 
 
