@@ -62,6 +62,8 @@ def test_auto_kernel_follows_the_cpu_and_the_environment(monkeypatch):
     assert siren.resolve_kernel("eager", cpu) == "eager"
     monkeypatch.setenv("STRAINER_KERNEL", "fused")
     assert siren.resolve_kernel("auto", cpu) == "fused"
+    monkeypatch.setenv("STRAINER_KERNEL", "auto")
+    assert siren.resolve_kernel("auto", cpu) == expected
     monkeypatch.setenv("STRAINER_KERNEL", "fp8")
     with pytest.raises(BadArgumentError, match="STRAINER_KERNEL"):
         siren.resolve_kernel("auto", cpu)

@@ -119,13 +119,17 @@ def cpu_has_bf16() -> bool:
 
 def resolve_kernel(kernel: str, device: torch.device) -> str:
     """The kernel ``"auto"`` stands for on ``device`` (``STRAINER_KERNEL`` overrides it)."""
-    if kernel == "auto":
-        kernel = os.environ.get("STRAINER_KERNEL") or (
-            "bf16" if device.type == "cpu" and cpu_has_bf16() else "fused")
-    if kernel not in KERNELS or kernel == "auto":
-        raise BadArgumentError(f"kernel must be one of {KERNELS}, got {kernel!r}"
-                               " (BatchedSiren.kernel or STRAINER_KERNEL)")
-    return kernel
+    if kernel not in KERNELS:
+        raise BadArgumentError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel != "auto":
+        return kernel
+    env = os.environ.get("STRAINER_KERNEL", "auto")
+    if env not in KERNELS:
+        raise BadArgumentError(f"environment variable STRAINER_KERNEL={env!r} must be one of "
+                               f"{', '.join(KERNELS)}")
+    if env != "auto":
+        return env
+    return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fused"
 
 
 def _layer_forward(h, w, b, omega: float) -> torch.Tensor:
