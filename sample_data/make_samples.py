@@ -41,7 +41,7 @@ def mr_series() -> None:
     """``mr_brain.nii.gz`` written as a classic MR DICOM series, one file per axial-ish slice.
 
     Geometry from the NIfTI affine (RAS -> LPS), int16 pixels, no rescale; file names are
-    deliberately not in slice order.
+    deliberately not in slice order. Valid for the MR Image IOD (``dciodvfy`` finds no error).
     """
     img = nib.load(HERE / "mr_brain.nii.gz")
     vol = np.asarray(img.dataobj).astype(np.int16)
@@ -64,7 +64,7 @@ def mr_series() -> None:
         ds.SpecificCharacterSet = "ISO_IR 100"
         ds.SOPClassUID = pydicom.uid.MRImageStorage
         ds.SOPInstanceUID = sop
-        ds.ImageType = ["DERIVED", "PRIMARY"]
+        ds.ImageType = ["DERIVED", "PRIMARY", "OTHER"]
         ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20000101"
         ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
         ds.AccessionNumber = ""
@@ -77,6 +77,9 @@ def mr_series() -> None:
         ds.PatientBirthDate = ""
         ds.PatientSex = ""
         ds.PatientIdentityRemoved = "YES"
+        ds.DeidentificationMethod = "public example data; fictional patient fields"
+        ds.BodyPartExamined = "BRAIN"  # unpaired: no Laterality
+        ds.PatientPosition = "HFS"
         ds.ScanningSequence = "EP"
         ds.SequenceVariant = "NONE"
         ds.ScanOptions = ""

@@ -169,7 +169,7 @@ def test_derived_series_round_trip_and_attributes(tmp_path):
         assert ds.StudyInstanceUID == old.StudyInstanceUID
         assert ds.FrameOfReferenceUID == old.FrameOfReferenceUID
         assert ds.SeriesInstanceUID != old.SeriesInstanceUID
-        assert list(ds.ImageType) == ["DERIVED", "SECONDARY"]
+        assert list(ds.ImageType) == ["DERIVED", "SECONDARY", "OTHER"]
         assert ds.SeriesDescription == "STRAINER fit"
         assert ds.PatientID == old.PatientID  # same patient, same study
         assert ds.SOPClassUID == pydicom.uid.MRImageStorage

@@ -33,12 +33,16 @@ Writing a derived series
     Word Secondary Capture with per-frame geometry in functional groups). It carries over
     from the source series: the Patient module (name, ID, birth date, sex, age, de-identification
     flags), the General Study module (Study Instance UID, date, time, ID, accession number,
-    referring physician, description), the Frame of Reference UID, modality, body part,
-    patient position, manufacturer/model and a few MR/CT acquisition parameters. Nothing else
+    referring physician, description), the Frame of Reference UID (a new one when the source's
+    geometry was assumed), modality, body part, laterality, patient position,
+    manufacturer/model and a few MR/CT acquisition parameters. Nothing else
     (no private tags, no overlays, no institution or operator fields). New: SeriesInstanceUID,
-    SOPInstanceUIDs, ImageType ``DERIVED\\SECONDARY``, SeriesDescription (the processing),
-    geometry from the affine, 16-bit pixels with RescaleSlope/Intercept chosen to keep
-    precision.
+    SOPInstanceUIDs, ImageType ``DERIVED\\SECONDARY`` (plus the value 3 that CT and MR need),
+    SeriesDescription and DerivationDescription (the processing), SourceImageSequence and
+    ReferencedSeriesSequence naming the source image each slice derives from, geometry from the
+    affine, 16-bit pixels with RescaleSlope/Intercept chosen to keep precision. Every object
+    written validates with David Clunie's ``dciodvfy`` without errors of its own (see
+    ``tests/test_dicom_conformance.py``).
 """
 
 from __future__ import annotations
@@ -93,7 +97,8 @@ TEMPLATE_KEYWORDS = (
     "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber",
     "ReferringPhysicianName", "StudyDescription",
     # Series / frame of reference / equipment
-    "Modality", "BodyPartExamined", "PatientPosition", "Laterality", "FrameOfReferenceUID",
+    "Modality", "BodyPartExamined", "PatientPosition", "Laterality", "ImageLaterality",
+    "FrameOfReferenceUID", "ImageType",
     "PositionReferenceIndicator", "Manufacturer", "ManufacturerModelName",
     "SeriesNumber", "SeriesDescription", "SeriesDate", "SeriesTime",
     # MR / CT acquisition parameters (image-type modules)
@@ -280,6 +285,7 @@ class _Frame:
     instance: int | None
     path: Path
     index: int  # frame index in its file
+    ref: tuple[str, str, int | None] = ("", "", None)  # SOP class, SOP instance, frame number
     pixels: np.ndarray | None = None
 
 
@@ -315,6 +321,7 @@ def _frames_of(ds, path: Path) -> list[_Frame]:
     enhanced = _get(ds, "PerFrameFunctionalGroupsSequence") is not None or \
         _get(ds, "SharedFunctionalGroupsSequence") is not None
     offsets = _floats(_get(ds, "GridFrameOffsetVector"))
+    sop = (_sop_class(ds), str(_get(ds, "SOPInstanceUID") or ""))
     frames = []
     for f in range(n):
         ipp, iop, sp, th, bt, slope, inter = top_ipp, top_iop, top_sp, top_th, top_bt, \
@@ -340,7 +347,8 @@ def _frames_of(ds, path: Path) -> list[_Frame]:
         if slope is None or slope == 0:
             slope = 1.0
         frames.append(_Frame(rows, cols, ipp, iop, sp, th, bt, float(slope),
-                             float(inter or 0.0), instance if n == 1 else f + 1, path, f))
+                             float(inter or 0.0), instance if n == 1 else f + 1, path, f,
+                             (*sop, f + 1 if n > 1 else None)))
     return frames
 
 
@@ -404,6 +412,9 @@ def _template(ds):
         with contextlib.suppress(Exception):
             if kw in ds:
                 tpl.add(ds[kw])
+    frame_laterality = _fg(ds, 0, "FrameAnatomySequence", "FrameLaterality")  # enhanced
+    if "ImageLaterality" not in tpl and frame_laterality in ("R", "L", "U", "B"):
+        tpl.ImageLaterality = frame_laterality
     return tpl
 
 
@@ -486,6 +497,8 @@ def _assemble(frames: list[_Frame], path: Path, meta: dict) -> tuple[np.ndarray,
     affine[:3, 2] = r * sp[1]
     affine[:3, 3] = origin
     affine = LPS @ affine
+    meta["source_images"] = [f.ref for f in frames]  # in slice order, for derived references
+    meta["source_affine"] = affine
     meta["slice_thickness"] = frames[0].thickness
     meta["slice_spacing"] = float(np.linalg.norm(step))
 
@@ -755,7 +768,107 @@ def _fmt(values) -> list[str]:
     return [_ds_number(round(float(v), 6)) for v in values]
 
 
-def _new_dataset(scan: Scan, sop_class: str, series_uid: str, study_uid: str, for_uid: str):
+def _item(**attributes):
+    """A one-item Sequence holding ``attributes``."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    it = Dataset()
+    for k, v in attributes.items():
+        setattr(it, k, v)
+    return Sequence([it])
+
+
+def _values(value) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    return [str(v) for v in value]
+
+
+def _image_type(source_type, source_class: str, sop_class: str) -> list[str]:
+    """``DERIVED\\SECONDARY`` plus the value 3 that the CT and MR image IODs require.
+
+    The source's value 3 is kept when it means the same in the target IOD (CT: AXIAL or
+    LOCALIZER; MR: a classic MR source), else AXIAL (CT) or OTHER (MR).
+    """
+    third = (_values(source_type)[2:3] or [""])[0].strip().upper()
+    if sop_class == CT_STORAGE:
+        return ["DERIVED", "SECONDARY", third if third in ("AXIAL", "LOCALIZER") else "AXIAL"]
+    if sop_class == MR_STORAGE:
+        return ["DERIVED", "SECONDARY", third if third and source_class == MR_STORAGE
+                else "OTHER"]
+    return ["DERIVED", "SECONDARY"]
+
+
+def patient_orientation(iop) -> list[str]:
+    """PatientOrientation (row direction, column direction) from ImageOrientationPatient.
+
+    Letters L/R, P/A, H/F for the LPS axes, strongest first (several letters when oblique).
+    """
+    out = []
+    for v in (np.asarray(iop[:3], float), np.asarray(iop[3:], float)):
+        order = np.argsort(-np.abs(v), kind="stable")
+        out.append("".join(("LR", "PA", "HF")[i][0 if v[i] > 0 else 1] for i in order
+                           if abs(v[i]) > 1e-4))
+    return out
+
+
+def _source_refs(scan: Scan, n: int) -> list[tuple[str, str, int | None] | None]:
+    """For each of the ``n`` output slices, the source image it derives from, or None.
+
+    The source slice is the one whose centre is nearest along the source's slice axis to the
+    output slice's centre (the same slice when the geometry is kept; super-resolution and
+    resampling map onto the slice they lie in).
+    """
+    refs, src_affine = scan.meta.get("source_images"), scan.meta.get("source_affine")
+    if not refs or src_affine is None or not all(r[1] for r in refs):
+        return [None] * n
+    rows, cols = scan.data.shape[1:]
+    centres = np.array([[k, (rows - 1) / 2, (cols - 1) / 2, 1.0] for k in range(n)])
+    idx = (np.linalg.inv(np.asarray(src_affine, float)) @ (scan.affine @ centres.T))[0]
+    return [refs[round(i)] if -0.5 <= i <= len(refs) - 0.5 else None for i in idx]
+
+
+def _add_references(ds, scan: Scan, refs) -> None:
+    """SourceImageSequence and ReferencedSeriesSequence pointing back at the source images."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    refs = [r for r in dict.fromkeys(refs) if r is not None]
+    if not refs:
+        return
+    purpose = _item(CodeValue="121322", CodingSchemeDesignator="DCM",
+                    CodeMeaning="Source image for image processing operation")
+    items = []
+    for cls, uid, frame in refs:
+        it = Dataset()
+        it.ReferencedSOPClassUID = cls
+        it.ReferencedSOPInstanceUID = uid
+        if frame is not None:
+            it.ReferencedFrameNumber = str(frame)
+        it.PurposeOfReferenceCodeSequence = purpose
+        items.append(it)
+    ds.SourceImageSequence = Sequence(items)
+    series = str(scan.meta.get("series_uid") or "")
+    if series and scan.meta.get("study_uid") == ds.StudyInstanceUID:  # same study: Type 1C
+        instances = []
+        for cls, uid in dict.fromkeys((cls, uid) for cls, uid, _ in refs):
+            it = Dataset()
+            it.ReferencedSOPClassUID = cls
+            it.ReferencedSOPInstanceUID = uid
+            instances.append(it)
+        ds.ReferencedSeriesSequence = _item(SeriesInstanceUID=series,
+                                            ReferencedInstanceSequence=Sequence(instances))
+
+
+def _new_dataset(scan: Scan, sop_class: str, series_uid: str, study_uid: str, for_uid: str,
+                 now: _dt.datetime):
+    """One instance of a derived series; ``now`` is the series' creation time (one per series,
+    so that converters do not split the series on differing dates and times)."""
+    import copy
+
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
@@ -763,8 +876,10 @@ def _new_dataset(scan: Scan, sop_class: str, series_uid: str, study_uid: str, fo
     ds = Dataset()
     if tpl is not None:
         for elem in tpl:
-            ds.add(elem)
-    now = _dt.datetime.now()
+            ds.add(copy.deepcopy(elem))  # never modify the source's template
+    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    if "StudyInstanceUID" not in ds:  # a new study, made now
+        ds.StudyDate, ds.StudyTime = date, time
     modality = str(scan.meta.get("modality") or ds.get("Modality") or "OT")
     ds.SpecificCharacterSet = ds.get("SpecificCharacterSet") or "ISO_IR 100"
     ds.SOPClassUID = sop_class
@@ -779,6 +894,9 @@ def _new_dataset(scan: Scan, sop_class: str, series_uid: str, study_uid: str, fo
     ds.SeriesInstanceUID = series_uid
     ds.FrameOfReferenceUID = for_uid
     ds.Modality = modality
+    if "Laterality" not in ds and "ImageLaterality" not in ds and \
+            not str(ds.get("BodyPartExamined") or "").strip():
+        ds.Laterality = ""  # Type 2C: the body part, hence its laterality, is unknown
     try:
         src_number = int(ds.get("SeriesNumber") or 0)
     except (TypeError, ValueError):
@@ -788,14 +906,17 @@ def _new_dataset(scan: Scan, sop_class: str, series_uid: str, study_uid: str, fo
         f"{scan.meta.get('series_description') or 'scan'} (napari-strainer)")
     ds.SeriesDescription = str(desc)[:64]
     ds.DerivationDescription = str(desc)[:1024]
-    ds.ImageType = ["DERIVED", "SECONDARY"]
-    ds.SeriesDate = ds.ContentDate = ds.InstanceCreationDate = now.strftime("%Y%m%d")
-    ds.SeriesTime = ds.ContentTime = ds.InstanceCreationTime = now.strftime("%H%M%S")
+    ds.ImageType = _image_type(ds.get("ImageType"), scan.meta.get("sop_class", ""), sop_class)
+    ds.BurnedInAnnotation = "NO"
+    ds.SeriesDate = ds.ContentDate = ds.InstanceCreationDate = date
+    ds.SeriesTime = ds.ContentTime = ds.InstanceCreationTime = time
     ds.SoftwareVersions = "napari-strainer"
+    if sop_class in (MR_STORAGE, CT_STORAGE) and "PatientPosition" not in ds:
+        ds.PatientPosition = ""
     if sop_class == MR_STORAGE:
         for kw, default in (("ScanningSequence", "RM"), ("SequenceVariant", "NONE"),
                             ("ScanOptions", ""), ("MRAcquisitionType", ""),
-                            ("EchoTime", ""), ("EchoTrainLength", "")):
+                            ("RepetitionTime", ""), ("EchoTime", ""), ("EchoTrainLength", "")):
             if kw not in ds or ds[kw].value in (None, ""):
                 setattr(ds, kw, default)
     if sop_class == CT_STORAGE:
@@ -824,9 +945,12 @@ def _set_pixels(ds, stored: np.ndarray, slope: float, inter: float, lo: float, h
     ds.BitsStored = 16
     ds.HighBit = 15
     ds.PixelRepresentation = 1 if stored.dtype == np.int16 else 0
-    ds.RescaleSlope = _ds_number(slope)
-    ds.RescaleIntercept = _ds_number(inter)
-    ds.RescaleType = "HU" if ds.get("Modality") == "CT" else "US"
+    # The MR IOD has no Modality LUT: rescale only when the values need it (warned as such).
+    if ds.SOPClassUID != MR_STORAGE or slope != 1.0 or inter != 0.0:
+        ds.RescaleSlope = _ds_number(slope)
+        ds.RescaleIntercept = _ds_number(inter)
+        if ds.SOPClassUID != MR_STORAGE:
+            ds.RescaleType = "HU" if ds.SOPClassUID == CT_STORAGE else "US"
     ds.WindowCenter = _ds_number(round((lo + hi) / 2, 4))
     ds.WindowWidth = _ds_number(round(max(hi - lo, 1.0), 4))
     ds.PixelData = np.ascontiguousarray(stored.astype(stored.dtype.newbyteorder("<"))).tobytes()
@@ -840,11 +964,15 @@ def _save(ds, path: Path) -> None:
 
 
 def _uids(scan: Scan) -> tuple[str, str, str]:
+    """New series UID; the source's study UID and, unless its geometry was assumed, its Frame
+    of Reference UID (new ones for a source that has none)."""
     from pydicom.uid import generate_uid
 
     tpl = scan.meta.get("dicom_template")
     study = str(tpl.get("StudyInstanceUID", "") or "") if tpl is not None else ""
     frame = str(tpl.get("FrameOfReferenceUID", "") or "") if tpl is not None else ""
+    if scan.meta.get("geometry") == "assumed":
+        frame = ""
     return generate_uid(), study or generate_uid(), frame or generate_uid()
 
 
@@ -871,15 +999,20 @@ def write_dicom_series(scan: Scan, folder: Path) -> None:
         step = float(scan.meta.get("slice_spacing") or scan.spacing[0] or 1.0)
     series_uid, study_uid, for_uid = _uids(scan)
     sop = _sop_for(scan)
+    refs = _source_refs(scan, n)
+    now = _dt.datetime.now()
     for k in range(n):
-        ds = _new_dataset(scan, sop, series_uid, study_uid, for_uid)
+        ds = _new_dataset(scan, sop, series_uid, study_uid, for_uid, now)
         ds.InstanceNumber = str(k + 1)
+        if sop == SC_STORAGE:  # no Image Plane module in the SC IOD: Type 2C
+            ds.PatientOrientation = patient_orientation(iop)
         ds.ImagePositionPatient = _fmt(ipps[k])
         ds.ImageOrientationPatient = _fmt(iop)
         ds.PixelSpacing = _fmt(spacing)
         ds.SliceThickness = _ds_number(round(_thickness(scan, step), 6))
         ds.SpacingBetweenSlices = _ds_number(round(step, 6))
         ds.SliceLocation = _ds_number(round(float(ipps[k] @ normal), 6))
+        _add_references(ds, scan, refs[k:k + 1])
         _set_pixels(ds, stored[k], slope, inter, lo, hi)
         _save(ds, folder / f"IM{k + 1:05d}.dcm")
 
@@ -906,33 +1039,26 @@ def write_dicom_file(scan: Scan, path: Path) -> None:
     lo, hi = float(data.min()), float(data.max())
     iop, ipps, spacing, step, normal = _geometry(scan.affine, n)
     series_uid, study_uid, for_uid = _uids(scan)
-    ds = _new_dataset(scan, SC_MF_WORD, series_uid, study_uid, for_uid)
+    ds = _new_dataset(scan, SC_MF_WORD, series_uid, study_uid, for_uid, _dt.datetime.now())
     ds.InstanceNumber = "1"
+    ds.PatientOrientation = patient_orientation(iop)
+    ds.PresentationLUTShape = "IDENTITY"
     ds.NumberOfFrames = str(n)
     ds.FrameIncrementPointer = Tag("SliceLocationVector")
     ds.SliceLocationVector = _fmt([float(p @ normal) for p in ipps])
-
-    def item(**kw):
-        it = Dataset()
-        for k, v in kw.items():
-            setattr(it, k, v)
-        return Sequence([it])
-
     shared = Dataset()
-    shared.PlaneOrientationSequence = item(ImageOrientationPatient=_fmt(iop))
-    shared.PixelMeasuresSequence = item(
+    shared.PlaneOrientationSequence = _item(ImageOrientationPatient=_fmt(iop))
+    shared.PixelMeasuresSequence = _item(
         PixelSpacing=_fmt(spacing), SliceThickness=_ds_number(round(_thickness(scan, step), 6)),
         SpacingBetweenSlices=_ds_number(round(step, 6)))
-    shared.PixelValueTransformationSequence = item(
-        RescaleSlope=_ds_number(slope), RescaleIntercept=_ds_number(inter), RescaleType="US")
     ds.SharedFunctionalGroupsSequence = Sequence([shared])
     per = []
     for k in range(n):
         g = Dataset()
-        g.PlanePositionSequence = item(ImagePositionPatient=_fmt(ipps[k]))
+        g.PlanePositionSequence = _item(ImagePositionPatient=_fmt(ipps[k]))
         per.append(g)
     ds.PerFrameFunctionalGroupsSequence = Sequence(per)
-    ds.ImageOrientationPatient = _fmt(iop)
     ds.PixelSpacing = _fmt(spacing)
-    _set_pixels(ds, stored, slope, inter, lo, hi)
+    _add_references(ds, scan, _source_refs(scan, n))
+    _set_pixels(ds, stored, slope, inter, lo, hi)  # rescale at the top level (SC Multi-frame)
     _save(ds, path)
