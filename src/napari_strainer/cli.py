@@ -67,6 +67,15 @@ def _sigma(text: str):
     return v
 
 
+def _modality(text: str) -> str:
+    from .cards import check_modality
+
+    try:
+        return check_modality(text)
+    except BadArgumentError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--modality: ")) from None
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=0, help="random seed (CPU results reproducible)")
@@ -127,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=_positive_int, default=100)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
     p.add_argument("--overwrite", action="store_true", help="replace an existing encoder")
+    p.add_argument("--modality", type=_modality, default=None,
+                   help="DICOM modality code of the training scans, e.g. MR or CT (default: "
+                        "from the DICOM files; recorded in the encoder's card)")
+    p.add_argument("--evaluate", action="store_true",
+                   help="hold out 3 slices and record the gain over SIREN on them in the card")
     _common(p)
 
     for task, text in (("fit", "fit an INR to a scan"),
@@ -143,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--format", choices=("nifti", "dicom"), default="nifti")
         _restore_args(q, task, batch=True)
 
-    p = sub.add_parser("info", help="describe a scan or a folder of series")
+    p = sub.add_parser("info", help="describe a scan, a folder of series, or an encoder "
+                       "(.safetensors: its card)")
     p.add_argument("input", metavar="INPUT")
     p.add_argument("--series", help="series UID or number")
     p.add_argument("--volume", type=_nonneg_int, default=None, help="volume of a 4D NIfTI")
@@ -204,6 +219,8 @@ def _write_json(path: str | Path, data: dict) -> None:
 
 def cmd_pretrain(a) -> None:
     from .batch import list_scans
+    from .cards import evaluation_split, measure_gain, scans_modality
+    from .core.checkpoint import save_encoder
     from .core.siren import SirenConfig
     from .io import read_scan
     from .tasks import pretrain, training_slices
@@ -224,19 +241,30 @@ def cmd_pretrain(a) -> None:
     config = SirenConfig(width=a.width, layers=a.layers, shared_layers=a.shared_layers,
                          omega_first=a.omega, omega_hidden=a.omega)
     scans = [read_scan(p, series=uid) for p, uid in sources]
-    images = training_slices(scans, size=a.size, max_slices=a.max_slices)
+    if a.evaluate:
+        images, held_out = evaluation_split(scans, size=a.size, max_slices=a.max_slices)
+    else:
+        images = training_slices(scans, size=a.size, max_slices=a.max_slices)
+    modality = a.modality or scans_modality(scans)
     bar = _Bar("pretrain", a.quiet)
     try:
         enc = pretrain(images, out, config=config, steps=a.steps, lr=a.lr,
                        batch_coords=a.batch_coords, device=a.device, seed=a.seed,
                        resume=a.resume, checkpoint_every=a.checkpoint_every, callback=bar,
-                       info={"files": [p.name for p, _ in sources]})
+                       info={"files": [p.name for p, _ in sources], "modality": modality})
     finally:
         bar.close()
+    if a.evaluate:
+        enc.info["evaluation"] = measure_gain(enc, held_out, device=a.device, seed=a.seed)
+        save_encoder(enc, out)
     if not a.quiet:
-        print(f"wrote {out}: encoder of {config.shared_layers} layers trained on "
+        print(f"wrote {out}: {modality} encoder of {config.shared_layers} layers trained on "
               f"{images.shape[0]} slices of {tuple(images.shape[1:])}, {enc.info['steps']} "
               f"steps, final loss {enc.info['final_loss']:.3g}")
+        if a.evaluate:
+            ev = enc.info["evaluation"]
+            print(f"gain over SIREN on {ev['held_out']} held-out slices: " + ", ".join(
+                f"{g:+.2f} dB at step {s}" for s, g in zip(ev["steps"], ev["gain_db"])))
 
 
 def _stop_rule(a):
@@ -283,6 +311,13 @@ def cmd_batch(a) -> None:
 def cmd_info(a) -> None:
     from .io import describe
 
+    if Path(a.input).suffix == ".safetensors":  # an encoder: its card
+        from .cards import card, format_card
+        from .core.checkpoint import load_encoder
+
+        c = card(load_encoder(a.input))
+        print(json.dumps(c, indent=1) if a.json else f"encoder: {a.input}\n{format_card(c)}")
+        return
     info = describe(a.input, series=a.series, volume=a.volume)
     if a.json:
         print(json.dumps(info, indent=1, default=str))

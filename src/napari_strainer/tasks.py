@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .cards import warn_modality
 from .core.checkpoint import Encoder, load_encoder, load_state, save_encoder, save_state
 from .core.fit import Progress, activation_bytes, available_bytes, fit, render
 from .core.operators import AreaDownsample, Identity
@@ -249,6 +250,7 @@ def restore(scan: Scan, *, task: str = "fit", encoder: str | Path | Encoder | No
         raise BadArgumentError(f"--scale must be a positive integer, got {scale}")
     scale = int(scale) if task == "superres" else 1
     enc = get_encoder(encoder)
+    warn_modality(enc, scan)
     config = enc.config if enc is not None else SirenConfig()
     if freeze is None:
         freeze = default_freeze(task, None if enc is None else config.shared_layers)

@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -32,7 +33,9 @@ class Encoder:
     Args:
         config: the full architecture (the head is re-initialised at test time).
         weights: ``config.shared_layers`` pairs ``(weight [in, out], bias [out])``.
-        info: provenance: ``normalization``, ``trained_on``, ``steps``, ``final_loss``, ...
+        info: provenance, the encoder's card: ``normalization``, ``trained_on`` (``images``,
+            ``shape``, ``files``, ``modality``), ``steps``, ``final_loss``, ``created``,
+            ``package_version``, ``evaluation`` (see :mod:`napari_strainer.cards`).
     """
 
     config: SirenConfig
@@ -99,15 +102,32 @@ def _config(path: Path, meta: dict) -> SirenConfig:
         raise CheckpointError(f"{path}: invalid architecture in metadata ({e})") from None
 
 
-def save_encoder(encoder: Encoder, path: str | Path) -> Path:
-    """Write ``encoder`` atomically to ``path`` (safetensors)."""
-    from .. import __version__
-
-    path = Path(path)
+def _tensors(encoder: Encoder) -> dict[str, torch.Tensor]:
     tensors = {}
     for i, (w, b) in enumerate(encoder.weights):
         tensors[f"encoder.{i}.weight"] = w
         tensors[f"encoder.{i}.bias"] = b
+    return tensors
+
+
+def weights_sha256(encoder: Encoder) -> str:
+    """The SHA-256 of an encoder's weights (names and bytes), as stored in its file. It covers
+    the weights only, so editing the card (``info``) keeps it."""
+    return _digest(_tensors(encoder))
+
+
+def save_encoder(encoder: Encoder, path: str | Path) -> Path:
+    """Write ``encoder`` atomically to ``path`` (safetensors).
+
+    ``encoder.info`` gets ``created`` (UTC date and time) and ``package_version`` when it
+    has none, so that every saved encoder says when and by which version it was made.
+    """
+    from .. import __version__
+
+    path = Path(path)
+    encoder.info.setdefault("created", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+    encoder.info.setdefault("package_version", __version__)
+    tensors = _tensors(encoder)
     meta = {"format": ENCODER_FORMAT, "format_version": FORMAT_VERSION,
             "config": encoder.config.to_dict(), "info": encoder.info,
             "package_version": __version__, "sha256": _digest(tensors)}
@@ -136,6 +156,8 @@ def load_encoder(path: str | Path) -> Encoder:
     if tensors:
         raise CheckpointError(f"{path}: unexpected tensors {sorted(tensors)[:3]}")
     info = meta.get("info") if isinstance(meta.get("info"), dict) else {}
+    if isinstance(meta.get("package_version"), str):  # files older than the card
+        info.setdefault("package_version", meta["package_version"])
     return Encoder(config, weights, info)
 
 
