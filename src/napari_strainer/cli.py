@@ -163,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--series", help="series UID or number")
     p.add_argument("--volume", type=_nonneg_int, default=None, help="volume of a 4D NIfTI")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    _common(p)
 
     p = sub.add_parser("convert", help="convert DICOM <-> NIfTI keeping geometry")
     p.add_argument("input", metavar="INPUT")
@@ -170,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--series", help="series UID or number")
     p.add_argument("--volume", type=_nonneg_int, default=None, help="volume of a 4D NIfTI")
     p.add_argument("--overwrite", action="store_true")
+    _common(p)
 
     p = sub.add_parser("demo", help="the main job on the shipped sample data")
     p.add_argument("-o", "--output", default="strainer-demo", metavar="OUTDIR")
@@ -341,7 +343,8 @@ def cmd_convert(a) -> None:
     _check_output(a.output, a.overwrite, [a.input])
     written = convert(a.input, a.output, series=a.series, volume=a.volume,
                       overwrite=a.overwrite)
-    print(f"wrote {written}")
+    if not a.quiet:
+        print(f"wrote {written}")
 
 
 def cmd_demo(a) -> None:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -109,11 +110,21 @@ def _at(history: dict, step: int) -> float:
     return history["psnr"][min(range(len(it)), key=lambda i: abs(it[i] - step))]
 
 
-def _plots(out: Path, results: dict, jobs: dict, clean: np.ndarray) -> None:
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend, without the font-cache notices ("Matplotlib is
+    building the font cache", "generated new fontManager") of a first run on a fresh machine;
+    errors still show."""
     import matplotlib
 
     matplotlib.use("Agg")
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plots(out: Path, results: dict, jobs: dict, clean: np.ndarray) -> None:
+    plt = _pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, task in zip(axes, jobs):
