@@ -101,7 +101,9 @@ TEMPLATE_KEYWORDS = (
     "FrameOfReferenceUID", "ImageType",
     "PositionReferenceIndicator", "Manufacturer", "ManufacturerModelName",
     "SeriesNumber", "SeriesDescription", "SeriesDate", "SeriesTime",
-    # MR / CT acquisition parameters (image-type modules)
+)
+# MR / CT acquisition parameters (image-type modules; not written into Secondary Capture)
+ACQUISITION_KEYWORDS = (
     "ScanningSequence", "SequenceVariant", "ScanOptions", "MRAcquisitionType",
     "RepetitionTime", "EchoTime", "EchoTrainLength", "MagneticFieldStrength", "FlipAngle",
     "KVP", "ConvolutionKernel", "AcquisitionNumber",
@@ -408,7 +410,7 @@ def _template(ds):
     from pydicom.dataset import Dataset
 
     tpl = Dataset()
-    for kw in TEMPLATE_KEYWORDS:
+    for kw in TEMPLATE_KEYWORDS + ACQUISITION_KEYWORDS:
         with contextlib.suppress(Exception):
             if kw in ds:
                 tpl.add(ds[kw])
@@ -925,6 +927,9 @@ def _new_dataset(scan: Scan, sop_class: str, series_uid: str, study_uid: str, fo
                 setattr(ds, kw, "")
     if sop_class in (SC_STORAGE, SC_MF_WORD):
         ds.ConversionType = "WSD"
+        for kw in ACQUISITION_KEYWORDS:
+            if kw in ds:
+                delattr(ds, kw)
     fm = FileMetaDataset()
     fm.MediaStorageSOPClassUID = sop_class
     fm.MediaStorageSOPInstanceUID = sop
@@ -1011,7 +1016,10 @@ def write_dicom_series(scan: Scan, folder: Path) -> None:
         ds.PixelSpacing = _fmt(spacing)
         ds.SliceThickness = _ds_number(round(_thickness(scan, step), 6))
         ds.SpacingBetweenSlices = _ds_number(round(step, 6))
-        ds.SliceLocation = _ds_number(round(float(ipps[k] @ normal), 6))
+        if sop == SC_STORAGE:  # geometry kept as Standard Extended attributes, no more
+            del ds.PositionReferenceIndicator
+        else:
+            ds.SliceLocation = _ds_number(round(float(ipps[k] @ normal), 6))
         _add_references(ds, scan, refs[k:k + 1])
         _set_pixels(ds, stored[k], slope, inter, lo, hi)
         _save(ds, folder / f"IM{k + 1:05d}.dcm")
