@@ -194,6 +194,21 @@ def test_multiframe_source_frames_and_assumed_geometry(tmp_path):
         assert list(ds.ImageType) == ["DERIVED", "SECONDARY", "OTHER"]
 
 
+def test_burned_in_annotation_flag_survives(tmp_path):
+    """Text burned into the source's pixels survives an INR fit: never claim it is gone."""
+    src = tmp_path / "ct.dcm"
+    ds = pydicom.dcmread(sample_path("ct"))
+    ds.BurnedInAnnotation = "YES"
+    ds.save_as(src)
+    scan = read_scan(src)
+    for out in (tmp_path / "series", tmp_path / "ct2.dcm"):
+        written = write_scan(_like_a_task(scan), out)
+        assert pydicom.dcmread(_files(written)[0]).BurnedInAnnotation == "YES"
+    two = scan.derive(np.concatenate([scan.data, scan.data]),
+                      affine=upsampled_affine(scan.affine, (2, 1, 1)))
+    assert pydicom.dcmread(write_scan(two, tmp_path / "mf.dcm")).BurnedInAnnotation == "YES"
+
+
 def test_non_dicom_source_has_no_source_references(tmp_path):
     out = write_scan(read_scan(sample_path("mr_brain")), tmp_path / "out.dcm")
     ds = pydicom.dcmread(out)

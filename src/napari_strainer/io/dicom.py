@@ -34,8 +34,8 @@ Writing a derived series
     from the source series: the Patient module (name, ID, birth date, sex, age, de-identification
     flags), the General Study module (Study Instance UID, date, time, ID, accession number,
     referring physician, description), the Frame of Reference UID (a new one when the source's
-    geometry was assumed), modality, body part, laterality, patient position,
-    manufacturer/model and a few MR/CT acquisition parameters. Nothing else
+    geometry was assumed), modality, body part, laterality, patient position, the burned-in
+    annotation flag, manufacturer/model and a few MR/CT acquisition parameters. Nothing else
     (no private tags, no overlays, no institution or operator fields). New: SeriesInstanceUID,
     SOPInstanceUIDs, ImageType ``DERIVED\\SECONDARY`` (plus the value 3 that CT and MR need),
     SeriesDescription and DerivationDescription (the processing), SourceImageSequence and
@@ -98,7 +98,7 @@ TEMPLATE_KEYWORDS = (
     "ReferringPhysicianName", "StudyDescription",
     # Series / frame of reference / equipment
     "Modality", "BodyPartExamined", "PatientPosition", "Laterality", "ImageLaterality",
-    "FrameOfReferenceUID", "ImageType",
+    "FrameOfReferenceUID", "ImageType", "BurnedInAnnotation",
     "PositionReferenceIndicator", "Manufacturer", "ManufacturerModelName",
     "SeriesNumber", "SeriesDescription", "SeriesDate", "SeriesTime",
 )
@@ -909,7 +909,6 @@ def _new_dataset(scan: Scan, sop_class: str, series_uid: str, study_uid: str, fo
     ds.SeriesDescription = str(desc)[:64]
     ds.DerivationDescription = str(desc)[:1024]
     ds.ImageType = _image_type(ds.get("ImageType"), scan.meta.get("sop_class", ""), sop_class)
-    ds.BurnedInAnnotation = "NO"
     ds.SeriesDate = ds.ContentDate = ds.InstanceCreationDate = date
     ds.SeriesTime = ds.ContentTime = ds.InstanceCreationTime = time
     ds.SoftwareVersions = "napari-strainer"
@@ -1051,6 +1050,8 @@ def write_dicom_file(scan: Scan, path: Path) -> None:
     ds.InstanceNumber = "1"
     ds.PatientOrientation = patient_orientation(iop)
     ds.PresentationLUTShape = "IDENTITY"
+    # Type 1 here: the source's answer (text burned into its pixels survives processing)
+    ds.BurnedInAnnotation = str(ds.get("BurnedInAnnotation") or "NO")
     ds.NumberOfFrames = str(n)
     ds.FrameIncrementPointer = Tag("SliceLocationVector")
     ds.SliceLocationVector = _fmt([float(p @ normal) for p in ipps])
