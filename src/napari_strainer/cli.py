@@ -1,4 +1,4 @@
-"""The ``strainer`` command: pretrain, fit, superres, denoise, batch, info, convert, demo.
+"""The ``strainer`` command: pretrain, fit, superres, denoise, fuse, batch, info, convert, demo.
 
 Every user error ends with one line on stderr and exit code 2; nothing is half written.
 """
@@ -102,12 +102,23 @@ def _restore_args(p: argparse.ArgumentParser, task: str, *, batch: bool = False)
     p.add_argument("--volume", type=_nonneg_int, default=None, help="volume of a 4D NIfTI")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     if task == "superres":
-        p.add_argument("--scale", type=_positive_int, required=True,
-                       help="integer in-plane super-resolution factor")
+        p.add_argument("--scale", type=_positive_int, required=batch, default=None,
+                       help="integer in-plane super-resolution factor (default 1 with "
+                            "--slice-scale)")
+        if not batch:
+            from .cli_volume import add_superres_args
+
+            add_superres_args(p)
     if task == "denoise":
         p.add_argument("--sigma", type=_sigma, default="auto",
                        help="noise level in the scan's units, 'auto' (estimate) or 'none' "
                             "(run exactly --steps)")
+        if not batch:
+            p.add_argument("--mode", choices=("volume", "slices"), default="volume",
+                           help="volume: one 3D INR with a total-variation term that uses the "
+                                "neighbouring slices (3D scans); slices: one 2D INR per slice")
+            p.add_argument("--tv", type=_positive_float, default=None,
+                           help="--mode volume: weight of the 3D total-variation term")
     _common(p)
 
 
@@ -147,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
                        ("superres", "super-resolve a scan in-plane"),
                        ("denoise", "denoise a scan")):
         _restore_args(sub.add_parser(task, help=text), task)
+
+    from .cli_volume import add_fuse_parser
+
+    add_fuse_parser(sub, _common)
 
     p = sub.add_parser("batch", help="process every scan of a folder (resumable)")
     bsub = p.add_subparsers(dest="task", required=True, parser_class=_Parser)
@@ -278,9 +293,17 @@ def _stop_rule(a):
 
 
 def cmd_restore(a) -> None:
+    from .cli_volume import cmd_denoise_volume, cmd_superres_volume
     from .io import read_scan, write_scan
     from .tasks import restore
 
+    if a.verb == "superres" and a.slice_scale:
+        return cmd_superres_volume(a)
+    if a.verb == "superres" and a.scale is None:
+        raise BadArgumentError("superres needs --scale S (in-plane), --slice-scale F "
+                               "(through-plane), or both")
+    if a.verb == "denoise" and a.mode == "volume" and cmd_denoise_volume(a):
+        return None
     _check_output(a.output, a.overwrite, [a.input])
     scan = read_scan(a.input, series=a.series, volume=a.volume)
     ref = read_scan(a.reference) if a.reference else None
@@ -354,8 +377,14 @@ def cmd_demo(a) -> None:
              seed=a.seed, quiet=a.quiet)
 
 
+def cmd_fuse(a) -> None:
+    from .cli_volume import cmd_fuse as run
+
+    run(a)
+
+
 COMMANDS = {"pretrain": cmd_pretrain, "fit": cmd_restore, "superres": cmd_restore,
-            "denoise": cmd_restore, "batch": cmd_batch, "info": cmd_info,
+            "denoise": cmd_restore, "fuse": cmd_fuse, "batch": cmd_batch, "info": cmd_info,
             "convert": cmd_convert, "demo": cmd_demo}
 
 

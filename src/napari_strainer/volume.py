@@ -1,0 +1,356 @@
+"""Scan-level volume jobs: through-plane super-resolution, fusion of stacks, volume denoising.
+
+One 3D INR in world (scanner) coordinates per job (:mod:`napari_strainer.core.volume`); each
+input stack is a forward operator placed by its affine, with its slice profile along its own
+normal. Every front end (CLI, napari, MONAI bundle) calls these.
+
+Intensities: each stack is normalised on its own, robustly: its [0.5, 99.5] percentiles over
+the voxels that lie inside the output grid map to [0, 1] (stacks of one contrast that differ
+by a scale and offset then agree; voxels outside the output's field of view do not sway it).
+The output is in the first stack's units and dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .core.fit import Progress, StopRule
+from .core.siren import BatchedSiren, SirenConfig
+from .core.volume import (
+    Grid,
+    GridBase,
+    Stack,
+    TVPrior,
+    WorldFrame,
+    fit_volume,
+    grid_omega,
+    render_grid,
+)
+from .errors import BadArgumentError, BadInputError
+from .io.scan import Scan, upsampled_affine
+from .tasks import MAX_OUTPUT_VOXELS, Intensity, Restoration, resolve_device
+
+# Defaults chosen by benchmarks/volume.py (see benchmarks/README.md).
+OMEGA_VOXEL = 0.5
+"""First-layer omega times the output spacing in network units (radians per output voxel)."""
+WIDTH, LAYERS = 128, 5
+BATCH = 2048
+"""Observed voxels per step (all stacks together)."""
+LR = 1e-4
+BASE = "bspline"
+"""Through-plane super-resolution fits the INR on top of the cubic B-spline interpolation."""
+DEFAULT_STEPS = {"superres": 400, "fuse": 1500, "denoise": 600}
+TV_WEIGHT = {"superres": 3e-3, "fuse": 0.0, "denoise": 0.02}
+"""Weight of the total-variation term: along the slice normal for super-resolution, along the
+three output axes for denoising."""
+
+
+def _check_common(steps: int, lr: float) -> None:
+    if steps < 0:
+        raise BadArgumentError(f"--steps must be non-negative, got {steps}")
+    if lr <= 0:
+        raise BadArgumentError(f"--lr must be positive, got {lr}")
+
+
+def _check_3d(scan: Scan, what: str) -> None:
+    if scan.shape[0] < 2:
+        raise BadInputError(f"{scan.source or 'input'}: a 2D image ({scan.shape[1]} x "
+                            f"{scan.shape[2]}); {what} needs a 3D scan")
+
+
+def _check_size(shape: tuple[int, ...], what: str) -> None:
+    n = int(np.prod(shape))
+    if n > MAX_OUTPUT_VOXELS:
+        raise BadArgumentError(f"{what} would make a {tuple(shape)} output needing "
+                               f"{n * 4 / 2**30:.1f} GiB; the limit is "
+                               f"{MAX_OUTPUT_VOXELS * 4 / 2**30:.0f} GiB")
+
+
+def scan_thickness(scan: Scan) -> float:
+    """Slice thickness in mm: DICOM SliceThickness when the scan has one, else the spacing."""
+    th = scan.meta.get("slice_thickness")
+    try:
+        th = float(th) if th else None
+    except (TypeError, ValueError):
+        th = None
+    return th if th and th > 0 else scan.spacing[0]
+
+
+def _net(grid: Grid, frame: WorldFrame, omega_voxel: float, width: int, layers: int,
+         seed: int, device: torch.device) -> BatchedSiren:
+    cfg = SirenConfig(in_features=3, width=width, layers=layers, shared_layers=layers - 1,
+                      omega_first=grid_omega(omega_voxel, min(grid.spacing), frame))
+    torch.manual_seed(seed)
+    return BatchedSiren(cfg, batch=1, seed=seed).to(device)
+
+
+def _run(stacks: list[Stack], grid: Grid, frame: WorldFrame, net: BatchedSiren, *,
+         steps: int, lr: float, prior: TVPrior | None, stop: StopRule | None,
+         base: GridBase | None = None,
+         reference: np.ndarray | None, log_every: int, callback, cancel, seed: int,
+         ) -> tuple[np.ndarray, dict]:
+    """Fit, then render on ``grid``; returns the normalised volume and the history."""
+    monitor = None
+    if reference is not None:
+        rng = float(np.ptp(reference)) or 1.0
+
+        def monitor() -> float:
+            out = render_grid(net, grid, frame, base=base).numpy()
+            mse = float(np.mean((out - reference) ** 2))
+            return 10 * np.log10(rng ** 2 / max(mse, 1e-20))
+
+    res = fit_volume(net, stacks, frame, grid, steps=steps, lr=lr, batch=BATCH, prior=prior,
+                     stop=stop, base=base, log_every=log_every, callback=callback,
+                     cancel=cancel, monitor=monitor, monitor_every=max(100, log_every),
+                     seed=seed)
+    hist = dict(res.history)
+    hist.update(best_step=res.best_step[0], stop_step=res.stop_step[0], steps=steps,
+                steps_done=res.steps_done, cancelled=res.cancelled, frame=frame.to_dict(),
+                omega_first=net.config.omega_first, width=net.config.width,
+                layers=net.config.layers, batch=BATCH, lr=lr,
+                tv_weight=prior.weight if prior is not None else 0.0)
+    return render_grid(net, grid, frame, base=base).numpy(), hist
+
+
+def _reference(reference: Scan | None, shape: tuple[int, ...], inten: Intensity):
+    if reference is None:
+        return None
+    if reference.shape != tuple(shape):
+        raise BadArgumentError(f"--reference has shape {reference.shape}, the output will "
+                               f"have {tuple(shape)}")
+    return inten.forward(reference.data)
+
+
+def superres_volume(scan: Scan, *, slice_scale: int = 2, scale: int = 1,
+                    profile: str = "box", thickness: float | None = None,
+                    steps: int | None = None, lr: float = LR, tv: float | None = None,
+                    base: str = BASE, reference: Scan | None = None, device: str = "auto",
+                    seed: int = 0, log_every: int = 10,
+                    callback: Callable[[Progress], None] | None = None,
+                    cancel=None) -> Restoration:
+    """Through-plane (and optionally in-plane) super-resolution of a 3D scan.
+
+    The output has ``slice_scale`` times the slices and ``scale`` times the rows and columns
+    over the same field of view (voxel centres aligned: averaging the fine voxels of one input
+    voxel gives its centre, :func:`~napari_strainer.io.scan.upsampled_affine`). The INR is
+    fitted through the acquisition model: each input voxel is the mean of the INR over its
+    slice profile (``box`` of ``thickness``, or ``gaussian`` with FWHM = ``thickness``) along
+    the slice normal and over its pixel in-plane. With ``base="bspline"`` (default) the INR
+    fits the residual on top of the cubic B-spline interpolation of the input: the fit starts
+    from the classical estimate and moves it towards agreement with the acquisition model.
+
+    Args:
+        scan: a 3D scan, slices along axis 0.
+        slice_scale: integer >= 2, the refinement along the slice normal.
+        scale: integer >= 1, the in-plane refinement.
+        profile: slice profile, ``box`` or ``gaussian``.
+        thickness: slice thickness in mm (default: DICOM SliceThickness, else the spacing).
+        steps: Adam steps (default :data:`DEFAULT_STEPS`).
+        tv: weight of the total-variation term along the slice normal (default
+            :data:`TV_WEIGHT`; 0 = none).
+        base: ``bspline`` or ``none`` (a plain 3D SIREN).
+        reference: clean scan on the output grid, for a PSNR history.
+        device, seed, log_every, callback, cancel: as in :func:`napari_strainer.tasks.restore`.
+    """
+    if int(slice_scale) != slice_scale or slice_scale < 2:
+        raise BadArgumentError(f"--slice-scale must be an integer >= 2, got {slice_scale}")
+    if int(scale) != scale or scale < 1:
+        raise BadArgumentError(f"--scale must be a positive integer, got {scale}")
+    slice_scale, scale = int(slice_scale), int(scale)
+    if base not in ("bspline", "none"):
+        raise BadArgumentError(f"base must be bspline or none, got {base!r}")
+    steps = DEFAULT_STEPS["superres"] if steps is None else steps
+    _check_common(steps, lr)
+    _check_3d(scan, "through-plane super-resolution")
+    z, h, w = scan.shape
+    shape = (z * slice_scale, h * scale, w * scale)
+    _check_size(shape, f"--slice-scale {slice_scale} --scale {scale}")
+    thick = float(thickness) if thickness is not None else scan_thickness(scan)
+    if not thick > 0:
+        raise BadArgumentError(f"--slice-thickness must be positive, got {thickness}")
+    dev = resolve_device(device)
+    grid = Grid(shape, upsampled_affine(scan.affine, (slice_scale, scale, scale)))
+    frame = WorldFrame(grid.corners_mm())
+    inten = Intensity.of(scan.data)
+    norm = inten.forward(np.nan_to_num(scan.data, nan=inten.low))
+    ref = _reference(reference, shape, inten)
+    step = np.asarray(grid.spacing)
+    stack = Stack(torch.from_numpy(norm), scan.affine, frame, step, thickness=thick,
+                  profile=profile).to(dev)
+    weight = TV_WEIGHT["superres"] if tv is None else tv
+    prior = TVPrior(grid, [stack.normal * step[0]], weight, BATCH // 2) if weight > 0 else None
+    net = _net(grid, frame, OMEGA_VOXEL, WIDTH, LAYERS, seed, dev)
+    gb = None
+    if base == "bspline":
+        from scipy.ndimage import zoom
+
+        spline = zoom(norm, (slice_scale, scale, scale), order=3, mode="nearest", grid_mode=True)
+        gb = GridBase(torch.from_numpy(spline), grid, frame).to(dev)
+    out, hist = _run([stack], grid, frame, net, steps=steps, lr=lr, prior=prior, stop=None,
+                     base=gb, reference=ref, log_every=log_every, callback=callback,
+                     cancel=cancel, seed=seed)
+    hist.update(task="superres_volume", slice_scale=slice_scale, scale=scale, profile=profile,
+                slice_thickness_mm=thick, base=base, normalization=inten.to_dict())
+    desc = (f"INR through-plane super-resolution x{slice_scale}"
+            f"{f' in-plane x{scale}' if scale > 1 else ''} (3D SIREN, napari-strainer)")
+    return Restoration(scan.derive(inten.inverse(out, scan.data.dtype), affine=grid.affine,
+                                   description=desc), hist)
+
+
+def output_grid(first: Scan, spacing: float) -> Grid:
+    """The fusion grid: ``first``'s orientation and field of view, voxels ``spacing`` mm wide,
+    centred on the field of view (with an integer refinement: the super-resolution rule)."""
+    aff = first.affine
+    counts = [max(1, round(n * s / spacing)) for n, s in zip(first.shape, first.spacing)]
+    dirs = aff[:3, :3] / np.array(first.spacing)
+    centre = aff[:3, :3] @ ((np.array(first.shape) - 1) / 2) + aff[:3, 3]
+    out = np.eye(4)
+    out[:3, :3] = dirs * spacing
+    out[:3, 3] = centre - out[:3, :3] @ ((np.array(counts) - 1) / 2)
+    return Grid(tuple(counts), out)
+
+
+def _inside(scan: Scan, mm: np.ndarray) -> np.ndarray:
+    """Which points (mm, ``[n, 3]``) fall inside ``scan``'s voxels."""
+    idx = (mm - scan.affine[:3, 3]) @ np.linalg.inv(scan.affine[:3, :3]).T
+    return np.all((idx >= -0.5) & (idx <= np.array(scan.shape) - 0.5), axis=1)
+
+
+def _frame_of_reference(scan: Scan) -> str | None:
+    tpl = scan.meta.get("dicom_template")
+    uid = tpl.get("FrameOfReferenceUID") if tpl is not None else None
+    return str(uid) if uid else None
+
+
+def _stack_intensity(scan: Scan, grid: Grid) -> Intensity:
+    """Robust percentiles of the voxels of ``scan`` inside ``grid`` (all of them if few)."""
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in scan.shape], indexing="ij"), -1)
+    mm = idx.reshape(-1, 3) @ scan.affine[:3, :3].T + scan.affine[:3, 3]
+    inside = _inside(Scan(np.zeros(grid.shape, np.float32), grid.affine), mm)
+    data = scan.data.reshape(-1)
+    return Intensity.of(data[inside] if inside.sum() >= 64 else data)
+
+
+def fuse(scans: Sequence[Scan], *, spacing: float | None = None, profile: str = "box",
+         steps: int | None = None, lr: float = LR, tv: float | None = None,
+         reference: Scan | None = None, device: str = "auto", seed: int = 0,
+         log_every: int = 10, callback: Callable[[Progress], None] | None = None,
+         cancel=None) -> Restoration:
+    """Fuse several thick-slice stacks of one anatomy (any orientations) into one volume.
+
+    One INR in world coordinates is fitted to all stacks at once, each through its own
+    operator (slice profile along its normal, pixel footprint in-plane, placed by its affine).
+    The output grid is the first stack's orientation and field of view, isotropic at
+    ``spacing`` mm (default: the finest in-plane spacing of the stacks); see :func:`output_grid`.
+    Each stack's slice thickness is its DICOM SliceThickness when present, else its spacing.
+
+    Raises:
+        BadArgumentError: fewer than two stacks, stacks from different frames of reference,
+            a stack that does not overlap the first one, an output above the size limit.
+        BadInputError: a 2D input.
+    """
+    scans = list(scans)
+    if len(scans) < 2:
+        raise BadArgumentError(f"fuse needs at least two stacks, got {len(scans)}")
+    for s in scans:
+        _check_3d(s, "fusion")
+    steps = DEFAULT_STEPS["fuse"] if steps is None else steps
+    _check_common(steps, lr)
+    uids = {u for u in map(_frame_of_reference, scans) if u}
+    if len(uids) > 1:
+        raise BadArgumentError("the stacks come from different frames of reference "
+                               f"(FrameOfReferenceUID {', '.join(sorted(uids))}); they cannot "
+                               "be placed in one space")
+    if spacing is None:
+        spacing = min(min(s.spacing[1:]) for s in scans)
+    if not spacing > 0:
+        raise BadArgumentError(f"--spacing must be positive, got {spacing}")
+    grid = output_grid(scans[0], float(spacing))
+    _check_size(grid.shape, f"--spacing {spacing:g}")
+    probe = grid.corners_mm().mean(0) + (np.random.default_rng(0).random((4096, 3)) - 0.5) \
+        @ (grid.affine[:3, :3] * np.array(grid.shape)).T
+    for i, s in enumerate(scans[1:], 2):
+        if not _inside(s, probe).any():
+            raise BadArgumentError(f"stack {i} ({s.source or 'input'}) does not overlap the "
+                                   "first stack's field of view")
+    dev = resolve_device(device)
+    frame = WorldFrame(grid.corners_mm())
+    intens = [_stack_intensity(s, grid) for s in scans]
+    stacks = [Stack(torch.from_numpy(it.forward(np.nan_to_num(s.data, nan=it.low))), s.affine,
+                    frame, spacing, thickness=scan_thickness(s), profile=profile).to(dev)
+              for s, it in zip(scans, intens)]
+    ref = _reference(reference, grid.shape, intens[0])
+    weight = TV_WEIGHT["fuse"] if tv is None else tv
+    prior = None
+    if weight > 0:
+        prior = TVPrior(grid, list(grid.affine[:3, :3].T), weight, BATCH // 2)
+    net = _net(grid, frame, OMEGA_VOXEL, WIDTH, LAYERS, seed, dev)
+    out, hist = _run(stacks, grid, frame, net, steps=steps, lr=lr, prior=prior, stop=None,
+                     reference=ref, log_every=log_every, callback=callback, cancel=cancel,
+                     seed=seed)
+    hist.update(task="fuse", stacks=len(scans), spacing_mm=float(spacing), profile=profile,
+                slice_thickness_mm=[scan_thickness(s) for s in scans],
+                normalization={**intens[0].to_dict(), "per_stack": [
+                    [it.low, it.high] for it in intens], "over": "voxels inside the output"})
+    desc = f"INR fusion of {len(scans)} stacks (3D SIREN, napari-strainer)"
+    first = scans[0]
+    out_scan = first.derive(intens[0].inverse(out, first.data.dtype), affine=grid.affine,
+                            description=desc)
+    return Restoration(out_scan, hist)
+
+
+def denoise_volume(scan: Scan, *, sigma="auto", steps: int | None = None, lr: float = LR,
+                   tv: float | None = None, reference: Scan | None = None,
+                   device: str = "auto", seed: int = 0, log_every: int = 10,
+                   callback: Callable[[Progress], None] | None = None,
+                   cancel=None) -> Restoration:
+    """Denoise a 3D scan with one 3D INR that sees the neighbouring slices.
+
+    The loss is the data error plus a 3D total-variation term (:data:`TV_WEIGHT`); the fit
+    stops when the (smoothed) data residual reaches the calibrated discrepancy of the noise
+    (:class:`~napari_strainer.denoise.DiscrepancyStop`), if it does before ``steps``.
+
+    Args:
+        sigma: ``"auto"`` (estimated from the finest wavelet band, median over slices),
+            ``"none"`` (run all steps) or the noise level in the scan's units.
+    """
+    from .denoise import DiscrepancyStop, estimate_sigma
+
+    steps = DEFAULT_STEPS["denoise"] if steps is None else steps
+    _check_common(steps, lr)
+    _check_3d(scan, "volume denoising")
+    _check_size(scan.shape, "denoising")
+    dev = resolve_device(device)
+    grid = Grid(scan.shape, scan.affine)
+    frame = WorldFrame(grid.corners_mm())
+    inten = Intensity.of(scan.data)
+    norm = inten.forward(np.nan_to_num(scan.data, nan=inten.low))
+    ref = _reference(reference, scan.shape, inten)
+    stop, sig = None, None
+    if sigma not in (None, "none"):
+        if sigma == "auto":
+            sig = float(np.median([estimate_sigma(s) for s in norm]))
+        else:
+            if float(sigma) < 0:
+                raise BadArgumentError(f"--sigma must be >= 0, got {sigma}")
+            sig = float(sigma) / (inten.high - inten.low)
+        stop = DiscrepancyStop(np.array([sig]))
+    stack = Stack(torch.from_numpy(norm), scan.affine, frame, grid.spacing).to(dev)
+    weight = TV_WEIGHT["denoise"] if tv is None else tv
+    prior = None
+    if weight > 0:
+        prior = TVPrior(grid, list(grid.affine[:3, :3].T), weight, BATCH // 2)
+    net = _net(grid, frame, OMEGA_VOXEL, WIDTH, LAYERS, seed, dev)
+    out, hist = _run([stack], grid, frame, net, steps=steps, lr=lr, prior=prior, stop=stop,
+                     reference=ref, log_every=log_every, callback=callback, cancel=cancel,
+                     seed=seed)
+    hist.update(task="denoise_volume", normalization=inten.to_dict(),
+                sigma=None if sig is None else sig * (inten.high - inten.low),
+                stop_reason=stop.reason if stop is not None and hist["stop_step"] is not None
+                else "ran all steps")
+    desc = "INR volume denoising (3D SIREN + TV, napari-strainer)"
+    return Restoration(scan.derive(inten.inverse(out, scan.data.dtype), description=desc),
+                       hist)

@@ -1,0 +1,242 @@
+"""Volumes: slice-profile operators, through-plane super-resolution, fusion of stacks and volume
+denoising on real NIfTI and DICOM files (a few steps each: geometry and refusals, not quality;
+quality is benchmarks/volume.py's job)."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from napari_strainer.cli import main
+from napari_strainer.core.siren import BatchedSiren, SirenConfig
+from napari_strainer.core.volume import (
+    Grid,
+    Stack,
+    TVPrior,
+    WorldFrame,
+    fit_volume,
+    profile_quadrature,
+    render_grid,
+)
+from napari_strainer.io import read_scan, write_scan
+from napari_strainer.io.scan import Scan, upsampled_affine
+from napari_strainer.volume import output_grid
+
+OBLIQUE = np.array([[0.0, 1.2, 1.6, -30], [0.0, 1.6, -1.2, 12], [2.5, 0, 0, 7], [0, 0, 0, 1]])
+
+
+def test_profile_quadrature():
+    o, w = profile_quadrature("box", 4.0, 1.0)
+    np.testing.assert_allclose(o, [-1.5, -0.5, 0.5, 1.5])
+    np.testing.assert_allclose(w, 0.25)
+    o, w = profile_quadrature("box", 2.0, 1.0)  # a gap: thickness 2 of a 4 mm spacing
+    np.testing.assert_allclose(o, [-0.5, 0.5])
+    assert profile_quadrature("box", 1.2, 1.0)[0].tolist() == [0.0]
+    o, w = profile_quadrature("gaussian", 3.0, 1.0)  # FWHM 3: odd count, centred
+    assert len(o) % 2 == 1 and o[len(o) // 2] == 0 and abs(w.sum() - 1) < 1e-12
+    np.testing.assert_allclose(w, w[::-1])
+    sigma = 3.0 / 2.3548
+    assert abs(np.sqrt((w * o ** 2).sum()) - sigma) < 0.05 * sigma
+    assert len(profile_quadrature("gaussian", 4.0, 1.0)[0]) % 2 == 0
+
+
+def test_stack_places_its_profile_along_its_own_normal():
+    frame = WorldFrame(np.array([[-80, -80, -80], [80, 80, 80]]))
+    stack = Stack(torch.zeros(4, 5, 6), OBLIQUE, frame, 0.5, thickness=5.0)
+    assert stack.samples == 10 * 4 * 4  # 5 mm / 0.5 mm along the normal, 2 mm / 0.5 in-plane
+    pts = stack.points(torch.tensor([0, 37]))
+    world = (pts.double().numpy() * frame.half + frame.centre).reshape(2, -1, 3)
+    centres = np.array([[0, 0, 0, 1], [1, 1, 1, 1]]) @ OBLIQUE.T
+    w = stack.weights.double().numpy()
+    np.testing.assert_allclose(w @ world[0], centres[0, :3], atol=1e-3)
+    np.testing.assert_allclose(w @ world[1], centres[1, :3], atol=1e-3)
+    along = (world[0] - centres[0, :3]) @ stack.normal
+    np.testing.assert_allclose([along.min(), along.max()], [-2.25, 2.25], atol=1e-3)
+    # in-plane footprint: a box of the pixel spacing (2 mm), sampled at 0.5 mm
+    inplane = (world[0] - centres[0, :3]) @ (OBLIQUE[:3, 1] / np.linalg.norm(OBLIQUE[:3, 1]))
+    np.testing.assert_allclose([inplane.min(), inplane.max()], [-0.75, 0.75], atol=1e-3)
+
+
+def test_fit_volume_learns_a_thick_slice_stack():
+    torch.manual_seed(0)
+    z, y, x = np.mgrid[:8, :8, :8]
+    truth = (np.sin(z / 2.0) + np.cos(y / 3.0) * x / 8).astype(np.float32)
+    thick = truth.reshape(4, 2, 8, 8).mean(1)
+    fine = Grid((8, 8, 8), np.eye(4))
+    frame = WorldFrame(fine.corners_mm())
+    coarse = np.eye(4)
+    coarse[0, 0], coarse[0, 3] = 2, 0.5
+    stack = Stack(torch.from_numpy(thick), coarse, frame, 1.0)
+    assert stack.samples == 2
+    net = BatchedSiren(SirenConfig(in_features=3, width=32, layers=3, shared_layers=2,
+                                   omega_first=8), batch=1)
+    prior = TVPrior(fine, [[1.0, 0, 0]], 1e-4, points=64)
+    res = fit_volume(net, [stack], frame, fine, steps=60, lr=3e-3, batch=128, prior=prior)
+    assert res.history["loss"][-1] < 0.05 * res.history["loss"][0]
+    out = render_grid(net, fine, frame, chunk=100)
+    assert out.shape == (8, 8, 8)
+    # the thick slices of the rendering match the observed ones
+    assert np.abs(out.numpy().reshape(4, 2, 8, 8).mean(1) - thick).mean() < 0.05
+
+
+def test_superres_slice_scale_nifti(samples, tmp_path):
+    src, out, hist = samples / "mr_anatomical.nii", tmp_path / "z2.nii.gz", tmp_path / "h.json"
+    assert main(["superres", str(src), "-o", str(out), "--slice-scale", "2", "--steps", "3",
+                 "--history", str(hist), "--quiet"]) == 0
+    a, b = read_scan(src), read_scan(out)
+    assert b.shape == (a.shape[0] * 2, a.shape[1], a.shape[2])
+    assert b.data.dtype == a.data.dtype
+    np.testing.assert_allclose(b.affine, upsampled_affine(a.affine, (2, 1, 1)), atol=1e-5)
+    img = nib.load(out)  # nibabel order: the slice axis is the last
+    np.testing.assert_allclose(img.header.get_zooms(), (2.0, 2.0, 1.0), atol=1e-5)
+    # averaging the 2 fine slices of input slice k gives its centre
+    np.testing.assert_allclose(img.affine @ [3, 4, 2 * 5 + 0.5, 1],
+                               nib.load(src).affine @ [3, 4, 5, 1], atol=1e-4)
+    h = json.loads(hist.read_text())
+    assert h["slice_scale"] == 2 and h["profile"] == "box" and h["slice_thickness_mm"] == 2.0
+    assert h["steps_done"] == 3
+
+
+def test_superres_slice_and_inplane_dicom_series(samples, tmp_path):
+    series, out = tmp_path / "series", tmp_path / "sr_series"
+    write_scan(read_scan(samples / "mr_anatomical.nii"), series)
+    assert main(["superres", str(series), "-o", str(out), "--slice-scale", "2",
+                 "--scale", "2", "--slice-profile", "gaussian", "--slice-thickness", "3",
+                 "--steps", "1", "--quiet"]) == 0
+    src, res = read_scan(series), read_scan(out)
+    assert res.shape == (src.shape[0] * 2, src.shape[1] * 2, src.shape[2] * 2)
+    assert len(list(out.iterdir())) == src.shape[0] * 2  # one file per new slice
+    np.testing.assert_allclose(res.affine, upsampled_affine(src.affine, (2, 2, 2)), atol=1e-3)
+    assert res.meta["slice_spacing"] == pytest.approx(src.spacing[0] / 2, rel=1e-4)
+
+
+def test_superres_thickness_from_dicom(samples):
+    from napari_strainer.volume import scan_thickness
+
+    assert scan_thickness(read_scan(samples / "mr_series")) == pytest.approx(2.2, rel=1e-3)
+    scan = read_scan(samples / "mr_anatomical.nii")
+    assert scan_thickness(scan) == 2.0
+
+
+def _orthogonal_stacks(samples, tmp_path, f=2):
+    """Three NIfTI stacks of the sample T1, each f times thicker along its own axis."""
+    scan = read_scan(samples / "mr_anatomical.nii")
+    data = scan.data[:24, :40, :32].astype(np.float32)
+    paths = []
+    for axis in range(3):
+        thick = np.moveaxis(data, axis, 0)
+        thick = thick.reshape(thick.shape[0] // f, f, *thick.shape[1:]).mean(1)
+        perm = [axis] + [i for i in range(3) if i != axis]
+        aff = upsampled_affine(scan.affine, (1, 1, 1)).copy()
+        aff[:3, 3] += aff[:3, axis] * (f - 1) / 2
+        aff[:3, axis] *= f
+        aff[:, :3] = aff[:, perm]
+        p = tmp_path / f"stack{axis}.nii.gz"
+        write_scan(Scan(thick.astype(np.int16) * (axis + 1), aff, {"format": "nifti"}), p)
+        paths.append(p)
+    return scan, paths
+
+
+def test_fuse_orthogonal_stacks(samples, tmp_path):
+    scan, paths = _orthogonal_stacks(samples, tmp_path)
+    out, hist = tmp_path / "fused.nii.gz", tmp_path / "h.json"
+    assert main(["fuse", *map(str, paths), "-o", str(out), "--steps", "2", "--history",
+                 str(hist), "--quiet"]) == 0
+    first, res = read_scan(paths[0]), read_scan(out)
+    # the first stack's orientation and field of view, isotropic at the finest spacing (2 mm)
+    assert res.shape == (24, 40, 32)
+    np.testing.assert_allclose(res.spacing, (2, 2, 2), atol=1e-5)
+    np.testing.assert_allclose(res.affine, upsampled_affine(first.affine, (2, 1, 1)),
+                               atol=1e-5)
+    np.testing.assert_allclose(res.affine[:3, 3], scan.affine[:3, 3], atol=1e-5)
+    h = json.loads(hist.read_text())
+    assert h["stacks"] == 3 and h["spacing_mm"] == 2.0 and len(h["normalization"]["per_stack"])
+
+
+def test_output_grid_with_a_non_integer_spacing():
+    first = Scan(np.zeros((5, 6, 7), np.float32), OBLIQUE)
+    g = output_grid(first, 1.5)
+    assert g.shape == (8, 8, 9)
+    np.testing.assert_allclose(g.spacing, 1.5)
+    np.testing.assert_allclose(g.corners_mm().mean(0), Grid(first.shape,
+                                                            OBLIQUE).corners_mm().mean(0))
+
+
+def _refused(capsys, argv, out):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("strainer") and "error:" in err and "\n" not in err
+    assert not out.exists()
+    return err
+
+
+def test_fuse_refusals(samples, tmp_path, capsys):
+    _, paths = _orthogonal_stacks(samples, tmp_path)
+    out = tmp_path / "out.nii.gz"
+    assert "at least two" in _refused(capsys, ["fuse", str(paths[0]), "-o", str(out)], out)
+    far = tmp_path / "far.nii.gz"
+    moved = read_scan(paths[1])
+    moved.affine[:3, 3] += 1000
+    write_scan(moved, far)
+    err = _refused(capsys, ["fuse", str(paths[0]), str(far), "-o", str(out)], out)
+    assert "does not overlap" in err
+    err = _refused(capsys, ["fuse", str(paths[0]), str(samples / "ct_small.dcm"), "-o",
+                            str(out)], out)
+    assert "2D" in err
+    err = _refused(capsys, ["fuse", *map(str, paths), "-o", str(out), "--spacing", "0.01"], out)
+    assert "GiB" in err
+    err = _refused(capsys, ["fuse", *map(str, paths), "-o", str(out), "--encoder", "x.st"], out)
+    assert "--encoder" in err
+    # DICOM series from different frames of reference
+    series = read_scan(samples / "mr_series")
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_scan(series, a)
+    other = read_scan(samples / "mr_series")
+    tpl = other.meta["dicom_template"].copy()
+    tpl.FrameOfReferenceUID = "1.2.3.4.5"
+    other.meta["dicom_template"] = tpl
+    write_scan(other, b)
+    err = _refused(capsys, ["fuse", str(a), str(b), "-o", str(out)], out)
+    assert "frames of reference" in err
+
+
+@pytest.mark.parametrize("args, text", [
+    (["--slice-scale", "1"], "integer >= 2"),
+    (["--slice-scale", "2.5"], "integer >= 2"),
+    (["--slice-scale", "100000"], "GiB"),
+    ([], "--slice-scale"),
+])
+def test_superres_refusals(samples, tmp_path, capsys, args, text):
+    out = tmp_path / "out.nii.gz"
+    err = _refused(capsys, ["superres", str(samples / "mr_anatomical.nii"), "-o", str(out),
+                            *args], out)
+    assert text in err
+
+
+def test_superres_refuses_a_2d_input(samples, tmp_path, capsys):
+    out = tmp_path / "out.nii.gz"
+    err = _refused(capsys, ["superres", str(samples / "ct_small.dcm"), "-o", str(out),
+                            "--slice-scale", "2"], out)
+    assert "2D" in err
+
+
+def test_denoise_volume_and_slices_modes(samples, tmp_path, tiny_encoder):
+    src = samples / "mr_anatomical.nii"
+    vol, hv = tmp_path / "v.nii.gz", tmp_path / "v.json"
+    assert main(["denoise", str(src), "-o", str(vol), "--steps", "3", "--history", str(hv),
+                 "--quiet"]) == 0
+    h = json.loads(hv.read_text())
+    assert h["task"] == "denoise_volume" and h["sigma"] > 0 and h["tv_weight"] > 0
+    res = read_scan(vol)
+    assert res.shape == read_scan(src).shape
+    np.testing.assert_allclose(res.affine, read_scan(src).affine, atol=1e-5)
+    sl, hs = tmp_path / "s.nii.gz", tmp_path / "s.json"
+    assert main(["denoise", str(src), "-o", str(sl), "--mode", "slices", "--steps", "2",
+                 "--encoder", str(tiny_encoder), "--history", str(hs), "--quiet"]) == 0
+    assert "freeze" in json.loads(hs.read_text())
+    # a 2D input takes the slice path whatever the mode
+    ct = tmp_path / "ct.nii.gz"
+    assert main(["denoise", str(samples / "ct_small.dcm"), "-o", str(ct), "--steps", "2",
+                 "--encoder", str(tiny_encoder), "--quiet"]) == 0
