@@ -1015,10 +1015,7 @@ def write_dicom_series(scan: Scan, folder: Path) -> None:
         ds.PixelSpacing = _fmt(spacing)
         ds.SliceThickness = _ds_number(round(_thickness(scan, step), 6))
         ds.SpacingBetweenSlices = _ds_number(round(step, 6))
-        if sop == SC_STORAGE:  # geometry kept as Standard Extended attributes, no more
-            del ds.PositionReferenceIndicator
-        else:
-            ds.SliceLocation = _ds_number(round(float(ipps[k] @ normal), 6))
+        ds.SliceLocation = _ds_number(round(float(ipps[k] @ normal), 6))
         _add_references(ds, scan, refs[k:k + 1])
         _set_pixels(ds, stored[k], slope, inter, lo, hi)
         _save(ds, folder / f"IM{k + 1:05d}.dcm")
