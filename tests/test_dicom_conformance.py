@@ -148,6 +148,15 @@ def test_cli_fit_of_the_ct_slice_adds_no_error(tmp_path):
     assert dciodvfy_errors(out) - dciodvfy_errors(sample_path("ct")) == set()
 
 
+@needs_dciodvfy
+def test_cli_through_plane_superres_adds_no_error(tmp_path):
+    """A volumetric task: new slice positions, spacing and count, written as a series."""
+    out = tmp_path / "thin"
+    assert main(["superres", str(sample_path("mr_series")), "-o", str(out), "--slice-scale",
+                 "2", "--steps", "2", "--quiet"]) == 0
+    assert len(_files(out)) == 48 and dciodvfy_errors(out) == set()
+
+
 # --------------------------------------------------------------------------- references
 
 
