@@ -97,15 +97,16 @@ def warn_modality(encoder: Encoder | None, scan: Scan) -> str | None:
 def _normalization_text(norm: Any) -> str:
     if not isinstance(norm, dict):
         return UNKNOWN
+    text = str(norm.get("method", UNKNOWN))
     if norm.get("method") == "robust_percentile":
-        lo, hi = norm.get("target_range", [0.0, 1.0])
-        return (f"per-scan percentiles p{norm.get('low_percentile')}-p"
-                f"{norm.get('high_percentile')} -> [{lo:g}, {hi:g}]")
-    if norm.get("method") == "fixed_window":
-        lo, hi = norm.get("window", [None, None])
-        return f"fixed window {lo:g} to {hi:g} {norm.get('units', '')} -> [0, 1]".replace("  ",
-                                                                                         " ")
-    return str(norm.get("method", UNKNOWN))
+        text = (f"per-scan percentiles p{norm.get('low_percentile')}-p"
+                f"{norm.get('high_percentile')} -> [0, 1]")
+    elif norm.get("method") == "fixed_window":
+        lo, hi = norm.get("window", [0.0, 0.0])
+        text = f"fixed window {lo:g} to {hi:g} {norm.get('units', '')} -> [0, 1]"
+    if isinstance(norm.get("CT"), dict):  # the rule since CT got its Hounsfield window
+        text += f"; CT: {_normalization_text(norm['CT'])}"
+    return text
 
 
 def card(encoder: Encoder) -> dict[str, Any]:
@@ -156,10 +157,10 @@ def format_card(c: dict[str, Any]) -> str:
         f"modality: {c['modality']}",
         f"trained on: {c['images']} slices of {size} from {files}",
         f"intensity normalisation: {c['normalization']}",
-        f"training: {c['steps']} steps{state}, final loss {loss}, lr {c['lr']}, "
-        f"seed {c['seed']}",
-        f"architecture: {a['layers']} sine layers of width {a['width']}, the first "
-        f"{a['shared_layers']} shared (the encoder), omega {a['omega_first']:g}",
+        (f"training: {c['steps']} steps{state}, final loss {loss}, lr {c['lr']}, "
+         f"seed {c['seed']}"),
+        (f"architecture: {a['layers']} sine layers of width {a['width']}, the first "
+         f"{a['shared_layers']} shared (the encoder), omega {a['omega_first']:g}"),
         f"gain over SIREN: {_gain_text(c['evaluation'])}",
         f"created: {c['created']} by napari-strainer {c['package_version']}",
         f"weights sha256: {c['weights_sha256']}",
@@ -206,7 +207,7 @@ def evaluation_split(scans: Sequence[Scan], *, size: int | None = None, max_slic
     train = list(training_slices(scans, size=size, max_slices=max_slices))
     spare = []
     for scan in scans:
-        norm = Intensity.of(scan.data).forward(np.nan_to_num(scan.data))
+        norm = Intensity.for_scan(scan).forward(np.nan_to_num(scan.data))
         picked = set(pick_slices(norm, max_slices))
         spare += [_resized(norm[z], size) for z in busy_slices(norm) if z not in picked]
     if len(train) + len(spare) < 2:
@@ -220,7 +221,8 @@ def evaluation_split(scans: Sequence[Scan], *, size: int | None = None, max_slic
             ] if spare else []
     missing = min(count - len(held), len(train) - 1)
     if missing > 0:
-        take = {int(i) for i in np.linspace(0, len(train) - 1, missing + 2)[1:-1].round()}
+        n = len(train)  # `missing` distinct, evenly spaced indices (n >= missing + 1)
+        take = {k * n // missing + n // missing // 2 for k in range(missing)}
         held += [train[i] for i in sorted(take)]
         train = [t for i, t in enumerate(train) if i not in take]
     return torch.stack(train), torch.stack(held)

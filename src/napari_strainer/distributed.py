@@ -174,7 +174,7 @@ def pretrain_distributed(images: torch.Tensor, output: str | Path, *,
     total = torch.tensor([local], dtype=torch.float64, device=dev)
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
     encoder = Encoder(config, [(a.cpu(), b.cpu()) for a, b in net.encoder_weights()], {
-        "normalization": Intensity(0, 1).to_dict(),
+        "normalization": Intensity.rule(),
         "trained_on": {"images": n, "shape": [h, w], **(info or {})},
         "steps": result.steps_done, "requested_steps": steps,
         "final_loss": float(total.item()) / n, "lr": lr, "seed": seed, "batch_coords": batch_coords,

@@ -10,8 +10,9 @@ from pathlib import Path
 import napari
 import numpy as np
 from magicgui.widgets import ComboBox, Container, FileEdit, Label, LineEdit, SpinBox
+from napari.utils.notifications import show_warning
 
-from .. import tasks
+from .. import cards, tasks
 from ..errors import BadArgumentError
 from ..io.scan import upsampled_affine
 from ._common import JobWidget, collapsible, image_layers, parse_float
@@ -95,7 +96,7 @@ class RestoreWidget(JobWidget):
         self.encoder_file.visible = choice == "file"
         self.freeze.enabled = choice != "none"
         self._shared_layers = None
-        text = ""
+        text, tooltip = "", ""
         if choice == "none":
             text = "SIREN baseline: random initialisation, nothing frozen"
         else:
@@ -107,11 +108,11 @@ class RestoreWidget(JobWidget):
             else:
                 c = enc.config
                 self._shared_layers = c.shared_layers
-                n = (enc.info.get("trained_on") or {}).get("images")
-                text = (f"{c.shared_layers} shared of {c.layers} sine layers, width {c.width}"
-                        + (f", pretrained on {n} images" if n else "")
-                        + ("" if enc.info.get("complete", True) else " (stopped early)"))
+                text = (f"{cards.summary(enc)}; {c.shared_layers} shared of {c.layers} sine "
+                        f"layers, width {c.width}")
+                tooltip = cards.format_card(cards.card(enc))
         self.encoder_info.value = text
+        self.encoder_info.tooltip = tooltip
         self._set_default_freeze()
 
     def _set_default_freeze(self) -> None:
@@ -121,6 +122,16 @@ class RestoreWidget(JobWidget):
         limit = self._shared_layers if self._shared_layers is not None else 31
         self.freeze.max = limit
         self.freeze.value = tasks.default_freeze(self.task.value, limit)
+
+    def _warn_modality(self, encoder: str, scan) -> None:
+        """Show restore's modality warning (:func:`napari_strainer.cards.modality_warning`) as
+        a notification: napari's ``FunctionWorker`` does not relay warnings from its thread."""
+        if encoder == "none":
+            return
+        enc = _peek_encoder(tasks.DEFAULT_ENCODER if encoder == "default" else Path(encoder))
+        message = None if isinstance(enc, str) else cards.modality_warning(enc, scan)
+        if message is not None:
+            show_warning(message)
 
     def use_encoder_file(self, path) -> None:
         """Select an encoder file (the Pretrain widget calls this when it has saved one)."""
@@ -161,7 +172,7 @@ class RestoreWidget(JobWidget):
                                    f"{reference.shape}; the output will be {out_shape}")
 
         # the live preview layer, on the output grid, in normalised intensities
-        norm = tasks.Intensity.of(scan.data).forward(np.nan_to_num(scan.data))
+        norm = tasks.Intensity.for_scan(scan).forward(np.nan_to_num(scan.data))
         if scale > 1:
             norm = norm.repeat(scale, axis=1).repeat(scale, axis=2)
         self._preview_data = norm
@@ -207,6 +218,7 @@ class RestoreWidget(JobWidget):
                                  device=device, seed=seed, log_every=log_every, batch_size=bs,
                                  callback=callback, cancel=cancel)
 
+        self._warn_modality(encoder, scan)
         self._t0 = time.monotonic()
         what = {v: k for k, v in TASK_LABELS}[task].split(" (")[0]
         total = steps * max(1, -(-z // (batch_size or z)))
