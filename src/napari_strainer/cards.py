@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -122,7 +123,7 @@ def card(encoder: Encoder) -> dict[str, Any]:
         "normalization": _normalization_text(info.get("normalization")),
         "slice_size": trained.get("shape") or UNKNOWN,
         "images": trained.get("images") or UNKNOWN,
-        "files": list(files) if files else UNKNOWN,
+        "files": [Path(str(f)).name for f in files] if files else UNKNOWN,
         "steps": info.get("steps", UNKNOWN),
         "complete": info.get("complete", UNKNOWN),
         "final_loss": info.get("final_loss") if info.get("final_loss") is not None else UNKNOWN,

@@ -87,7 +87,7 @@ class PretrainWidget(JobWidget):
 
     # ------------------------------------------------------------------ job
     def prepare(self):
-        from .. import tasks
+        from .. import cards, tasks
         from ..io import find_scans, read_scan
 
         config = self.config()
@@ -134,7 +134,8 @@ class PretrainWidget(JobWidget):
             encoder = tasks.pretrain(images, output, config=config, steps=steps, lr=lr,
                                      batch_coords=batch_coords, device=device, seed=seed,
                                      resume=resume, callback=callback, cancel=cancel,
-                                     info={"sources": names})
+                                     info={"sources": [Path(n).name for n in names],
+                                           "modality": cards.scans_modality(scans)})
             return output, encoder
 
         self._t0 = time.monotonic()
