@@ -4,9 +4,11 @@ It minimises ``sum_b mean ||A(f_b(x)) - y_b||^2`` over the members ``b`` of a
 :class:`~napari_strainer.core.siren.BatchedSiren` with Adam. Each member's loss only reaches
 its own (batched) weights, so B slices fitted together behave as B independent fits.
 
-Safeguards: the loop keeps, per member, a snapshot of the weights with the lowest data loss
-seen so far (``keep_best``), and hands back that snapshot, never a worse iterate; an optional
-stopping rule freezes a member's snapshot once it fires (denoising). Progress, preview,
+Safeguards: the loop keeps, per member, a snapshot of the weights with the lowest monitored
+loss seen so far (``keep_best``), and hands back that snapshot, never a worse iterate; an
+optional stopping rule freezes a member's snapshot once it fires (denoising, convergence).
+The monitored loss is the data loss, or, with a ``holdout`` mask, the loss on held-out
+observed pixels that the fit never trains on (self-validation). Progress, preview,
 cancel and checkpoints are hooks, so the CLI, napari and the MONAI bundle share this code.
 """
 
@@ -39,6 +41,10 @@ class Progress:
     seconds: float
     preview: Callable[[], torch.Tensor]
     """Renders the current kept snapshot on the render grid, ``[batch, *shape, out]``."""
+    slices: tuple[int, int] | None = None
+    """Scan-level callers: the slices ``[first, stop)`` this fit covers."""
+    phase: str = ""
+    """Scan-level callers: what runs (``"probe siren"``, ``"encoder-freeze3"``, ...)."""
 
 
 @dataclass
@@ -54,13 +60,36 @@ class FitResult:
 
 
 class StopRule:
-    """Decides per member when to stop (denoising). ``__call__`` gets the step and the
-    per-member data loss ``[batch]`` and returns a bool mask of members to stop now."""
+    """Decides per member when to stop. ``__call__`` gets the step and the per-member
+    monitored loss ``[batch]`` (held-out loss with a ``holdout`` mask, else the data loss)
+    and returns a bool mask of members to stop now."""
 
     reason = "stopping rule"
 
     def __call__(self, step: int, loss: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
+
+
+class PlateauStop(StopRule):
+    """Convergence: stop a member once its monitored loss has not improved by a factor
+    ``1 - rel_tol`` for ``patience`` steps. The state persists across :func:`fit` calls
+    that continue one run."""
+
+    def __init__(self, patience: int = 50, rel_tol: float = 0.01):
+        self.patience, self.rel_tol = patience, rel_tol
+        self.reason = (f"converged (monitored loss improved < {rel_tol:.0%} in {patience} "
+                       f"steps)")
+        self._best: torch.Tensor | None = None
+        self._since: torch.Tensor | None = None
+
+    def __call__(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        if self._best is None:
+            self._best = torch.full_like(loss, float("inf"))
+            self._since = torch.full_like(loss, step, dtype=torch.long)
+        better = loss < self._best * (1 - self.rel_tol)
+        self._best = torch.where(better, loss, self._best)
+        self._since = torch.where(better, step, self._since)
+        return step - self._since >= self.patience
 
 
 def render(net: BatchedSiren, shape: tuple[int, ...], params: dict | None = None,
@@ -88,7 +117,7 @@ def fit(net: BatchedSiren, target: torch.Tensor, *, steps: int, operator=None,
         callback: Callable[[Progress], None] | None = None, cancel=None, seed: int = 0,
         optimizer: torch.optim.Optimizer | None = None, start_step: int = 0,
         checkpoint: Callable[[int], None] | None = None, checkpoint_every: int = 0,
-        ) -> FitResult:
+        holdout: torch.Tensor | None = None) -> FitResult:
     """Fit ``net`` so that ``operator(net(grid)) ~ target``.
 
     Args:
@@ -99,8 +128,8 @@ def fit(net: BatchedSiren, target: torch.Tensor, *, steps: int, operator=None,
             passed through ``operator``; see :mod:`.operators`).
         lr: Adam learning rate.
         batch_coords: random coordinates per step (identity operator only); None = all.
-        keep_best: keep and return each member's lowest-loss weights.
-        stop: optional per-member stopping rule.
+        keep_best: keep and return each member's weights with the lowest monitored loss.
+        stop: optional per-member stopping rule (sees the monitored loss).
         reference: clean image ``[batch, pixels, channels]`` on the render grid, for PSNR.
         data_range: PSNR data range (scalar or per member).
         log_every: updates between history entries and callbacks.
@@ -110,6 +139,8 @@ def fit(net: BatchedSiren, target: torch.Tensor, *, steps: int, operator=None,
         optimizer: an Adam to continue (resume); a new one otherwise.
         start_step: the number of updates already done (resume).
         checkpoint: called with the step every ``checkpoint_every`` updates.
+        holdout: bool mask ``[batch or 1, observed pixels]`` of observations left out of the
+            training loss; their loss (history ``val_loss``) is then the monitored loss.
 
     Returns:
         A :class:`FitResult`; ``net`` holds the kept weights.
@@ -136,6 +167,10 @@ def fit(net: BatchedSiren, target: torch.Tensor, *, steps: int, operator=None,
     active = torch.ones(b, dtype=torch.bool, device=device)
     stop_step = torch.full((b,), -1, dtype=torch.long, device=device)
     hist = {"iterations": [], "loss": [], "psnr": [], "seconds": []}
+    keep = None
+    if holdout is not None:
+        keep = (~holdout.to(device)).to(target.dtype).expand(b, -1).unsqueeze(-1)
+        hist["val_loss"] = []
     t0 = time.perf_counter()
     result = FitResult(history=hist)
 
@@ -158,20 +193,29 @@ def fit(net: BatchedSiren, target: torch.Tensor, *, steps: int, operator=None,
                 idx = torch.randint(coords.shape[0], (batch_coords,), generator=g).to(device)
                 pred = net(coords[idx])
                 err = pred - target[:, idx]
+                w = None if keep is None else keep[:, idx]
             else:
                 pred = net(coords)
                 err = operator(pred) - target
-            loss_per = err.pow(2).mean(dim=(1, 2))
+                w = keep
+            if w is None:
+                loss_per = monitor = err.pow(2).mean(dim=(1, 2))
+            else:
+                sq = err.pow(2).mean(dim=2, keepdim=True)
+                loss_per = (sq * w).sum(dim=(1, 2)) / w.sum(dim=(1, 2)).clamp_min(1)
+                with torch.no_grad():
+                    monitor = (sq * (1 - w)).sum(dim=(1, 2)) / (1 - w).sum(
+                        dim=(1, 2)).clamp_min(1)
         with torch.no_grad():
             if keep_best:
-                improved = (loss_per < best_loss) & active
-                best_loss = torch.where(improved, loss_per, best_loss)
+                improved = (monitor < best_loss) & active
+                best_loss = torch.where(improved, monitor, best_loss)
                 best_step = torch.where(improved, step, best_step)
                 for n in snap_names:
                     mask = improved.view(-1, *([1] * (named[n].dim() - 1)))
                     torch.where(mask, named[n], snap[n], out=snap[n])
             if stop is not None:
-                now = stop(step, loss_per.detach()) & active
+                now = stop(step, monitor.detach()) & active
                 stop_step = torch.where(now, step, stop_step)
                 active = active & ~now
         log_now = step % log_every == 0 or step == steps
@@ -183,6 +227,8 @@ def fit(net: BatchedSiren, target: torch.Tensor, *, steps: int, operator=None,
                 entry_psnr = psnr(full, reference, data_range, dims=(1, 2)).mean().item()
             hist["iterations"].append(step)
             hist["loss"].append(loss_per.detach().mean().item())
+            if keep is not None:
+                hist["val_loss"].append(monitor.mean().item())
             hist["psnr"].append(entry_psnr)
             hist["seconds"].append(time.perf_counter() - t0)
             if callback is not None:
