@@ -17,6 +17,7 @@ from . import __version__
 from .errors import BadArgumentError, StrainerError
 
 PROG = "strainer"
+LONG_JOB_SECONDS = 30  # restorations estimated longer than this print the estimate first
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,6 +52,16 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
     if not v > 0:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not 0 < v <= 0.5:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 0.5], got {text!r}")
     return v
 
 
@@ -90,8 +101,16 @@ def _restore_args(p: argparse.ArgumentParser, task: str, *, batch: bool = False)
         p.add_argument("--reference", metavar="REF", help="clean scan on the output grid: PSNR")
         p.add_argument("--history", metavar="HISTORY.json", help="write the fitting history")
     p.add_argument("--encoder", default="default",
-                   help="encoder .safetensors, 'default' (shipped MRI encoder) or 'none' (SIREN)")
-    p.add_argument("--steps", type=_nonneg_int, default=None, help="Adam steps per slice batch")
+                   help="encoder .safetensors, 'default' (shipped MRI encoder), 'none' (SIREN) "
+                        "or 'self' (pretrain a short while on the scan's own slices first)")
+    p.add_argument("--init", choices=("auto", "fixed"), default="auto",
+                   help="auto (default): race SIREN, the encoder and warm starts from the "
+                        "neighbouring slice on held-out pixels, stop converged slices; "
+                        "fixed: the encoder (or SIREN) with --freeze, all steps (the paper)")
+    p.add_argument("--holdout", type=_fraction, default=0.1,
+                   help="share of observed pixels held out to choose the route (auto)")
+    p.add_argument("--steps", type=_nonneg_int, default=None,
+                   help="Adam steps per slice batch (auto: at most)")
     p.add_argument("--lr", type=_positive_float, default=1e-4)
     p.add_argument("--freeze", type=_nonneg_int, default=None,
                    help="keep the first K encoder layers fixed (default: per task)")
@@ -295,7 +314,7 @@ def _stop_rule(a):
 def cmd_restore(a) -> None:
     from .cli_volume import cmd_denoise_volume, cmd_superres_volume
     from .io import read_scan, write_scan
-    from .tasks import restore
+    from .tasks import describe_estimate, estimate_seconds, restore
 
     if a.verb == "superres" and a.slice_scale:
         return cmd_superres_volume(a)
@@ -308,8 +327,16 @@ def cmd_restore(a) -> None:
     scan = read_scan(a.input, series=a.series, volume=a.volume)
     ref = read_scan(a.reference) if a.reference else None
     bar = _Bar(a.verb, a.quiet)
+    if not a.quiet:
+        est = estimate_seconds(scan, task=a.verb, encoder=a.encoder, init=a.init,
+                               steps=a.steps, scale=getattr(a, "scale", 1), device=a.device,
+                               batch_size=a.batch_size)
+        if est > LONG_JOB_SECONDS:
+            print(f"{PROG}: estimated time {describe_estimate(est, a.device)}; converged "
+                  f"slices stop earlier", file=sys.stderr)
     try:
-        res = restore(scan, task=a.verb, encoder=a.encoder, steps=a.steps, lr=a.lr,
+        res = restore(scan, task=a.verb, encoder=a.encoder, init=a.init, holdout=a.holdout,
+                      steps=a.steps, lr=a.lr,
                       scale=getattr(a, "scale", 1), freeze=a.freeze, stop=_stop_rule(a),
                       reference=ref, device=a.device, seed=a.seed, log_every=a.log_every,
                       batch_size=a.batch_size, callback=bar)
@@ -321,8 +348,18 @@ def cmd_restore(a) -> None:
     if not a.quiet:
         h = res.history
         extra = f", PSNR {h['psnr'][-1]:.2f} dB" if h.get("psnr") else ""
-        print(f"wrote {written}: {res.scan.shape} voxels, {a.verb} with "
-              f"{h['encoder']} init, freeze {h['freeze']}, loss {h['loss'][-1]:.3g}{extra}")
+        route = (f"route {h['route']} (chosen on held-out pixels, probes "
+                 f"{h['probe_seconds']:.0f} s)" if h["probes"] else f"route {h['route']}")
+        print(f"wrote {written}: {res.scan.shape} voxels, {a.verb}, {route}, freeze "
+              f"{h['freeze']}, {_steps_text(h)}, loss {h['loss'][-1]:.3g}{extra}, "
+              f"{h['seconds_total']:.0f} s")
+
+
+def _steps_text(h: dict) -> str:
+    ran = [r for r in h["steps_run"] if r is not None]
+    lo, hi = (min(ran), max(ran)) if ran else (0, 0)
+    text = f"{lo} steps" if lo == hi else f"{lo}-{hi} steps"
+    return f"{text} per slice ({h['stop_reason']})"
 
 
 def cmd_batch(a) -> None:
