@@ -220,6 +220,9 @@ def test_restore_superres_live_preview_and_ui_stays_responsive(
     assert w.freeze.value == tasks.default_freeze("superres", TINY.shared_layers)
     assert w.freeze.max == TINY.shared_layers and "width 16" in w.encoder_info.value
     assert w.steps.value == tasks.DEFAULT_STEPS["superres"]
+    assert w.init.value == "auto" and not w.freeze.enabled  # auto races freeze depths itself
+    w.init.value = "fixed"  # the paper's recipe with a chosen freeze
+    assert w.freeze.enabled
     w.freeze.value = 1
     w.scale.value = 2
     w.steps.value = 40
@@ -264,6 +267,7 @@ def test_restore_denoise_with_reference_and_stop(make_napari_viewer, qtbot, tiny
     w.reference.value = clean
     w.use_encoder_file(tiny_encoder)
     w.task.value = "denoise"
+    w.init.value = "fixed"
     w.sigma.value = "none"  # run until stopped
     w.steps.value = 1_000_000
     w.log_every.value = 2
@@ -368,3 +372,25 @@ def test_cuda_oom_in_worker_is_shown_not_swallowed(make_napari_viewer, qtbot, tm
     new = [r.message for r in notification_manager.records[n:]]
     assert any("fewer coordinates per step" in m and "CPU" in m for m in new), new
     assert "Out of memory" in w.status.value
+
+
+def test_restore_auto_route_and_time_estimate_beside_run(make_napari_viewer, qtbot, tiny_encoder):
+    viewer = make_napari_viewer()
+    scan = small_scan()
+    src = add_scan(viewer, scan)
+    w = dock(viewer, "Restore scan")
+    w.layer.value = src
+    w.use_encoder_file(tiny_encoder)
+    w.device.value = "cpu"
+    w.steps.value = 30
+    w.update_estimate()
+    qtbot.waitUntil(lambda: w.estimate.value.startswith("~ at most"), timeout=TIMEOUT)
+    assert w.estimate.native.parent() is w.run_button.native.parent()  # beside Run
+    w.run()
+    wait_done(qtbot, w)
+    assert w.job.error is None, w.job.error
+    hist = w.result_layer.metadata["strainer_history"]
+    assert hist["init"] == "auto" and hist["probes"]
+    assert f"route {hist['route']} chosen by held-out loss" in w.status.value
+    enc = "SIREN" if hist["route"] == "siren" else "STRAINER tiny"
+    assert w.result_layer.name == f"small fit ({enc})"

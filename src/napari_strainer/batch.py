@@ -47,7 +47,10 @@ class TaskOptions:
 
     Args:
         task: ``fit``, ``superres`` or ``denoise``.
-        encoder: encoder file, ``"default"`` (shipped MRI encoder) or ``"none"`` (SIREN).
+        encoder: encoder file, ``"default"`` (shipped MRI encoder), ``"none"`` (SIREN) or
+            ``"self"`` (pretrained on each scan's own slices first).
+        init: ``auto`` (self-validated route, convergence stop) or ``fixed`` (the paper's).
+        holdout: share of observed pixels held out by ``init="auto"``.
         steps: Adam steps per batch of slices (None: the task's default).
         lr: learning rate.
         scale: in-plane factor (``superres`` only).
@@ -62,6 +65,8 @@ class TaskOptions:
 
     task: str = "fit"
     encoder: str = "default"
+    init: str = "auto"
+    holdout: float = 0.1
     steps: int | None = None
     lr: float = 1e-4
     scale: int = 1
@@ -342,7 +347,8 @@ def run_items(items: Sequence[dict], options: TaskOptions, out_dir: str | os.Pat
     out_dir = Path(out_dir).expanduser()
     load = load or read_item
     resolve_device(options.device)
-    encoder = get_encoder(options.encoder)  # once, and fail early for every scan
+    # once, and fail early for every scan ("self" is pretrained per scan by restore)
+    encoder = "self" if options.encoder.lower() == "self" else get_encoder(options.encoder)
     params = options.params()
     mine = shard(list(items), rank, world_size)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -405,7 +411,8 @@ def _one(item, options, params, out_dir, load, encoder, overwrite, run_id, rank,
                              "loss": f"{p.loss:.2e}"}, refresh=False)
 
         res = restore(scan, task=options.task, encoder=encoder, steps=options.steps,
-                      lr=options.lr, scale=options.scale, freeze=options.freeze, stop=stop,
+                      init=options.init, holdout=options.holdout, lr=options.lr,
+                      scale=options.scale, freeze=options.freeze, stop=stop,
                       device=options.device, seed=options.seed, log_every=options.log_every,
                       batch_size=options.batch_size, callback=progress)
         write_scan(res.scan, output, overwrite=replace, protect=[item["image"]])
@@ -444,7 +451,8 @@ def run_batch(a) -> list[str]:
     """
     from .distributed import finish_distributed, init_distributed
 
-    options = TaskOptions(task=a.task, encoder=a.encoder, steps=a.steps, lr=a.lr,
+    options = TaskOptions(task=a.task, encoder=a.encoder, init=a.init, holdout=a.holdout,
+                          steps=a.steps, lr=a.lr,
                           scale=getattr(a, "scale", 1), freeze=a.freeze,
                           sigma=getattr(a, "sigma", "none"), device=a.device, seed=a.seed,
                           log_every=a.log_every, batch_size=a.batch_size, format=a.format)

@@ -1,10 +1,11 @@
 """``strainer demo``: the main job on the shipped sample data, on CPU, in a few minutes.
 
 1. pretrains a small encoder briefly on the sample brain MRI (to show the pretraining path);
-2. with the shipped encoder (STRAINER) and with random initialisation (SIREN), on a slice the
-   shipped encoder never saw: fits it, super-resolves a 2x downsampled copy, denoises a noisy
-   copy; writes the outputs as NIfTI, a PNG of the PSNR curves, a before/after panel, a JSON
-   of every number, and prints a table.
+2. on a slice the shipped encoder never saw, fits it, super-resolves a 2x downsampled copy
+   and denoises a noisy copy three ways: with the defaults (``init="auto"``: the route chosen
+   on held-out pixels, stopped when converged), with the shipped encoder (STRAINER, the
+   paper's recipe) and with random initialisation (SIREN); writes the outputs as NIfTI, a PNG
+   of the PSNR curves, a before/after panel, a JSON of every number, and prints a table.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from .io import read_scan, sample_path, write_scan
 from .io.scan import Scan
 from .tasks import Intensity, pick_slices, pretrain, restore, training_slices
 
+RUNS = (("default", "default", "auto"), ("STRAINER", "default", "fixed"),
+        ("SIREN", "none", "fixed"))  # (name, encoder, init)
 HELD_OUT = 12  # a slice of sample_data/mr_brain.nii.gz between the encoder's training slices
 NOISE = 0.05  # noise sigma as a fraction of the slice's intensity range
 
@@ -57,10 +60,10 @@ def run_demo(outdir: str | Path, *, steps: int | None = None, pretrain_steps: in
     imgs = training_slices([brain], size=64, max_slices=10)
     enc_path = out / "encoder_brief.safetensors"
     p_steps = pretrain_steps or 100
-    bar.total = p_steps + 6 * steps
+    bar.total = p_steps + 9 * steps
     pretrain(imgs, enc_path, config=SirenConfig(), steps=p_steps, device=device, seed=seed,
              callback=progress, info={"files": ["mr_brain.nii.gz"]})
-    offset += p_steps
+    offset = bar.n
 
     clean = brain.data[HELD_OUT].astype(np.float32)
     ref = _slice_scan(brain, HELD_OUT, clean)
@@ -77,25 +80,29 @@ def run_demo(outdir: str | Path, *, steps: int | None = None, pretrain_steps: in
             "denoise": (noisy, {"stop": make_stop_rule("auto")})}
     results, table = {}, []
     for task, (inp, kw) in jobs.items():
-        for name, enc in (("STRAINER", "default"), ("SIREN", "none")):
-            r = restore(inp, task=task, encoder=enc, steps=steps, reference=ref, device=device,
-                        seed=seed, log_every=5, callback=progress, **kw)
-            offset += steps
+        for name, enc, init in RUNS:
+            r = restore(inp, task=task, encoder=enc, init=init, steps=steps, reference=ref,
+                        device=device, seed=seed, log_every=5, callback=progress, **kw)
+            offset = bar.n
             results[(task, name)] = r
             write_scan(r.scan, out / f"{task}_{name.lower()}.nii.gz", overwrite=True)
             h = r.history
             final = float(_psnr(r.scan.data[0], clean))
-            table.append({"task": task, "init": name, "psnr_final_db": round(final, 2),
+            table.append({"task": task, "init": name, "route": h["route"],
+                          "psnr_final_db": round(final, 2),
                           "psnr_at_50": round(_at(h, 50), 2), "best_psnr_db": round(
-                              max(h["psnr"]), 2), "stop_step": h["stop_step"][0]})
+                              max(h["psnr"]), 2), "steps": h["steps_run"][0],
+                          "stop_step": h["stop_step"][0], "seconds": h["seconds_total"]})
     bar.close()
     _plots(out, results, jobs, clean)
     (out / "demo.json").write_text(json.dumps(table, indent=1))
     if not quiet:
-        print(f"\n{'task':9s} {'init':9s} {'PSNR@50':>8s} {'best':>7s} {'result':>7s}  (dB)")
+        print(f"\n{'task':9s} {'init':9s} {'route':16s} {'PSNR@50':>8s} {'best':>7s} "
+              f"{'result':>7s} (dB) {'steps':>6s} {'seconds':>8s}")
         for row in table:
-            print(f"{row['task']:9s} {row['init']:9s} {row['psnr_at_50']:8.2f} "
-                  f"{row['best_psnr_db']:7.2f} {row['psnr_final_db']:7.2f}")
+            print(f"{row['task']:9s} {row['init']:9s} {row['route']:16s} "
+                  f"{row['psnr_at_50']:8.2f} {row['best_psnr_db']:7.2f} "
+                  f"{row['psnr_final_db']:7.2f}      {row['steps']:6d} {row['seconds']:8.1f}")
         print(f"\noutputs, curves (psnr_curves.png) and panel (panel.png) in {out}/")
     return {"table": table}
 
@@ -128,7 +135,7 @@ def _plots(out: Path, results: dict, jobs: dict, clean: np.ndarray) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, task in zip(axes, jobs):
-        for name, style in (("STRAINER", "-"), ("SIREN", "--")):
+        for (name, _, _), style in zip(RUNS, ("-", "-.", "--")):
             h = results[(task, name)].history
             ax.plot(h["iterations"], h["psnr"], style, label=name)
         ax.set(title=task, xlabel="iteration", ylabel="PSNR (dB)")
@@ -139,11 +146,11 @@ def _plots(out: Path, results: dict, jobs: dict, clean: np.ndarray) -> None:
     plt.close(fig)
 
     lo, hi = np.percentile(clean, [0.5, 99.5])
-    fig, axes = plt.subplots(3, 4, figsize=(11, 7.6))
+    fig, axes = plt.subplots(3, 5, figsize=(13.5, 7.6))
     for row, task in zip(axes, jobs):
         inp = jobs[task][0].data[0]
-        panels = [("input", inp), ("SIREN", results[(task, "SIREN")].scan.data[0]),
-                  ("STRAINER", results[(task, "STRAINER")].scan.data[0]), ("reference", clean)]
+        panels = [("input", inp), *((name, results[(task, name)].scan.data[0])
+                                    for name, _, _ in reversed(RUNS)), ("reference", clean)]
         for ax, (name, img) in zip(row, panels):
             ax.imshow(img, cmap="gray", vmin=lo, vmax=hi)
             skip = name == "reference" or (task, name) == ("fit", "input")

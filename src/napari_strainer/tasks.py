@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import tempfile
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +18,12 @@ import torch.nn.functional as F
 
 from .cards import warn_modality
 from .core.checkpoint import Encoder, load_encoder, load_state, save_encoder, save_state
-from .core.fit import Progress, activation_bytes, available_bytes, fit, render
+from .core.fit import PlateauStop, Progress, activation_bytes, available_bytes, fit, render
 from .core.operators import AreaDownsample, Identity
 from .core.siren import BatchedSiren, SirenConfig
 from .errors import BadArgumentError, BadInputError, CheckpointError
 from .io.scan import Scan, upsampled_affine
+from .routes import RUNGS, Route, candidates, holdout_mask, member_params, race
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,11 @@ TASKS = ("fit", "superres", "denoise")
 # paper fine-tunes everything, i.e. 0). Capped at the encoder's shared layers minus one.
 DEFAULT_FREEZE = {"fit": 0, "superres": 3, "denoise": 4}
 DEFAULT_STEPS = {"fit": 500, "superres": 500, "denoise": 300}
+INITS = ("auto", "fixed")
+DEFAULT_HOLDOUT = 0.1  # share of observed pixels held out to choose the route and stop
+PATIENCE = {"fit": 50, "superres": 50}  # convergence stop (benchmarks/defaults.py)
+SELF_STEPS = 300  # --encoder self: pretraining steps on the scan's own slices
+SELF_MIN_SLICES = 3
 MAX_OUTPUT_VOXELS = 2**31 // 4  # a float32 output above 2 GiB is refused
 LOW_PCT, HIGH_PCT = 0.5, 99.5
 HU_WINDOW = (-1024.0, 3071.0)  # CT: the 12-bit CT range in Hounsfield units maps to [0, 1]
@@ -215,7 +223,8 @@ def pretrain(images: torch.Tensor, output: str | Path, *, config: SirenConfig | 
 
 # ----------------------------------------------------------------------------- restoration
 def get_encoder(encoder: str | Path | Encoder | None) -> Encoder | None:
-    """``"default"`` is the shipped MRI encoder, ``"none"``/None the SIREN baseline."""
+    """``"default"`` is the shipped MRI encoder, ``"none"``/None the SIREN baseline
+    (``"self"`` is resolved by :func:`restore`, see :func:`self_encoder`)."""
     if encoder is None or isinstance(encoder, Encoder):
         return encoder
     if str(encoder).lower() == "none":
@@ -226,6 +235,24 @@ def get_encoder(encoder: str | Path | Encoder | None) -> Encoder | None:
                                   "this installation")
         return load_encoder(DEFAULT_ENCODER)
     return load_encoder(encoder)
+
+
+def self_encoder(scan: Scan, *, steps: int = SELF_STEPS, device: str = "auto", seed: int = 0,
+                 callback: Callable[[Progress], None] | None = None, cancel=None) -> Encoder:
+    """``--encoder self``: a STRAINER encoder pretrained for ``steps`` on up to 10 evenly
+    spaced non-empty slices of ``scan`` itself (in-domain by construction; the paper's
+    architecture). Needs :data:`SELF_MIN_SLICES` non-empty slices."""
+    norm = Intensity.of(scan.data).forward(np.nan_to_num(scan.data))
+    picked = pick_slices(norm, 10)
+    if len(picked) < SELF_MIN_SLICES:
+        raise BadArgumentError(
+            f"{scan.source or 'the scan'}: --encoder self pretrains on the scan's own slices "
+            f"and needs at least {SELF_MIN_SLICES} non-empty ones; it has {len(picked)}")
+    with tempfile.TemporaryDirectory() as tmp:
+        return pretrain(torch.from_numpy(norm[picked]), Path(tmp) / "self.safetensors",
+                        steps=steps, device=device, seed=seed, callback=callback,
+                        cancel=cancel, info={"files": ["the restored scan itself"],
+                                             "modality": scan.modality})
 
 
 @dataclass
@@ -247,11 +274,11 @@ def auto_batch(pixels: int, config: SirenConfig, device: torch.device) -> int:
 
 
 def restore(scan: Scan, *, task: str = "fit", encoder: str | Path | Encoder | None = "default",
-            steps: int | None = None, lr: float = 1e-4, scale: int = 1,
-            freeze: int | None = None, stop=None, reference: Scan | None = None,
-            device: str = "auto", seed: int = 0, log_every: int = 10,
-            batch_size: int | None = None, callback: Callable[[Progress], None] | None = None,
-            cancel=None) -> Restoration:
+            init: str = "auto", holdout: float = DEFAULT_HOLDOUT, steps: int | None = None,
+            lr: float = 1e-4, scale: int = 1, freeze: int | None = None, stop=None,
+            reference: Scan | None = None, device: str = "auto", seed: int = 0,
+            log_every: int = 10, batch_size: int | None = None,
+            callback: Callable[[Progress], None] | None = None, cancel=None) -> Restoration:
     """Fit one INR per slice of ``scan`` (in batches), for ``task``:
 
     * ``fit``: represent the scan (output: same grid);
@@ -259,11 +286,25 @@ def restore(scan: Scan, *, task: str = "fit", encoder: str | Path | Encoder | No
     * ``denoise``: like ``fit``, stopped per slice by ``stop`` (a :class:`StopRule` factory
       ``stop(norm_slices, units_per_norm) -> StopRule``, see :mod:`napari_strainer.denoise`).
 
-    The encoder initialises the first layers (``None``: SIREN random initialisation), the
-    first ``freeze`` stay fixed. Output voxels are in the input's units and dtype.
+    ``init="auto"`` (default) chooses how the INRs start from the scan itself (see
+    :mod:`napari_strainer.routes`): ``holdout`` of the observed pixels are held out, SIREN and
+    the encoder (freeze 0 and the task's default freeze, or ``freeze`` when given) race on the
+    middle batch of slices, then a warm start from the neighbouring slice's fit races the
+    winner; the rest of the scan follows the winner slice by slice outwards from the middle.
+    ``steps`` is then a maximum: a slice stops when it has converged (held-out loss for
+    super-resolution, data loss for fitting; denoising keeps its noise stop).
+    ``init="fixed"`` is the paper's recipe: the encoder (``None``: SIREN) initialises every
+    batch, the first ``freeze`` layers stay fixed, all ``steps`` run.
+
+    Output voxels are in the input's units and dtype. The history records the route, the
+    probes (held-out loss, seconds) and why each batch stopped.
     """
     if task not in TASKS:
         raise BadArgumentError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if init not in INITS:
+        raise BadArgumentError(f"--init must be one of {', '.join(INITS)}, got {init!r}")
+    if not 0 < holdout <= 0.5:
+        raise BadArgumentError(f"--holdout must be in (0, 0.5], got {holdout}")
     steps = DEFAULT_STEPS[task] if steps is None else steps
     if steps < 0:
         raise BadArgumentError(f"--steps must be non-negative, got {steps}")
@@ -272,16 +313,19 @@ def restore(scan: Scan, *, task: str = "fit", encoder: str | Path | Encoder | No
     if int(scale) != scale or scale < 1:
         raise BadArgumentError(f"--scale must be a positive integer, got {scale}")
     scale = int(scale) if task == "superres" else 1
+    if isinstance(encoder, str) and encoder.lower() == "self":
+        encoder = self_encoder(scan, device=device, seed=seed, cancel=cancel, callback=None
+                               if callback is None else lambda p: callback(
+                                   replace(p, phase="pretrain on this scan")))
     enc = get_encoder(encoder)
     warn_modality(enc, scan)
     config = enc.config if enc is not None else SirenConfig()
-    if freeze is None:
-        freeze = default_freeze(task, None if enc is None else config.shared_layers)
     limit = config.shared_layers if enc is not None else 0
-    if not 0 <= freeze <= limit:
+    if freeze is not None and not 0 <= freeze <= limit:
         raise BadArgumentError(f"--freeze must be between 0 and {limit} (the encoder's layers"
                                f"{'; --encoder none has none' if enc is None else ''}), got "
                                f"{freeze}")
+    task_freeze = default_freeze(task, None if enc is None else config.shared_layers)
     z, h, w = scan.shape
     out_shape = (z, h * scale, w * scale)
     if int(np.prod(out_shape)) > MAX_OUTPUT_VOXELS:
@@ -301,65 +345,206 @@ def restore(scan: Scan, *, task: str = "fit", encoder: str | Path | Encoder | No
         ref_range = float(np.ptp(reference.data)) / (inten.high - inten.low) or 1.0
     operator = AreaDownsample((h, w), scale) if scale > 1 else Identity((h, w))
     bs = batch_size or min(z, auto_batch(h * w * scale * scale, config, dev))
+    n_batches = -(-z // bs)
+    auto = init == "auto" and steps > 0  # nothing to race without steps
+    rungs = tuple(sorted({min(r, steps) for r in RUNGS}))  # probes never outrun --steps
+    if not auto:
+        routes = [Route("encoder" if enc is not None else "siren", enc,
+                        task_freeze if freeze is None else freeze)]
+    else:
+        routes = candidates(enc, [0, task_freeze] if freeze is None else [freeze])
+    mask = holdout_mask(h * w, holdout, seed, dev) if auto else None
+    converge = auto and task != "denoise"
     result = np.empty(out_shape, np.float32)
-    parts, best, stopped, sigmas, reason = [], [], [], [], None
-    for start in range(0, z, bs):
+    parts, best, stopped, ran, sigmas, probes, reasons = [], {}, {}, {}, [], [], set()
+    done_steps, parents, phases, chosen = 0, {}, {}, None
+    t_start = time.perf_counter()
+
+    for k, (start, parent) in enumerate(_batch_order(norm, bs)):
         sl = slice(start, min(z, start + bs))
         b = sl.stop - sl.start
-        torch.manual_seed(seed)
-        net = BatchedSiren(config, batch=b, shared=freeze, seed=seed + start).to(dev)
-        if enc is not None:
-            net.load_encoder([(wt.to(dev), bi.to(dev)) for wt, bi in enc.weights])
-        net.freeze(freeze)
         target = torch.from_numpy(norm[sl]).reshape(b, h * w, 1).to(dev)
         ref_t = None if ref_norm is None else torch.from_numpy(ref_norm[sl]).reshape(
             b, -1, 1).to(dev)
-
-        def progress(p: Progress, k=start // bs, n=-(-z // bs)) -> None:
-            if callback is not None:  # steps counted over all batches of slices
-                callback(Progress(k * steps + p.step, n * steps, p.loss, p.psnr, p.seconds,
-                                  p.preview))
-
         rule = stop(norm[sl], inten.high - inten.low) if stop is not None else None
         if rule is not None:
             sigmas += [float(v) * (inten.high - inten.low) for v in rule.sigma]
-            reason = rule.reason
-        res = fit(net, target, steps=steps, operator=operator, lr=lr, stop=rule, reference=ref_t,
-                  data_range=ref_range if ref_t is not None else 1.0, log_every=log_every,
-                  callback=progress, cancel=cancel, seed=seed)
+            reasons.add(rule.reason)
+        bound = done_steps + (n_batches - k) * steps  # steps left at most, probes aside
+
+        def train(net, first, last, opt, *, val=True, rule=rule, target=target, ref_t=ref_t,
+                  bound=bound, where=(sl.start, sl.stop)):
+            nonlocal done_steps
+            base = done_steps - first
+            phase = phases.get(id(net), "")
+
+            def progress(p: Progress) -> None:
+                if callback is not None:  # steps over probes and batches; total: at most
+                    callback(Progress(base + p.step, max(bound, base + p.step), p.loss,
+                                      p.psnr, p.seconds, p.preview, where, phase))
+
+            res = fit(net, target, steps=last, operator=operator, lr=lr, stop=rule,
+                      reference=ref_t, data_range=ref_range if ref_t is not None else 1.0,
+                      log_every=log_every, callback=progress, cancel=cancel, seed=seed,
+                      optimizer=opt, start_step=first, holdout=mask if val else None)
+            done_steps += res.steps_done - first
+            return res
+
+        def make(route, start=start, b=b, parent=parent, probe=False):
+            net = route.build(config, b, seed + start, dev, parents.get(parent))
+            phases[id(net)] = f"probe {route.name}" if probe else route.name
+            return net
+
+        torch.manual_seed(seed)
+        if chosen is None or (k == 1 and auto):  # race: the candidates, then warm vs winner
+            field_ = routes if chosen is None else [chosen, Route("warm", chosen.encoder,
+                                                                  chosen.freeze, warm=True)]
+            if len(field_) > 1:
+                winner, records = race(field_, lambda r: make(r, probe=True),
+                                       lambda *args: train(*args, rule=None), rungs)
+                phases[id(winner.net)] = winner.route.name
+                probes += [{**r, "slices": [sl.start, sl.stop]} for r in records]
+                entry_route, net, segs = winner.route, winner.net, winner.results
+            else:
+                entry_route, net, segs = field_[0], make(field_[0]), []
+            if chosen is None or entry_route.warm:
+                chosen = entry_route
+        else:
+            entry_route, net, segs = chosen, make(chosen), []
+        at = segs[-1].steps_done if segs else 0
+        opt = segs[-1].optimizer if segs else None
+        # Super-resolution goes on monitoring held-out pixels; fitting and denoising train on
+        # every pixel from here (the data loss is their quality, or the noise stop's input).
+        val = auto and task == "superres"
+        if converge:
+            rule = PlateauStop(PATIENCE[task])
+            segs.append(train(net, at, steps, opt, val=val, rule=rule))
+        elif at < steps or not segs:
+            segs.append(train(net, at, steps, opt, val=val))
+        res = segs[-1]
         result[sl] = render(net, operator.render_shape)[..., 0].cpu().numpy()
-        parts.append((b, res.history))
-        best += res.best_step
-        stopped += res.stop_step
+        parents[sl.start] = member_params(net, 0)
+        parents[sl.stop - 1] = member_params(net, b - 1)
+        parts.append((b, _concat(segs)))
+        for i in range(b):
+            best[sl.start + i] = res.best_step[i]
+            stopped[sl.start + i] = res.stop_step[i]
+            ran[sl.start + i] = res.steps_done
+        if rule is not None and any(s is not None for s in res.stop_step):
+            reasons.add(rule.reason)
         if res.cancelled:
-            if start + b < z:  # unfinished slices: the input resampled, clearly not restored
-                rest = torch.from_numpy(norm[start + b:])[:, None]
-                result[start + b:] = F.interpolate(rest, scale_factor=scale,
-                                                   mode="nearest")[:, 0].numpy()
+            _fill_unfinished(result, norm, scale, [i for i in range(z) if i not in ran])
             break
     history = _merge_histories(parts)
-    history.update(task=task, scale=scale, freeze=freeze, steps=steps,
-                   encoder="none" if enc is None else "pretrained", best_step=best,
-                   stop_step=stopped, stop_reason=reason if any(
-                       s is not None for s in stopped) else "ran all steps",
-                   sigma=sigmas or None, cancelled=bool(cancel is not None and cancel.is_set()))
+    history.update(task=task, scale=scale, freeze=chosen.freeze, steps=steps,
+                   encoder="none" if chosen.encoder is None else "pretrained",
+                   init=init, route=chosen.name, probes=probes,
+                   probe_seconds=round(sum(p["seconds"] for p in probes), 3),
+                   holdout=holdout if auto else None,
+                   best_step=[best.get(i) for i in range(z)],
+                   stop_step=[stopped.get(i) for i in range(z)],
+                   steps_run=[ran.get(i) for i in range(z)],
+                   stop_reason="; ".join(sorted(reasons)) or "ran all steps",
+                   sigma=sigmas or None, seconds_total=round(time.perf_counter() - t_start, 3),
+                   cancelled=bool(cancel is not None and cancel.is_set()))
     affine = upsampled_affine(scan.affine, (1, scale, scale)) if scale > 1 else scan.affine
     what = {"fit": "INR fit", "superres": f"INR super-resolution x{scale}",
             "denoise": "INR denoising"}[task]
-    desc = f"{what} ({'STRAINER' if enc is not None else 'SIREN'}, napari-strainer)"
+    desc = f"{what} ({'STRAINER' if chosen.encoder is not None else 'SIREN'}, napari-strainer)"
     out = scan.derive(inten.inverse(result, scan.data.dtype), affine=affine, description=desc)
     return Restoration(out, history)
 
 
+def estimate_seconds(scan: Scan, *, task: str = "fit", encoder="default", init: str = "auto",
+                     steps: int | None = None, scale: int = 1, device: str = "auto",
+                     batch_size: int | None = None, probe_steps: int = 3) -> float:
+    """Upper bound on the seconds :func:`restore` needs with these options, from a short
+    timed probe (``probe_steps`` training steps of one batch of slices; about a second):
+    every batch running all ``steps`` plus the route probes. Converged slices stop earlier."""
+    steps = DEFAULT_STEPS.get(task, 500) if steps is None else steps
+    scale = int(scale) if task == "superres" else 1
+    own = isinstance(encoder, str) and encoder.lower() == "self"
+    enc = None if own else get_encoder(encoder)
+    config = enc.config if enc is not None else SirenConfig()
+    dev = resolve_device(device)
+    z, h, w = scan.shape
+    bs = batch_size or min(z, auto_batch(h * w * scale * scale, config, dev))
+    net = BatchedSiren(config, batch=bs).to(dev)
+    operator = AreaDownsample((h, w), scale) if scale > 1 else Identity((h, w))
+    target = torch.zeros(bs, h * w, 1, device=dev)
+    fit(net, target, steps=1, operator=operator, keep_best=False)  # warm-up
+    t0 = time.perf_counter()
+    fit(net, target, steps=probe_steps, operator=operator, keep_best=False)
+    per_step = (time.perf_counter() - t0) / probe_steps
+    n_routes = 1 if init == "fixed" else 1 + (2 if enc is not None or own else 0)
+    probe = 0 if init == "fixed" else (n_routes - 1 + (z > bs)) * RUNGS[0]
+    pretraining = SELF_STEPS * min(10, z) / bs if own else 0  # heads cost like slices
+    return per_step * (-(-z // bs) * steps + probe + pretraining)
+
+
+def describe_estimate(seconds: float, device: str = "auto") -> str:
+    """``"at most 6 min on cpu (2 threads)"``, plus a GPU hint when one is idle."""
+    dev = resolve_device(device)
+    where = f"cpu ({torch.get_num_threads()} threads)" if dev.type == "cpu" else str(dev)
+    amount = f"{seconds:.0f} s" if seconds < 90 else (
+        f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h")
+    hint = "; a GPU is present: --device cuda" if dev.type == "cpu" and \
+        torch.cuda.is_available() else ""
+    return f"at most {amount} on {where}{hint}"
+
+
+def _batch_order(norm: np.ndarray, bs: int) -> list[tuple[int, int | None]]:
+    """Batches of ``bs`` slices as ``(first slice, parent slice)``, the batch holding the
+    middle non-empty slice first, then outwards; the parent is the nearest slice of the batch
+    processed before it on that side (for warm starts)."""
+    z = norm.shape[0]
+    busy = busy_slices(norm) or list(range(z))
+    mid = (busy[len(busy) // 2] // bs) * bs
+    order = [(mid, None)]
+    order += [(s, s - 1) for s in range(mid + bs, z, bs)]
+    order += [(s, s + bs) for s in range(mid - bs, -1, -bs)]
+    return order
+
+
+def _fill_unfinished(result: np.ndarray, norm: np.ndarray, scale: int, slices: list[int]):
+    """Cancelled: unfinished slices get the input resampled, clearly not restored."""
+    if slices:
+        rest = torch.from_numpy(norm[slices])[:, None]
+        result[slices] = F.interpolate(rest, scale_factor=scale, mode="nearest")[:, 0].numpy()
+
+
+def _concat(results: list) -> dict:
+    """One history from consecutive fit segments of the same net (each segment logs its first
+    step, which the previous one logged as its last: kept once)."""
+    hist: dict = {}
+    for r in results:
+        h = r.history
+        skip = 1 if hist.get("iterations") and h["iterations"][:1] == hist["iterations"][-1:] \
+            else 0
+        offset = hist["seconds"][-1] if hist.get("seconds") else 0.0
+        for key, values in h.items():
+            values = values[skip:]
+            if key == "seconds":
+                values = [v + offset for v in values]
+            hist.setdefault(key, []).extend(values)
+    return hist
+
+
 def _merge_histories(parts: list[tuple[int, dict]]) -> dict:
-    """Average per-batch histories over slices (weights = batch sizes); seconds add up."""
+    """Average per-batch histories over slices (weights = batch sizes); a batch that stopped
+    early counts with its last entry; seconds add up."""
     if len(parts) == 1:
         return dict(parts[0][1])
-    n = min(len(h["iterations"]) for _, h in parts)
+    n = max(len(h["iterations"]) for _, h in parts)
     total = sum(b for b, _ in parts)
-    merged = {"iterations": parts[0][1]["iterations"][:n]}
-    for key in ("loss", "psnr"):
-        if all(key in h for _, h in parts):
-            merged[key] = [sum(b * h[key][i] for b, h in parts) / total for i in range(n)]
-    merged["seconds"] = [sum(h["seconds"][i] for _, h in parts) for i in range(n)]
+
+    def at(values: list, i: int):
+        return values[min(i, len(values) - 1)]
+
+    longest = next(h for _, h in parts if len(h["iterations"]) == n)
+    merged = {"iterations": list(longest["iterations"])}
+    for key in ("loss", "val_loss", "psnr"):
+        if all(h.get(key) for _, h in parts):
+            merged[key] = [sum(b * at(h[key], i) for b, h in parts) / total for i in range(n)]
+    merged["seconds"] = [sum(at(h["seconds"], i) for _, h in parts) for i in range(n)]
     return merged

@@ -84,6 +84,7 @@ class JobWidget(Container):
         buttons = Container(layout="horizontal", widgets=[self.run_button, self.stop_button],
                             labels=False)
         buttons.margins = (0, 0, 0, 0)
+        self.buttons = buttons
         self.append(buttons)
         self.append(self.status)
         self.plot = CurvePlot(plot_title)

@@ -10,7 +10,9 @@ from pathlib import Path
 import napari
 import numpy as np
 from magicgui.widgets import ComboBox, Container, FileEdit, Label, LineEdit, SpinBox
+from napari.qt.threading import create_worker
 from napari.utils.notifications import show_warning
+from qtpy.QtCore import QTimer
 
 from .. import cards, tasks
 from ..errors import BadArgumentError
@@ -21,8 +23,10 @@ from ._layers import KEY, geometry, image_layer_scan, scan_to_layer
 
 TASK_LABELS = [("fit (represent the scan)", "fit"), ("super-resolve", "superres"),
                ("denoise", "denoise")]
+INIT_LABELS = [("auto (self-validated)", "auto"), ("fixed (paper recipe)", "fixed")]
 ENCODER_LABELS = [("shipped default (MRI)", "default"), ("file...", "file"),
-                  ("none (SIREN baseline)", "none")]
+                  ("none (SIREN baseline)", "none"),
+                  ("self (pretrain on this scan first)", "self")]
 
 
 class RestoreWidget(JobWidget):
@@ -54,6 +58,11 @@ class RestoreWidget(JobWidget):
                                   choices=lambda _w: [("(none)", None), *image_layers(viewer)],
                                   tooltip="a clean layer on the output grid: the curve then "
                                           "shows PSNR against it")
+        self.init = ComboBox(label="initialisation", choices=INIT_LABELS, value="auto",
+                             tooltip="auto: hold out some pixels, race SIREN, the encoder and "
+                                     "warm starts from the neighbouring slice, keep the best, "
+                                     "stop slices that have converged; fixed: the encoder "
+                                     "with the frozen layers below, all steps (the paper)")
         self.freeze = SpinBox(label="frozen layers", value=tasks.DEFAULT_FREEZE["fit"], min=0,
                               max=31, tooltip="encoder layers kept fixed (benchmark defaults "
                                               "per task)")
@@ -64,7 +73,7 @@ class RestoreWidget(JobWidget):
                              tooltip="slices fitted together (0: as many as fit in a quarter "
                                      "of free memory)")
         self.seed = SpinBox(label="seed", value=0, min=0, max=2**31 - 1)
-        self.advanced = Container(widgets=[self.freeze, self.lr, self.log_every, self.batch,
+        self.advanced = Container(widgets=[self.init, self.freeze, self.lr, self.log_every, self.batch,
                                            self.seed])
         super().__init__(viewer, [self.layer, self.encoder, self.encoder_file, self.task,
                                   self.scale, self.sigma, self.steps, self.reference],
@@ -77,7 +86,21 @@ class RestoreWidget(JobWidget):
         self.task.changed.connect(self._task_changed)
         self.encoder.changed.connect(self._encoder_changed)
         self.encoder_file.changed.connect(self._encoder_changed)
+        self.init.changed.connect(self._encoder_changed)
         self._encoder_changed()
+        # time to result, beside Run: a short timed probe in the background on every change
+        self.estimate = Label(value="", tooltip="upper bound from a 3-step timed probe; "
+                              "converged slices stop earlier")
+        self.buttons.append(self.estimate)
+        self._estimate_timer = QTimer()
+        self._estimate_timer.setSingleShot(True)
+        self._estimate_timer.setInterval(400)
+        self._estimate_timer.timeout.connect(self.update_estimate)
+        self._estimate_gen = 0
+        self._estimate_worker = None
+        for w in (self.layer, self.encoder, self.encoder_file, self.task, self.scale,
+                  self.steps, self.init, self.batch, self.device):
+            w.changed.connect(lambda *_: self._estimate_timer.start())
         self.preview_layer = None
         self.result_layer = None
         self._preview_data: np.ndarray | None = None
@@ -94,11 +117,14 @@ class RestoreWidget(JobWidget):
         """Show what the chosen encoder is; limit the freeze depth to its shared layers."""
         choice = self.encoder.value
         self.encoder_file.visible = choice == "file"
-        self.freeze.enabled = choice != "none"
+        self.freeze.enabled = choice != "none" and self.init.value == "fixed"
         self._shared_layers = None
         text, tooltip = "", ""
         if choice == "none":
             text = "SIREN baseline: random initialisation, nothing frozen"
+        elif choice == "self":
+            text = (f"an encoder pretrained for {tasks.SELF_STEPS} steps on up to 10 of this "
+                    f"scan's own slices, then used as any encoder")
         else:
             path = tasks.DEFAULT_ENCODER if choice == "default" else Path(
                 str(self.encoder_file.value))
@@ -122,6 +148,36 @@ class RestoreWidget(JobWidget):
         limit = self._shared_layers if self._shared_layers is not None else 31
         self.freeze.max = limit
         self.freeze.value = tasks.default_freeze(self.task.value, limit)
+
+    def update_estimate(self) -> None:
+        """Time a short probe of the current options in the background and show the bound
+        beside Run (blank when the options are incomplete or a job is running)."""
+        self._estimate_gen += 1
+        gen, layer = self._estimate_gen, self.layer.value
+        encoder = self.encoder.value
+        if encoder == "file":
+            encoder = str(self.encoder_file.value).strip()
+        if self.running or layer is None or not encoder or Path(encoder).is_dir():
+            self.estimate.value = ""
+            return
+        device = self.device.value
+
+        def show(seconds: float) -> None:
+            if gen == self._estimate_gen:
+                self.estimate.value = f"~ {tasks.describe_estimate(seconds, device)}"
+
+        def hide(_exc) -> None:
+            if gen == self._estimate_gen:
+                self.estimate.value = ""
+
+        self._estimate_worker = create_worker(
+            tasks.estimate_seconds, image_layer_scan(layer), task=self.task.value,
+            encoder=encoder, init=self.init.value, steps=self.steps.value,
+            scale=self.scale.value, device=device, batch_size=self.batch.value or None,
+            _start_thread=False)
+        self._estimate_worker.returned.connect(show)
+        self._estimate_worker.errored.connect(hide)
+        self._estimate_worker.start()
 
     def _warn_modality(self, encoder: str, scan) -> None:
         """Show restore's modality warning (:func:`napari_strainer.cards.modality_warning`) as
@@ -156,7 +212,8 @@ class RestoreWidget(JobWidget):
             encoder = str(self.encoder_file.value).strip()
             if not encoder or Path(encoder).is_dir():
                 raise BadArgumentError("choose an encoder file (*.safetensors)")
-        freeze = 0 if encoder == "none" else self.freeze.value
+        init = self.init.value
+        freeze = None if init == "auto" else 0 if encoder == "none" else self.freeze.value
         lr = parse_float(self.lr.value, "learning rate")
         stop = None
         if task == "denoise":
@@ -191,31 +248,28 @@ class RestoreWidget(JobWidget):
         self._gui_free = gui_free
 
         def work(report, cancel):
-            enc = tasks.get_encoder(encoder)
-            config = enc.config if enc is not None else tasks.SirenConfig()
-            bs = batch_size or min(z, tasks.auto_batch(
-                h * w * scale * scale, config, tasks.resolve_device(device)))
-            state = {"fn": None, "batch": -1}
+            state = {"key": None, "segment": -1}
 
             def callback(p):
-                new_batch = p.preview is not state["fn"]
-                if new_batch:
-                    state["fn"] = p.preview
-                    state["batch"] += 1
-                k = state["batch"]
+                key = (p.slices, p.phase)
+                new = key != state["key"]
+                if new:  # a new curve segment per batch of slices and per probe
+                    state["key"] = key
+                    state["segment"] += 1
+                first, stop = p.slices or (0, z)
                 item = {"step": p.step, "total": p.total, "loss": p.loss, "psnr": p.psnr,
-                        "batch": k, "local": p.step - k * steps,
-                        "slices": (k * bs + 1, min(z, (k + 1) * bs), z)}
+                        "segment": state["segment"], "phase": p.phase,
+                        "slices": (first + 1, stop, z)}
                 # render only when the GUI has shown the previous preview (no backlog)
-                if gui_free.is_set() or new_batch:
+                if gui_free.is_set() or new:
                     gui_free.clear()
-                    item["preview"] = (state["batch"] * bs,
-                                       p.preview()[..., 0].float().cpu().numpy())
+                    item["preview"] = (first, p.preview()[..., 0].float().cpu().numpy())
                 report(item)
 
-            return tasks.restore(scan, task=task, encoder=enc, steps=steps, lr=lr,
-                                 scale=scale, freeze=freeze, stop=stop, reference=reference,
-                                 device=device, seed=seed, log_every=log_every, batch_size=bs,
+            return tasks.restore(scan, task=task, encoder=encoder, init=init, steps=steps,
+                                 lr=lr, scale=scale, freeze=freeze, stop=stop,
+                                 reference=reference, device=device, seed=seed,
+                                 log_every=log_every, batch_size=batch_size or None,
                                  callback=callback, cancel=cancel)
 
         self._warn_modality(encoder, scan)
@@ -228,7 +282,8 @@ class RestoreWidget(JobWidget):
         first, last, z = item["slices"]
         where = "" if (first, last) == (1, z) else (
             f"slice {first} of {z}" if first == last else f"slices {first}-{last} of {z}")
-        self.plot.add(item["local"], item["loss"], item.get("psnr"), segment=item["batch"],
+        where = " ".join(filter(None, [item["phase"], where]))
+        self.plot.add(item["step"], item["loss"], item.get("psnr"), segment=item["segment"],
                       subtitle=where)
         if self.job is not None:
             self.job.progress(item["step"])
@@ -265,7 +320,10 @@ class RestoreWidget(JobWidget):
                 and hist["psnr"][-1] is not None else "")
         msg = (f"{'Stopped' if hist.get('cancelled') else 'Done'}: {name}"
                f" ({time.monotonic() - self._t0:.0f} s{last})")
-        if task == "denoise" and hist.get("stop_reason"):
+        if hist.get("probes"):
+            msg += (f"; route {hist['route']} chosen by held-out loss "
+                    f"(probes {hist['probe_seconds']:.0f} s)")
+        if hist.get("stop_reason"):
             msg += f"; stopped by: {hist['stop_reason']}"
         self.set_status(msg)
         notify(msg)

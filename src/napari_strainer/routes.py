@@ -1,0 +1,128 @@
+"""Initialisation routes of a restoration and their self-validated choice.
+
+A *route* says how the INRs of a batch of slices start: SIREN's random initialisation, the
+encoder with its first ``freeze`` layers fixed, or a *warm start* from the fitted INR of the
+neighbouring slice. No encoder suits every scan (the shipped MRI encoder costs up to 7 dB on
+T1 or CT), so ``restore(init="auto")`` lets the scan decide: a random part of the *observed*
+pixels is held out of the training loss, the candidate routes race on the first batch of
+slices, and the lowest held-out loss wins (successive halving: after each rung the worse half
+drops out, the winner simply goes on). The warm start races against that winner on the next
+batch. Everything here works on tensors; :func:`napari_strainer.tasks.restore` drives it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .core.checkpoint import Encoder
+from .core.fit import FitResult
+from .core.siren import BatchedSiren, SirenConfig
+
+# Race rungs: cumulative steps after which the worse half of the routes drops out
+# (benchmarks/defaults.py).
+RUNGS = (25, 75)
+
+
+@dataclass(frozen=True)
+class Route:
+    """How a batch of INRs starts.
+
+    Args:
+        name: ``siren``, ``encoder`` (freeze 0), ``encoder-freezeK`` or ``warm``.
+        encoder: the encoder to load, or None.
+        freeze: first layers kept fixed (they are shared across the batch).
+        warm: start from the parent slice's fitted weights (``parent`` of :meth:`build`).
+    """
+
+    name: str
+    encoder: Encoder | None = None
+    freeze: int = 0
+    warm: bool = False
+
+    def build(self, config: SirenConfig, batch: int, seed: int, device: torch.device,
+              parent: list[torch.Tensor] | None = None) -> BatchedSiren:
+        """A net of ``batch`` members initialised by this route (``parent``: one member's
+        weights and biases, from :func:`member_params`, for a warm start)."""
+        net = BatchedSiren(config, batch=batch, shared=self.freeze, seed=seed).to(device)
+        if self.encoder is not None:
+            net.load_encoder([(w.to(device), b.to(device)) for w, b in self.encoder.weights])
+        if self.warm and parent is not None:
+            with torch.no_grad():
+                for p, v in zip(net.parameters(), parent):
+                    p.copy_(v.expand_as(p))
+        net.freeze(self.freeze)
+        return net
+
+
+def candidates(encoder: Encoder | None, freezes: list[int]) -> list[Route]:
+    """SIREN, plus the encoder at each freeze depth in ``freezes`` (deduplicated)."""
+    routes = [Route("siren")]
+    if encoder is not None:
+        for k in dict.fromkeys(freezes):
+            routes.append(Route("encoder" if k == 0 else f"encoder-freeze{k}", encoder, k))
+    return routes
+
+
+def member_params(net: BatchedSiren, member: int) -> list[torch.Tensor]:
+    """One member's weights and biases (shared layers as they are), detached copies, in the
+    order of ``net.parameters()``."""
+    return [(p if i < net.shared else p[member]).detach().clone()
+            for group in (net.weights, net.biases) for i, p in enumerate(group)]
+
+
+def holdout_mask(pixels: int, fraction: float, seed: int, device: torch.device) -> torch.Tensor:
+    """A ``[1, pixels]`` bool mask with ``fraction`` of the observed pixels held out."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(pixels, generator=g)[:max(1, round(fraction * pixels))]
+    mask = torch.zeros(1, pixels, dtype=torch.bool)
+    mask[0, idx] = True
+    return mask.to(device)
+
+
+@dataclass
+class Entry:
+    """One route in a race: its net, optimiser, fit segments and held-out loss."""
+
+    route: Route
+    net: BatchedSiren
+    results: list[FitResult]
+    seconds: float = 0.0
+    steps: int = 0
+
+    @property
+    def val_loss(self) -> float:
+        return min(min(r.history["val_loss"]) for r in self.results)
+
+
+def race(routes: list[Route], make_net: Callable[[Route], BatchedSiren],
+         train: Callable[[BatchedSiren, int, int, object], FitResult],
+         rungs: tuple[int, ...] = RUNGS) -> tuple[Entry, list[dict]]:
+    """Successive halving: train every route to ``rungs[0]`` steps, keep the better half by
+    held-out loss, continue to the next rung, ...; returns the winner (its net holds its best
+    weights so far, at step ``winner.steps``) and one record per route for the history.
+
+    ``train(net, start, stop, optimizer) -> FitResult`` runs one fit segment with held-out
+    pixels (``optimizer`` None for a new one).
+    """
+    entries = [Entry(r, make_net(r), []) for r in routes]
+    alive = list(entries)
+    for rung in rungs:
+        if len(alive) == 1:
+            break
+        for e in alive:
+            t0 = time.perf_counter()
+            opt = e.results[-1].optimizer if e.results else None
+            e.results.append(train(e.net, e.steps, rung, opt))
+            e.seconds += time.perf_counter() - t0
+            e.steps = e.results[-1].steps_done
+        alive.sort(key=lambda e: e.val_loss)
+        alive = alive[:max(1, len(alive) // 2)] if rung != rungs[-1] else alive[:1]
+    winner = alive[0]
+    records = [{"route": e.route.name, "steps": e.steps, "seconds": round(e.seconds, 3),
+                "val_loss": e.val_loss if e.results else None,
+                "chosen": e is winner} for e in entries]
+    return winner, records
