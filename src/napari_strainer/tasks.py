@@ -242,7 +242,7 @@ def self_encoder(scan: Scan, *, steps: int = SELF_STEPS, device: str = "auto", s
     """``--encoder self``: a STRAINER encoder pretrained for ``steps`` on up to 10 evenly
     spaced non-empty slices of ``scan`` itself (in-domain by construction; the paper's
     architecture). Needs :data:`SELF_MIN_SLICES` non-empty slices."""
-    norm = Intensity.of(scan.data).forward(np.nan_to_num(scan.data))
+    norm = Intensity.for_scan(scan).forward(np.nan_to_num(scan.data))  # as restore will
     picked = pick_slices(norm, 10)
     if len(picked) < SELF_MIN_SLICES:
         raise BadArgumentError(
