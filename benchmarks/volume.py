@@ -236,17 +236,20 @@ def run_sr(vols, cases, a, rows, panels, curves):
         for name, order in (("linear", 1), ("cubic", 3)):
             t = time.perf_counter()
             res[name] = (interpolate(obs, f, order), time.perf_counter() - t)
-        # LS with the gradient penalty tuned on another volume
-        tune = vols[TUNE[vname]][:vols[TUNE[vname]].shape[0] // f * f]
-        mt = thick_matrix(prof, f, tune.shape[0])
-        ot = acquire(tune, 0, mt)
-        best_w = max(a.ls_weights, key=lambda w: psnr(least_squares(
-            [(ot, 0, mt)], tune.shape, interpolate(ot, f, 3), w, iters=60), tune))
-        t = time.perf_counter()
-        res[f"least squares (grad {best_w:g})"] = (least_squares(
-            [(obs, 0, m)], truth.shape, res["cubic"][0], best_w), time.perf_counter() - t)
+        if a.sr_ls:  # LS with the gradient penalty tuned on another volume
+            tune = vols[TUNE[vname]][:vols[TUNE[vname]].shape[0] // f * f]
+            mt = thick_matrix(prof, f, tune.shape[0])
+            ot = acquire(tune, 0, mt)
+            best_w = max(a.ls_weights, key=lambda w: psnr(least_squares(
+                [(ot, 0, mt)], tune.shape, interpolate(ot, f, 3), w, iters=60), tune))
+            t = time.perf_counter()
+            res[f"least squares (grad {best_w:g})"] = (least_squares(
+                [(obs, 0, m)], truth.shape, res["cubic"][0], best_w), time.perf_counter() - t)
         stack = [(obs, coarse_affine(fine, 0, f), float(f), prof)]
         for label, kw in a.sr_methods:
+            kw = dict(kw)
+            if kw.pop("cubic_base", False):
+                kw["base"] = res["cubic"][0]
             t = time.perf_counter()
             out, hist = inr(stack, grid, truth, tv_dirs=[[1.0, 0, 0]], **{**a.inr, **kw})
             res[label] = (out, time.perf_counter() - t)
@@ -281,13 +284,22 @@ def run_fuse(vols, names, a, rows, panels, curves):
                  thick_matrix("box", f, tune.shape[ax])) for ax in range(3)]
         tinit = np.mean([np.moveaxis(interpolate(np.moveaxis(y, ax, 0), f, 3), 0, ax)
                          for y, ax, _ in tobs], 0)
-        for reg, weights in (("grad", a.ls_weights), ("tv", a.ls_tv_weights)):
+        for reg, weights in (("grad", a.ls_weights), ("tv", a.ls_tv_weights))[:a.fuse_ls]:
             best_w = max(weights, key=lambda w: psnr(least_squares(
                 tobs, tune.shape, tinit, w, reg, iters=60), tune))
             t = time.perf_counter()
             res[f"least squares ({reg} {best_w:g})"] = (least_squares(
                 obs, truth.shape, res["cubic (average)"][0], best_w, reg),
                 time.perf_counter() - t)
+        for n in a.fuse_product:  # napari_strainer.volume.fuse on the stacks as scans
+            from napari_strainer.io.scan import Scan
+            from napari_strainer.volume import fuse
+
+            t = time.perf_counter()
+            r = fuse([Scan(v, aff) for v, aff, _, _ in stacks], spacing=1.0, steps=n,
+                     device="cpu", seed=a.seed)
+            label = f"product fuse (LS on grid{f' + SIREN {n} steps' if n else ''})"
+            res[label] = (r.scan.data, time.perf_counter() - t)
         for label, kw in a.fuse_methods:
             t = time.perf_counter()
             out, hist = inr(stacks, grid, truth, tv_dirs=np.eye(3), **{**a.inr, **kw})
@@ -363,26 +375,33 @@ def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--tasks", default="sr,fuse,dn")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--quick", action="store_true", help="one case per task, 300 steps")
+    p.add_argument("--quick", action="store_true", help="one case per task, 100 steps")
+    p.add_argument("--sr-ls", action="store_true", help="least squares for through-plane too")
+    p.add_argument("--fuse-siren", type=int, default=1000,
+                   help="steps of the plain SIREN fusion (0: skip it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="volume")
+    p.add_argument("--cases", type=int, default=None, help="only the first N through-plane cases")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    a.inr = {"steps": a.steps, "omega_voxel": 0.5, "width": 128, "layers": 5, "batch": 2048}
-    a.ls_weights = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
-    a.ls_tv_weights = [1e-4, 3e-4, 1e-3, 3e-3]
-    a.tv_weights = [0.02, 0.04, 0.06, 0.08, 0.1, 0.12, 0.16]
-    a.sr_methods = [("SIREN 3D", {}), ("SIREN 3D + TV normal", {"tv": 3e-3})]
-    a.fuse_methods = [("SIREN 3D", {}), ("SIREN 3D + TV", {"tv": 1e-3})]
-    a.dn_methods = [("SIREN 3D + TV", {"tv": 0.02})]
-    sr_cases = [("MNI 2mm", "box", 4), ("MNI 2mm", "gaussian", 3), ("MNI 1mm", "box", 4),
-                ("MNI 1mm", "gaussian", 3), ("EPI", "box", 4), ("T1", "box", 2),
-                ("MNI 2mm sup", "box", 5)]
-    fuse_names, dn_names, sigmas = ["MNI 2mm"], ["MNI 2mm", "MNI 1mm"], [0.05, 0.1]
+    # the product's defaults (napari_strainer.volume): width 128, 5 layers, lr 1e-4
+    a.inr = {"omega_voxel": 0.5, "width": 128, "layers": 5, "lr": 1e-4}
+    a.ls_weights = [1e-4, 1e-3, 1e-2]
+    a.ls_tv_weights = [1e-4, 1e-3]
+    a.fuse_ls = 1  # grad only (TV: see benchmarks/README.md)
+    a.fuse_product = [0, 300]
+    a.tv_weights = [0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08]
+    a.sr_methods = [("SIREN 3D on cubic", {"cubic_base": True, "steps": 300, "batch": 1024})]
+    a.fuse_methods = [("SIREN 3D", {"steps": a.fuse_siren, "batch": 2048})][:a.fuse_siren > 0]
+    a.dn_methods = [("SIREN 3D + 3D TV", {"tv": 0.15, "steps": 500, "batch": 2048})]
+    sr_cases = [("MNI 2mm", "box", 4), ("MNI 2mm", "gaussian", 3), ("T1", "box", 2),
+                ("EPI", "gaussian", 3), ("MNI 1mm", "box", 4), ("MNI 2mm sup", "box", 5)]
+    fuse_names, dn_names, sigmas = ["MNI 2mm"], ["MNI 2mm"], [0.05, 0.1]
     if a.quick:
-        a.inr["steps"] = 300
-        sr_cases, dn_names, sigmas = sr_cases[:1], dn_names[:1], [0.1]
+        for _, kw in a.sr_methods + a.fuse_methods + a.dn_methods:
+            kw["steps"] = 100
+        sr_cases, sigmas = sr_cases[:1], [0.1]
+    sr_cases = sr_cases[:a.cases]
     vols = volumes()
     rows, panels, curves = [], {}, {}
     tasks = a.tasks.split(",")

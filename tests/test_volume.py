@@ -142,8 +142,8 @@ def _orthogonal_stacks(samples, tmp_path, f=2):
 def test_fuse_orthogonal_stacks(samples, tmp_path):
     scan, paths = _orthogonal_stacks(samples, tmp_path)
     out, hist = tmp_path / "fused.nii.gz", tmp_path / "h.json"
-    assert main(["fuse", *map(str, paths), "-o", str(out), "--steps", "2", "--history",
-                 str(hist), "--quiet"]) == 0
+    assert main(["fuse", *map(str, paths), "-o", str(out), "--steps", "2", "--ls-steps", "5",
+                 "--history", str(hist), "--quiet"]) == 0
     first, res = read_scan(paths[0]), read_scan(out)
     # the first stack's orientation and field of view, isotropic at the finest spacing (2 mm)
     assert res.shape == (24, 40, 32)
@@ -153,6 +153,7 @@ def test_fuse_orthogonal_stacks(samples, tmp_path):
     np.testing.assert_allclose(res.affine[:3, 3], scan.affine[:3, 3], atol=1e-5)
     h = json.loads(hist.read_text())
     assert h["stacks"] == 3 and h["spacing_mm"] == 2.0 and len(h["normalization"]["per_stack"])
+    assert h["ls_steps"] == 5 and h["steps_done"] == 2
 
 
 def test_output_grid_with_a_non_integer_spacing():
@@ -225,18 +226,19 @@ def test_superres_refuses_a_2d_input(samples, tmp_path, capsys):
 def test_denoise_volume_and_slices_modes(samples, tmp_path, tiny_encoder):
     src = samples / "mr_anatomical.nii"
     vol, hv = tmp_path / "v.nii.gz", tmp_path / "v.json"
-    assert main(["denoise", str(src), "-o", str(vol), "--steps", "3", "--history", str(hv),
-                 "--quiet"]) == 0
+    assert main(["denoise", str(src), "-o", str(vol), "--mode", "volume", "--steps", "3",
+                 "--history", str(hv), "--quiet"]) == 0
     h = json.loads(hv.read_text())
     assert h["task"] == "denoise_volume" and h["sigma"] > 0 and h["tv_weight"] > 0
     res = read_scan(vol)
     assert res.shape == read_scan(src).shape
     np.testing.assert_allclose(res.affine, read_scan(src).affine, atol=1e-5)
     sl, hs = tmp_path / "s.nii.gz", tmp_path / "s.json"
-    assert main(["denoise", str(src), "-o", str(sl), "--mode", "slices", "--steps", "2",
+    assert main(["denoise", str(src), "-o", str(sl), "--steps", "2",
                  "--encoder", str(tiny_encoder), "--history", str(hs), "--quiet"]) == 0
     assert "freeze" in json.loads(hs.read_text())
     # a 2D input takes the slice path whatever the mode
     ct = tmp_path / "ct.nii.gz"
     assert main(["denoise", str(samples / "ct_small.dcm"), "-o", str(ct), "--steps", "2",
+                 "--mode", "volume",
                  "--encoder", str(tiny_encoder), "--quiet"]) == 0

@@ -66,7 +66,11 @@ def add_fuse_parser(sub, common, bar_help: str = "") -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="OUTPUT")
     p.add_argument("--spacing", type=_mm, default=None,
                    help="isotropic output spacing in mm (default: finest in-plane spacing)")
-    p.add_argument("--steps", type=int, default=None, help="Adam steps")
+    p.add_argument("--steps", type=int, default=None,
+                   help="Adam steps of the INR on top of the least-squares reconstruction "
+                        "(default 0: the reconstruction alone, see benchmarks/volume.py)")
+    p.add_argument("--ls-steps", type=int, default=300,
+                   help="Adam steps of the least-squares reconstruction")
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
     p.add_argument("--encoder", default="none",
                    help="'none' (a 3D SIREN; no pretrained 3D encoder exists yet)")
@@ -133,7 +137,8 @@ def cmd_fuse(a) -> None:
     ref = read_scan(a.reference) if a.reference else None
     bar = _Bar("fuse", a.quiet)
     try:
-        res = fuse(scans, spacing=a.spacing, profile=a.slice_profile, steps=a.steps, lr=a.lr,
+        res = fuse(scans, spacing=a.spacing, profile=a.slice_profile, steps=a.steps,
+                   ls_steps=a.ls_steps, lr=a.lr,
                    tv=a.tv, reference=ref, device=a.device, seed=a.seed,
                    log_every=max(1, a.log_every), callback=bar)
     finally:
