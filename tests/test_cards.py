@@ -63,6 +63,15 @@ def test_info_prints_the_card(mr_encoder, capsys):
     assert json.loads(capsys.readouterr().out)["evaluation"]["held_out"] == 3
 
 
+def test_info_refuses_a_bad_encoder_in_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not an encoder")
+    for path in (bad, tmp_path / "missing.safetensors"):
+        assert main(["info", str(path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and path.name in err, err
+
+
 def _strip_card(src: Path, dst: Path) -> None:
     """Rewrite ``src`` as an encoder from before cards: no card fields, no package version."""
     raw = src.read_bytes()
