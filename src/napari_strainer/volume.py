@@ -1,8 +1,9 @@
 """Scan-level volume jobs: through-plane super-resolution, fusion of stacks, volume denoising.
 
-One 3D INR in world (scanner) coordinates per job (:mod:`napari_strainer.core.volume`); each
-input stack is a forward operator placed by its affine, with its slice profile along its own
-normal. Every front end (CLI, napari, MONAI bundle) calls these.
+Each input stack is a forward operator placed by its affine, with its slice profile along its
+own normal (:mod:`napari_strainer.core.volume`); one 3D INR in world (scanner) coordinates is
+fitted through those operators (for fusion, on top of a least-squares reconstruction through the
+same operators). The CLI calls these.
 
 Intensities: each stack is normalised on its own, robustly: its [0.5, 99.5] percentiles over
 the voxels that lie inside the output grid map to [0, 1] (stacks of one contrast that differ
@@ -338,8 +339,8 @@ def fuse(scans: Sequence[Scan], *, spacing: float | None = None, profile: str = 
     out, hist = _run(stacks, grid, frame, net, batch=BATCH["fuse"], steps=steps, lr=lr,
                      prior=prior, stop=None, base=base, reference=ref, log_every=log_every,
                      callback=inr_progress, cancel=cancel, seed=seed)
-    hist.update(task="fuse", ls_steps=ls_steps, stacks=len(scans), spacing_mm=float(spacing), profile=profile,
-                slice_thickness_mm=[scan_thickness(s) for s in scans],
+    hist.update(task="fuse", ls_steps=ls_steps, stacks=len(scans), spacing_mm=float(spacing),
+                profile=profile, slice_thickness_mm=[scan_thickness(s) for s in scans],
                 normalization={**intens[0].to_dict(), "per_stack": [
                     [it.low, it.high] for it in intens], "over": "voxels inside the output"})
     how = "least squares + 3D SIREN" if steps else "least squares"
@@ -392,9 +393,9 @@ def denoise_volume(scan: Scan, *, sigma="auto", steps: int | None = None, lr: fl
     if weight > 0:
         prior = TVPrior(grid, list(grid.affine[:3, :3].T), weight, BATCH["denoise"] // 2)
     net = _net(grid, frame, OMEGA_VOXEL, WIDTH, LAYERS, seed, dev)
-    out, hist = _run([stack], grid, frame, net, batch=BATCH["denoise"], steps=steps, lr=lr, prior=prior, stop=stop,
-                     reference=ref, log_every=log_every, callback=callback, cancel=cancel,
-                     seed=seed)
+    out, hist = _run([stack], grid, frame, net, batch=BATCH["denoise"], steps=steps, lr=lr,
+                     prior=prior, stop=stop, reference=ref, log_every=log_every,
+                     callback=callback, cancel=cancel, seed=seed)
     hist.update(task="denoise_volume", normalization=inten.to_dict(),
                 sigma=None if sig is None else sig * (inten.high - inten.low),
                 stop_reason=stop.reason if stop is not None and hist["stop_step"] is not None

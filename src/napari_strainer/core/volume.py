@@ -150,8 +150,8 @@ class Stack:
     """
 
     def __init__(self, values: torch.Tensor, affine: np.ndarray, frame: WorldFrame,
-                 step: float | Sequence[float], *, thickness: float | None = None, profile: str = "box",
-                 inplane: bool = True):
+                 step: float | Sequence[float], *, thickness: float | None = None,
+                 profile: str = "box", inplane: bool = True):
         self.values = values.reshape(-1)
         self.grid = Grid(tuple(values.shape), np.asarray(affine, np.float64))
         spacing = self.grid.spacing
@@ -275,7 +275,7 @@ def fit_grid(stacks: Sequence[Stack], grid: Grid, frame: WorldFrame, init: torch
         loss.backward()
         opt.step()
         if callback is not None and step % 10 == 0:
-            callback(Progress(step, steps, float(loss), None, time.perf_counter() - t0,
+            callback(Progress(step, steps, float(loss.detach()), None, time.perf_counter() - t0,
                               lambda: vals.detach()[0, 0, ..., None].cpu()))
         if cancel is not None and cancel.is_set():
             break
