@@ -4,10 +4,9 @@ A *route* says how the INRs of a batch of slices start: SIREN's random initialis
 encoder with its first ``freeze`` layers fixed, or a *warm start* from the fitted INR of the
 neighbouring slice. No encoder suits every scan (the shipped MRI encoder costs up to 7 dB on
 T1 or CT), so ``restore(init="auto")`` lets the scan decide: a random part of the *observed*
-pixels is held out of the training loss, the candidate routes race on the first batch of
-slices, and the lowest held-out loss wins (successive halving: after each rung the worse half
-drops out, the winner simply goes on). The warm start races against that winner on the next
-batch. Everything here works on tensors; :func:`napari_strainer.tasks.restore` drives it.
+pixels is held out of the training loss, the candidate routes each run a few steps on the
+first batch of slices, and the lowest held-out loss wins (the winner simply goes on). The warm
+start races against that winner on the next batch. Everything here works on tensors; :func:`napari_strainer.tasks.restore` drives it.
 """
 
 from __future__ import annotations
@@ -22,9 +21,7 @@ from .core.checkpoint import Encoder
 from .core.fit import FitResult
 from .core.siren import BatchedSiren, SirenConfig
 
-# Race rungs: cumulative steps after which the worse half of the routes drops out
-# (benchmarks/defaults.py).
-RUNGS = (25, 75)
+PROBE_STEPS = 25  # steps each route runs in a race (benchmarks/defaults.py)
 
 
 @dataclass(frozen=True)
@@ -85,44 +82,33 @@ def holdout_mask(pixels: int, fraction: float, seed: int, device: torch.device) 
 
 @dataclass
 class Entry:
-    """One route in a race: its net, optimiser, fit segments and held-out loss."""
+    """One route in a race: its net, its probe fit and how long that took."""
 
     route: Route
     net: BatchedSiren
-    results: list[FitResult]
-    seconds: float = 0.0
-    steps: int = 0
+    result: FitResult
+    seconds: float
 
     @property
     def val_loss(self) -> float:
-        return min(min(r.history["val_loss"]) for r in self.results)
+        return min(self.result.history["val_loss"])
 
 
 def race(routes: list[Route], make_net: Callable[[Route], BatchedSiren],
-         train: Callable[[BatchedSiren, int, int, object], FitResult],
-         rungs: tuple[int, ...] = RUNGS) -> tuple[Entry, list[dict]]:
-    """Successive halving: train every route to ``rungs[0]`` steps, keep the better half by
-    held-out loss, continue to the next rung, ...; returns the winner (its net holds its best
-    weights so far, at step ``winner.steps``) and one record per route for the history.
+         train: Callable[[BatchedSiren, int], FitResult],
+         steps: int = PROBE_STEPS) -> tuple[Entry, list[dict]]:
+    """Train every route for ``steps`` and pick the lowest held-out loss; returns the winner
+    (its net holds its best weights so far, at ``winner.result.steps_done``) and one record per
+    route for the history.
 
-    ``train(net, start, stop, optimizer) -> FitResult`` runs one fit segment with held-out
-    pixels (``optimizer`` None for a new one).
+    ``train(net, steps) -> FitResult`` fits a new net with held-out pixels.
     """
-    entries = [Entry(r, make_net(r), []) for r in routes]
-    alive = list(entries)
-    for rung in rungs:
-        if len(alive) == 1:
-            break
-        for e in alive:
-            t0 = time.perf_counter()
-            opt = e.results[-1].optimizer if e.results else None
-            e.results.append(train(e.net, e.steps, rung, opt))
-            e.seconds += time.perf_counter() - t0
-            e.steps = e.results[-1].steps_done
-        alive.sort(key=lambda e: e.val_loss)
-        alive = alive[:max(1, len(alive) // 2)] if rung != rungs[-1] else alive[:1]
-    winner = alive[0]
-    records = [{"route": e.route.name, "steps": e.steps, "seconds": round(e.seconds, 3),
-                "val_loss": e.val_loss if e.results else None,
-                "chosen": e is winner} for e in entries]
+    entries = []
+    for r in routes:
+        net, t0 = make_net(r), time.perf_counter()
+        entries.append(Entry(r, net, train(net, steps), time.perf_counter() - t0))
+    winner = min(entries, key=lambda e: e.val_loss)
+    records = [{"route": e.route.name, "steps": e.result.steps_done,
+                "seconds": round(e.seconds, 3),
+                "val_loss": e.val_loss, "chosen": e is winner} for e in entries]
     return winner, records

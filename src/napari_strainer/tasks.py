@@ -23,7 +23,7 @@ from .core.operators import AreaDownsample, Identity
 from .core.siren import BatchedSiren, SirenConfig
 from .errors import BadArgumentError, BadInputError, CheckpointError
 from .io.scan import Scan, upsampled_affine
-from .routes import RUNGS, Route, candidates, holdout_mask, member_params, race
+from .routes import PROBE_STEPS, Route, candidates, holdout_mask, member_params, race
 
 log = logging.getLogger(__name__)
 
@@ -347,7 +347,6 @@ def restore(scan: Scan, *, task: str = "fit", encoder: str | Path | Encoder | No
     bs = batch_size or min(z, auto_batch(h * w * scale * scale, config, dev))
     n_batches = -(-z // bs)
     auto = init == "auto" and steps > 0  # nothing to race without steps
-    rungs = tuple(sorted({min(r, steps) for r in RUNGS}))  # probes never outrun --steps
     if not auto:
         routes = [Route("encoder" if enc is not None else "siren", enc,
                         task_freeze if freeze is None else freeze)]
@@ -401,10 +400,11 @@ def restore(scan: Scan, *, task: str = "fit", encoder: str | Path | Encoder | No
                                                                   chosen.freeze, warm=True)]
             if len(field_) > 1:
                 winner, records = race(field_, lambda r: make(r, probe=True),
-                                       lambda *args: train(*args, rule=None), rungs)
+                                       lambda n, last: train(n, 0, last, None, rule=None),
+                                       min(PROBE_STEPS, steps))  # never beyond --steps
                 phases[id(winner.net)] = winner.route.name
                 probes += [{**r, "slices": [sl.start, sl.stop]} for r in records]
-                entry_route, net, segs = winner.route, winner.net, winner.results
+                entry_route, net, segs = winner.route, winner.net, [winner.result]
             else:
                 entry_route, net, segs = field_[0], make(field_[0]), []
             if chosen is None or entry_route.warm:
@@ -477,7 +477,7 @@ def estimate_seconds(scan: Scan, *, task: str = "fit", encoder="default", init: 
     fit(net, target, steps=probe_steps, operator=operator, keep_best=False)
     per_step = (time.perf_counter() - t0) / probe_steps
     n_routes = 1 if init == "fixed" else 1 + (2 if enc is not None or own else 0)
-    probe = 0 if init == "fixed" else (n_routes - 1 + (z > bs)) * RUNGS[0]
+    probe = 0 if init == "fixed" else (n_routes - 1 + (z > bs)) * PROBE_STEPS
     pretraining = SELF_STEPS * min(10, z) / bs if own else 0  # heads cost like slices
     return per_step * (-(-z // bs) * steps + probe + pretraining)
 
