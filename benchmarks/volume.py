@@ -391,7 +391,7 @@ def main():
     a.fuse_ls = 1  # grad only (TV: see benchmarks/README.md)
     a.fuse_product = [0, 300]
     a.tv_weights = [0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08]
-    a.sr_methods = [("SIREN 3D on cubic", {"cubic_base": True, "steps": 300, "batch": 1024})]
+    a.sr_methods = [("SIREN 3D on cubic", {"cubic_base": True, "steps": 300, "batch": 4096})]
     a.fuse_methods = [("SIREN 3D", {"steps": a.fuse_siren, "batch": 2048})][:a.fuse_siren > 0]
     a.dn_methods = [("SIREN 3D + 3D TV", {"tv": 0.15, "steps": 500, "batch": 2048})]
     sr_cases = [("MNI 2mm", "box", 4), ("MNI 2mm", "gaussian", 3), ("T1", "box", 2),

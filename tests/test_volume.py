@@ -207,6 +207,7 @@ def test_fuse_refusals(samples, tmp_path, capsys):
     (["--slice-scale", "1"], "integer >= 2"),
     (["--slice-scale", "2.5"], "integer >= 2"),
     (["--slice-scale", "100000"], "GiB"),
+    (["--slice-scale", "2", "--encoder", "my.safetensors"], "--encoder none"),
     ([], "--slice-scale"),
 ])
 def test_superres_refusals(samples, tmp_path, capsys, args, text):

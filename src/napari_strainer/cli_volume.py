@@ -107,6 +107,7 @@ def cmd_superres_volume(a) -> None:
     from .io import read_scan, write_scan
     from .volume import superres_volume
 
+    _check_encoder(a)
     _check_output(a.output, a.overwrite, [a.input])
     scan = read_scan(a.input, series=a.series, volume=a.volume)
     ref = read_scan(a.reference) if a.reference else None

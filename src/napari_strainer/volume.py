@@ -40,7 +40,7 @@ from .tasks import MAX_OUTPUT_VOXELS, Intensity, Restoration, resolve_device
 OMEGA_VOXEL = 0.5
 """First-layer omega times the output spacing in network units (radians per output voxel)."""
 WIDTH, LAYERS = 128, 5
-BATCH = {"superres": 1024, "fuse": 2048, "denoise": 2048}
+BATCH = {"superres": 4096, "fuse": 2048, "denoise": 2048}
 """Observed voxels per step (all stacks together); the total-variation term adds half as many
 random points."""
 LR = 1e-4
