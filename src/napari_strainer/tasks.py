@@ -35,7 +35,7 @@ DEFAULT_FREEZE = {"fit": 0, "superres": 3, "denoise": 4}
 DEFAULT_STEPS = {"fit": 500, "superres": 500, "denoise": 300}
 INITS = ("auto", "fixed")
 DEFAULT_HOLDOUT = 0.1  # share of observed pixels held out to choose the route and stop
-PATIENCE = {"fit": 50, "superres": 50}  # convergence stop (benchmarks/defaults.py)
+PATIENCE = {"fit": 50, "superres": 30}  # convergence stop (benchmarks/defaults.py)
 SELF_STEPS = 300  # --encoder self: pretraining steps on the scan's own slices
 SELF_MIN_SLICES = 3
 MAX_OUTPUT_VOXELS = 2**31 // 4  # a float32 output above 2 GiB is refused
@@ -413,24 +413,35 @@ def restore(scan: Scan, *, task: str = "fit", encoder: str | Path | Encoder | No
             entry_route, net, segs = chosen, make(chosen), []
         at = segs[-1].steps_done if segs else 0
         opt = segs[-1].optimizer if segs else None
-        # Super-resolution goes on monitoring held-out pixels; fitting and denoising train on
-        # every pixel from here (the data loss is their quality, or the noise stop's input).
-        val = auto and task == "superres"
-        if converge:
+        ruled = None  # the segment whose stop rule decided, when not the last one
+        if converge and task == "superres":
+            # until the held-out loss stops improving, then as many steps again as the best
+            # one took, on every pixel (held-out pixels left out cost 1 dB on small slices)
             rule = PlateauStop(PATIENCE[task])
-            segs.append(train(net, at, steps, opt, val=val, rule=rule))
-        elif at < steps or not segs:
-            segs.append(train(net, at, steps, opt, val=val))
+            segs.append(train(net, at, steps, opt, val=True, rule=rule))
+            ruled, done = segs[-1], segs[-1].steps_done
+            extra = max(PROBE_STEPS, int(np.mean(ruled.best_step)) // 2)
+            segs.append(train(net, done, min(steps, done + extra), opt, val=False))
+        elif converge:  # fitting: every pixel counts, the data loss is the quality
+            rule = PlateauStop(PATIENCE[task])
+            segs.append(train(net, at, steps, opt, val=False, rule=rule))
+        elif at < steps or not segs:  # denoising (noise stop) and init="fixed"
+            segs.append(train(net, at, steps, opt, val=False))
         res = segs[-1]
+        ruled = ruled or res
         result[sl] = render(net, operator.render_shape)[..., 0].cpu().numpy()
-        parents[sl.start] = member_params(net, 0)
-        parents[sl.stop - 1] = member_params(net, b - 1)
+        # keep only the weights a later batch can start from (its nearest finished slice)
+        parents.pop(parent, None)
+        if parent is None or parent < sl.start:  # the middle batch, or going up
+            parents[sl.stop - 1] = member_params(net, b - 1)
+        if parent is None or parent > sl.start:  # the middle batch, or going down
+            parents[sl.start] = member_params(net, 0)
         parts.append((b, _concat(segs)))
         for i in range(b):
             best[sl.start + i] = res.best_step[i]
-            stopped[sl.start + i] = res.stop_step[i]
+            stopped[sl.start + i] = ruled.stop_step[i]
             ran[sl.start + i] = res.steps_done
-        if rule is not None and any(s is not None for s in res.stop_step):
+        if rule is not None and any(s is not None for s in ruled.stop_step):
             reasons.add(rule.reason)
         if res.cancelled:
             _fill_unfinished(result, norm, scale, [i for i in range(z) if i not in ran])
