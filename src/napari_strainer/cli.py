@@ -327,7 +327,6 @@ def cmd_restore(a) -> None:
     _check_output(a.output, a.overwrite, [a.input])
     scan = read_scan(a.input, series=a.series, volume=a.volume)
     ref = read_scan(a.reference) if a.reference else None
-    bar = _Bar(a.verb, a.quiet)
     if not a.quiet:
         est = estimate_seconds(scan, task=a.verb, encoder=a.encoder, init=a.init,
                                steps=a.steps, scale=getattr(a, "scale", 1), device=a.device,
@@ -335,6 +334,7 @@ def cmd_restore(a) -> None:
         if est > LONG_JOB_SECONDS:
             print(f"{PROG}: estimated time {describe_estimate(est, a.device)}; converged "
                   f"slices stop earlier", file=sys.stderr)
+    bar = _Bar(a.verb, a.quiet)
     try:
         res = restore(scan, task=a.verb, encoder=a.encoder, init=a.init, holdout=a.holdout,
                       steps=a.steps, lr=a.lr,
