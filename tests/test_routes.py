@@ -152,3 +152,14 @@ def test_cli_self_encoder_needs_enough_slices(samples, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "--encoder self" in err and "at least 3 non-empty" in err and str(two) in err
     assert len(err.splitlines()) == 1 and not out.exists()
+
+
+def test_cli_prints_the_estimate_before_a_long_job(samples, tmp_path, capsys, monkeypatch):
+    import napari_strainer.cli as cli
+
+    monkeypatch.setattr(cli, "LONG_JOB_SECONDS", -1)  # every job counts as long here
+    out = tmp_path / "o.nii.gz"
+    assert main(["fit", str(samples / "mr_anatomical.nii"), "-o", str(out), "--encoder",
+                 "none", "--steps", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "strainer: estimated time at most " in err and "cpu (" in err and out.exists()

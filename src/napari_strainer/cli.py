@@ -315,7 +315,7 @@ def _stop_rule(a):
 def cmd_restore(a) -> None:
     from .cli_volume import cmd_denoise_volume, cmd_superres_volume
     from .io import read_scan, write_scan
-    from .tasks import describe_estimate, estimate_seconds, restore
+    from .tasks import describe_estimate, restore
 
     if a.verb == "superres" and a.slice_scale:
         return cmd_superres_volume(a)
@@ -327,20 +327,20 @@ def cmd_restore(a) -> None:
     _check_output(a.output, a.overwrite, [a.input])
     scan = read_scan(a.input, series=a.series, volume=a.volume)
     ref = read_scan(a.reference) if a.reference else None
-    if not a.quiet:
-        est = estimate_seconds(scan, task=a.verb, encoder=a.encoder, init=a.init,
-                               steps=a.steps, scale=getattr(a, "scale", 1), device=a.device,
-                               batch_size=a.batch_size)
-        if est > LONG_JOB_SECONDS:
-            print(f"{PROG}: estimated time {describe_estimate(est, a.device)}; converged "
-                  f"slices stop earlier", file=sys.stderr)
     bar = _Bar(a.verb, a.quiet)
+
+    def announce(seconds: float) -> None:  # after restore has checked the arguments
+        if seconds > LONG_JOB_SECONDS:
+            bar.tqdm.write(f"{PROG}: estimated time {describe_estimate(seconds, a.device)}; "
+                           f"converged slices stop earlier", file=sys.stderr)
+
     try:
         res = restore(scan, task=a.verb, encoder=a.encoder, init=a.init, holdout=a.holdout,
                       steps=a.steps, lr=a.lr,
                       scale=getattr(a, "scale", 1), freeze=a.freeze, stop=_stop_rule(a),
                       reference=ref, device=a.device, seed=a.seed, log_every=a.log_every,
-                      batch_size=a.batch_size, callback=bar)
+                      batch_size=a.batch_size, callback=bar,
+                      on_estimate=None if a.quiet else announce)
     finally:
         bar.close()
     written = write_scan(res.scan, a.output, overwrite=a.overwrite, protect=[a.input])

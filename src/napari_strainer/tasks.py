@@ -278,7 +278,8 @@ def restore(scan: Scan, *, task: str = "fit", encoder: str | Path | Encoder | No
             lr: float = 1e-4, scale: int = 1, freeze: int | None = None, stop=None,
             reference: Scan | None = None, device: str = "auto", seed: int = 0,
             log_every: int = 10, batch_size: int | None = None,
-            callback: Callable[[Progress], None] | None = None, cancel=None) -> Restoration:
+            callback: Callable[[Progress], None] | None = None, cancel=None,
+            on_estimate: Callable[[float], None] | None = None) -> Restoration:
     """Fit one INR per slice of ``scan`` (in batches), for ``task``:
 
     * ``fit``: represent the scan (output: same grid);
@@ -297,7 +298,8 @@ def restore(scan: Scan, *, task: str = "fit", encoder: str | Path | Encoder | No
     batch, the first ``freeze`` layers stay fixed, all ``steps`` run.
 
     Output voxels are in the input's units and dtype. The history records the route, the
-    probes (held-out loss, seconds) and why each batch stopped.
+    probes (held-out loss, seconds) and why each batch stopped. ``on_estimate`` receives the
+    :func:`estimate_seconds` bound once the arguments have been checked, before any fitting.
     """
     if task not in TASKS:
         raise BadArgumentError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
@@ -352,6 +354,9 @@ def restore(scan: Scan, *, task: str = "fit", encoder: str | Path | Encoder | No
                         task_freeze if freeze is None else freeze)]
     else:
         routes = candidates(enc, [0, task_freeze] if freeze is None else [freeze])
+    if on_estimate is not None:
+        on_estimate(estimate_seconds(scan, task=task, encoder=enc, init=init, steps=steps,
+                                     scale=scale, device=device, batch_size=bs))
     mask = holdout_mask(h * w, holdout, seed, dev) if auto else None
     converge = auto and task != "denoise"
     result = np.empty(out_shape, np.float32)
