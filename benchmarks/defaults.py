@@ -140,7 +140,8 @@ def run_case(case: str, task_key: str, n: int, steps: int | None, methods: list[
                      "psnr": round(psnr(r.scan.data, truth), 2), "seconds": round(sec, 1),
                      "steps_per_slice": round(float(np.mean(ran)), 1), "route": h["route"],
                      "probe_s": h["probe_seconds"], "paper100_s": round(paper, 1),
-                     "probes": h["probes"]})
+                     "probes": h["probes"], "steps_run": h["steps_run"],
+                     "curve": {k: h.get(k) for k in ("iterations", "psnr", "val_loss")}})
     base = next((r for r in rows if r["method"] == "siren"), None)
     for r in rows:
         if base is not None:
