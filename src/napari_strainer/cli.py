@@ -25,44 +25,24 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
+def number(kind: type, ok, expected: str):
+    """An argparse ``type``: ``kind(text)`` accepted when ``ok(value)``, otherwise one line
+    ``expected <expected>, got '<text>'``."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            v = None
+        if v is None or not ok(v):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return v
+    return parse
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return v
-
-
-def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = float("nan")
-    if not 0 < v <= 0.5:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 0.5], got {text!r}")
-    return v
+_positive_int = number(int, lambda v: v >= 1, "a positive integer")
+_nonneg_int = number(int, lambda v: v >= 0, "an integer >= 0")
+_positive_float = number(float, lambda v: v > 0, "a positive number")
+_fraction = number(float, lambda v: 0 < v <= 0.5, "a fraction in (0, 0.5]")
 
 
 def _sigma(text: str):

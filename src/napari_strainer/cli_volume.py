@@ -5,38 +5,13 @@ from __future__ import annotations
 
 import argparse
 
+from .cli import number
 from .core.volume import PROFILES
 from .errors import BadArgumentError
 
-
-def _slice_scale(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 2, got {text!r}") from None
-    if v < 2:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 2, got {text!r}")
-    return v
-
-
-def _mm(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a length in mm, got {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive length in mm, got {text!r}")
-    return v
-
-
-def _tv(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a weight >= 0, got {text!r}") from None
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"expected a weight >= 0, got {text!r}")
-    return v
+_slice_scale = number(int, lambda v: v >= 2, "an integer >= 2")
+_mm = number(float, lambda v: v > 0, "a positive length in mm")
+_tv = number(float, lambda v: v >= 0, "a weight >= 0")
 
 
 def _profile_args(p: argparse.ArgumentParser) -> None:
