@@ -383,7 +383,7 @@ def test_restore_auto_route_and_time_estimate_beside_run(make_napari_viewer, qtb
     w.use_encoder_file(tiny_encoder)
     w.device.value = "cpu"
     w.steps.value = 30
-    w.update_estimate()
+    w.estimate_button.clicked.emit()
     qtbot.waitUntil(lambda: w.estimate.value.startswith("~ at most"), timeout=TIMEOUT)
     assert w.estimate.native.parent() is w.run_button.native.parent()  # beside Run
     w.run()

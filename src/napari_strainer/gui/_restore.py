@@ -9,10 +9,9 @@ from pathlib import Path
 
 import napari
 import numpy as np
-from magicgui.widgets import ComboBox, Container, FileEdit, Label, LineEdit, SpinBox
+from magicgui.widgets import ComboBox, Container, FileEdit, Label, LineEdit, PushButton, SpinBox
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_warning
-from qtpy.QtCore import QTimer
 
 from .. import cards, tasks
 from ..errors import BadArgumentError
@@ -88,19 +87,14 @@ class RestoreWidget(JobWidget):
         self.encoder_file.changed.connect(self._encoder_changed)
         self.init.changed.connect(self._encoder_changed)
         self._encoder_changed()
-        # time to result, beside Run: a short timed probe in the background on every change
-        self.estimate = Label(value="", tooltip="upper bound from a 3-step timed probe; "
-                              "converged slices stop earlier")
-        self.buttons.append(self.estimate)
-        self._estimate_timer = QTimer()
-        self._estimate_timer.setSingleShot(True)
-        self._estimate_timer.setInterval(400)
-        self._estimate_timer.timeout.connect(self.update_estimate)
+        # time to result, beside Run: a short timed probe in the background, on request
+        self.estimate_button = PushButton(text="Estimate time", tooltip="time a 3-step probe "
+                                          "of these options and show an upper bound")
+        self.estimate = Label(value="", tooltip="converged slices stop earlier")
+        self.buttons.extend([self.estimate_button, self.estimate])
+        self.estimate_button.changed.connect(self.update_estimate)
         self._estimate_gen = 0
-        self._estimate_worker = None
-        for w in (self.layer, self.encoder, self.encoder_file, self.task, self.scale,
-                  self.steps, self.init, self.batch, self.device):
-            w.changed.connect(lambda *_: self._estimate_timer.start())
+        self._estimate_workers: set = set()
         self.preview_layer = None
         self.result_layer = None
         self._preview_data: np.ndarray | None = None
@@ -162,22 +156,27 @@ class RestoreWidget(JobWidget):
             return
         device = self.device.value
 
-        def show(seconds: float) -> None:
-            if gen == self._estimate_gen:
-                self.estimate.value = f"~ {tasks.describe_estimate(seconds, device)}"
+        options = {"task": self.task.value, "encoder": encoder, "init": self.init.value,
+                       "steps": self.steps.value, "scale": self.scale.value, "device": device,
+                       "batch_size": self.batch.value or None}
+        scan = image_layer_scan(layer)
 
-        def hide(_exc) -> None:
-            if gen == self._estimate_gen:
-                self.estimate.value = ""
+        def probe() -> float | None:
+            try:
+                return tasks.estimate_seconds(scan, **options)
+            except Exception:  # noqa: BLE001 - a bad option is reported when Run is pressed
+                return None
 
-        self._estimate_worker = create_worker(
-            tasks.estimate_seconds, image_layer_scan(layer), task=self.task.value,
-            encoder=encoder, init=self.init.value, steps=self.steps.value,
-            scale=self.scale.value, device=device, batch_size=self.batch.value or None,
-            _start_thread=False)
-        self._estimate_worker.returned.connect(show)
-        self._estimate_worker.errored.connect(hide)
-        self._estimate_worker.start()
+        def show(seconds: float | None) -> None:
+            if gen == self._estimate_gen:
+                self.estimate.value = "" if seconds is None else (
+                    f"~ {tasks.describe_estimate(seconds, device)}")
+
+        worker = create_worker(probe, _start_thread=False)
+        worker.returned.connect(show)
+        self._estimate_workers.add(worker)  # referenced until finished
+        worker.finished.connect(lambda: self._estimate_workers.discard(worker))
+        worker.start()
 
     def _warn_modality(self, encoder: str, scan) -> None:
         """Show restore's modality warning (:func:`napari_strainer.cards.modality_warning`) as
