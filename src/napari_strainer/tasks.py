@@ -353,7 +353,11 @@ def restore(scan: Scan, *, task: str = "fit", encoder: str | Path | Encoder | No
         routes = [Route("encoder" if enc is not None else "siren", enc,
                         task_freeze if freeze is None else freeze)]
     else:
-        routes = candidates(enc, [0, task_freeze] if freeze is None else [freeze])
+        # denoising races only the starts its noise stop was calibrated for (SIREN and the
+        # task's freeze): fine-tuning everything wins 25-step probes, then stops 1.3 dB lower
+        freezes = [freeze] if freeze is not None else [task_freeze] if task == "denoise" \
+            else [0, task_freeze]
+        routes = candidates(enc, freezes)
     if on_estimate is not None:
         on_estimate(estimate_seconds(scan, task=task, encoder=enc, init=init, steps=steps,
                                      scale=scale, device=device, batch_size=bs))
