@@ -47,7 +47,9 @@ class Route:
         net = BatchedSiren(config, batch=batch, shared=self.freeze, seed=seed).to(device)
         if self.encoder is not None:
             net.load_encoder([(w.to(device), b.to(device)) for w, b in self.encoder.weights])
-        if self.warm and parent is not None:
+        if self.warm:
+            if parent is None:
+                raise ValueError("a warm start needs the parent slice's weights")
             with torch.no_grad():
                 for p, v in zip(net.parameters(), parent):
                     p.copy_(v.expand_as(p))
