@@ -7,12 +7,17 @@ each initialisation, all weights trained (the paper's protocol, Adam 1e-4):
 * STRAINER-10: encoder pretrained with 10 heads on the 10 training slices;
 * STRAINER-1: the same with one training slice;
 * SIREN: random SIREN initialisation;
-* SIREN-fit-1: every weight of a SIREN fitted to one training slice (head included).
+* SIREN-fit-1: every weight of a SIREN fitted to one training slice (head included);
+* STRAINER-10 solved head (``--head solved|both``): STRAINER-10 with its head solved in closed
+  form on the encoder features of the observed pixels (:func:`napari_strainer.core.solve_head`)
+  instead of a random head.
 
-Prints PSNR (mean over held-out slices) at iterations 10/50/100/200/500/1000/2000, the largest
-PSNR drop seen along each run (the paper's known weak spot), writes JSON and a PNG of curves.
+Prints PSNR (mean over held-out slices) at iterations 0/10/50/100/200/500/1000/2000, the largest
+PSNR drop seen along each run (the paper's known weak spot), the smallest gain over SIREN at any
+logged iteration (every 10), writes JSON and a PNG of curves.
 
     python benchmarks/paper_fit.py [--size 64] [--steps 2000] [--pretrain-steps 2000] [--reuse]
+                                   [--head solved|random|both] [--ridge 1e-2] [--out paper_fit]
 """
 
 from __future__ import annotations
@@ -23,12 +28,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from _common import RESULTS, save, table
+from safetensors.torch import load_file, save_file
 
-from napari_strainer.core import BatchedSiren, Identity, SirenConfig, fit, load_encoder
+from napari_strainer.core import BatchedSiren, Identity, SirenConfig, fit, load_encoder, solve_head
+from napari_strainer.core.head import DEFAULT_RIDGE
 from napari_strainer.io import read_scan, sample_path
 from napari_strainer.tasks import Intensity, pick_slices, pretrain
 
-CHECKPOINTS = [10, 50, 100, 200, 500, 1000, 2000]
+CHECKPOINTS = [0, 10, 50, 100, 200, 500, 1000, 2000]
 
 
 def slices(size: int):
@@ -49,7 +56,16 @@ def main():
     p.add_argument("--pretrain-steps", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reuse", action="store_true",
-                   help="reuse encoders a previous run left in results/paper_fit_encoders")
+                   help="reuse encoders (and the SIREN-fit-1 donor) a previous run left in "
+                        "results/paper_fit_encoders")
+    p.add_argument("--out", default="paper_fit",
+                   help="name of the JSON and PNG written to results/ (default paper_fit)")
+    p.add_argument("--head", choices=("solved", "random", "both"), default="both",
+                   help="random: the four rows above; solved: the head comparison only "
+                        "(STRAINER-10 with random and solved head, SIREN); both (default): "
+                        "all five")
+    p.add_argument("--ridge", type=float, default=DEFAULT_RIDGE,
+                   help="relative ridge of the solved head (default %(default)s)")
     a = p.parse_args()
     cfg = SirenConfig()
     imgs, train, held = slices(a.size)
@@ -57,7 +73,9 @@ def main():
     tmp = RESULTS / "paper_fit_encoders"
     one = train[len(train) // 2]
     inits = {}
-    for name, which in (("STRAINER-10", train), ("STRAINER-1", [one])):
+    encoders = (("STRAINER-10", train),) + ((("STRAINER-1", [one]),) if a.head != "solved"
+                                           else ())
+    for name, which in encoders:
         path = tmp / f"{name}.safetensors"
         if a.reuse and path.exists():  # same data, steps and seed: reuse a finished run
             inits[name] = load_encoder(path).weights
@@ -65,12 +83,23 @@ def main():
             inits[name] = pretrain(imgs[which], path, config=cfg, steps=a.pretrain_steps,
                                    device="cpu", seed=a.seed).weights
         print(f"encoder {name} ready", flush=True)
-    donor = BatchedSiren(cfg, batch=1, seed=a.seed)
-    fit(donor, imgs[[one]].reshape(1, -1, 1), steps=a.pretrain_steps,
-        operator=Identity((a.size, a.size)), keep_best=True)
-    inits["SIREN-fit-1"] = "all"
+    if a.head != "random":
+        inits["STRAINER-10 solved head"] = ("solved", inits["STRAINER-10"])
+    if a.head != "solved":
+        inits["SIREN-fit-1"] = "all"
     inits["SIREN"] = None
-    print("fitted SIREN-fit-1 donor", flush=True)
+    if "SIREN-fit-1" in inits:
+        donor = BatchedSiren(cfg, batch=1, seed=a.seed)
+        donor_path = tmp / "SIREN-fit-1.safetensors"
+        if a.reuse and donor_path.exists():
+            donor.load_state_dict(load_file(str(donor_path)))
+        else:
+            fit(donor, imgs[[one]].reshape(1, -1, 1), steps=a.pretrain_steps,
+                operator=Identity((a.size, a.size)), keep_best=True)
+            tmp.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.detach().contiguous() for k, v in donor.state_dict().items()},
+                      str(donor_path))
+        print("fitted SIREN-fit-1 donor", flush=True)
 
     target = imgs[held].reshape(len(held), -1, 1)
     curves, rows = {}, []
@@ -80,6 +109,9 @@ def main():
             with torch.no_grad():
                 for p_net, p_donor in zip(net.parameters(), donor.parameters()):
                     p_net.copy_(p_donor.expand_as(p_net))
+        elif isinstance(init, tuple):  # encoder, then the head solved on its features
+            net.load_encoder(init[1])
+            solve_head(net, target, Identity((a.size, a.size)), ridge=a.ridge)
         elif init is not None:
             net.load_encoder(init)
         res = fit(net, target, steps=a.steps, operator=Identity((a.size, a.size)),
@@ -95,17 +127,20 @@ def main():
     for r in rows:
         r["gain_vs_siren_it100"] = r.get("it100", np.nan) - siren.get("it100", np.nan)
         r["min_gain_vs_siren"] = min(r[k] - siren[k] for k in r if k.startswith("it")
-                                     and k in siren and k[2:].isdigit())
+                                     and k in siren and k[2:].isdigit() and k != "it0")
+        # every logged iteration (log_every 10, step 0 included)
+        mine, base = curves[r["method"]]["psnr"], curves["SIREN"]["psnr"]
+        r["min_gain_logged"] = min(m - s for m, s in zip(mine, base))
     cols = ["method"] + [f"it{c}" for c in CHECKPOINTS if c <= a.steps] + [
-        "max_drop_db", "gain_vs_siren_it100", "min_gain_vs_siren"]
+        "max_drop_db", "gain_vs_siren_it100", "min_gain_vs_siren", "min_gain_logged"]
     print("\nPSNR (dB), mean over 5 held-out slices\n" + table(rows, cols))
-    path = save("paper_fit", {"args": vars(a), "train_slices": train, "held_out": held,
-                              "rows": rows, "curves": curves})
-    _plot(curves)
-    print(f"\nwrote {path} and {RESULTS / 'paper_fit.png'}")
+    path = save(a.out, {"args": vars(a), "train_slices": train, "held_out": held,
+                        "rows": rows, "curves": curves})
+    _plot(curves, RESULTS / f"{a.out}.png")
+    print(f"\nwrote {path} and {RESULTS / f'{a.out}.png'}")
 
 
-def _plot(curves):
+def _plot(curves, path):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -119,7 +154,7 @@ def _plot(curves):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS / "paper_fit.png", dpi=110)
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

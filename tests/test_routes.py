@@ -111,6 +111,7 @@ def test_estimate_is_an_upper_bound_on_a_short_run(tiny_encoder):
     (["--holdout", "0.7"], "--holdout: expected a fraction in (0, 0.5], got '0.7'"),
     (["--holdout", "0"], "--holdout: expected a fraction in (0, 0.5], got '0'"),
     (["--init", "random"], "--init: invalid choice: 'random'"),
+    (["--head", "lstsq"], "--head: invalid choice: 'lstsq'"),
 ])
 def test_cli_bad_route_options(args, message, samples, tmp_path, capsys):
     out = tmp_path / "o.nii.gz"

@@ -51,6 +51,7 @@ class TaskOptions:
             ``"self"`` (pretrained on each scan's own slices first).
         init: ``auto`` (self-validated route, convergence stop) or ``fixed`` (the paper's).
         holdout: share of observed pixels held out by ``init="auto"``.
+        head: ``solved`` (an encoder's head solved on the slice, fitting) or ``random``.
         steps: Adam steps per batch of slices (None: the task's default).
         lr: learning rate.
         scale: in-plane factor (``superres`` only).
@@ -67,6 +68,7 @@ class TaskOptions:
     encoder: str = "default"
     init: str = "auto"
     holdout: float = 0.1
+    head: str = "solved"
     steps: int | None = None
     lr: float = 1e-4
     scale: int = 1
@@ -411,7 +413,8 @@ def _one(item, options, params, out_dir, load, encoder, overwrite, run_id, rank,
                              "loss": f"{p.loss:.2e}"}, refresh=False)
 
         res = restore(scan, task=options.task, encoder=encoder, steps=options.steps,
-                      init=options.init, holdout=options.holdout, lr=options.lr,
+                      init=options.init, holdout=options.holdout, head=options.head,
+                      lr=options.lr,
                       scale=options.scale, freeze=options.freeze, stop=stop,
                       device=options.device, seed=options.seed, log_every=options.log_every,
                       batch_size=options.batch_size, callback=progress)
@@ -452,7 +455,7 @@ def run_batch(a) -> list[str]:
     from .distributed import finish_distributed, init_distributed
 
     options = TaskOptions(task=a.task, encoder=a.encoder, init=a.init, holdout=a.holdout,
-                          steps=a.steps, lr=a.lr,
+                          head=a.head, steps=a.steps, lr=a.lr,
                           scale=getattr(a, "scale", 1), freeze=a.freeze,
                           sigma=getattr(a, "sigma", "none"), device=a.device, seed=a.seed,
                           log_every=a.log_every, batch_size=a.batch_size, format=a.format)

@@ -190,7 +190,7 @@ def _flag(value) -> bool:
 
 def run_inference(dataset_dir: str, output_dir: str, *, task: str = "fit",
                   encoder: str = "default", init: str = "auto", holdout: float = 0.1,
-                  steps: int | None = None, lr: float = 1e-4,
+                  head: str = "solved", steps: int | None = None, lr: float = 1e-4,
                   scale: int = 2, freeze: int | None = None, sigma="auto", device: str = "auto",
                   seed: int = 0, log_every: int = 10, batch_size: int | None = None,
                   format: str = "nifti", series=None, overwrite: bool = False,
@@ -207,7 +207,7 @@ def run_inference(dataset_dir: str, output_dir: str, *, task: str = "fit",
 
     overwrite, quiet = _flag(overwrite), _flag(quiet)
     options = TaskOptions(task=task, encoder=str(encoder), init=init, holdout=float(holdout),
-                          steps=steps, lr=lr, scale=scale,
+                          head=str(head), steps=steps, lr=lr, scale=scale,
                           freeze=freeze, sigma=sigma, device=local_device(str(device)),
                           seed=seed, log_every=log_every, batch_size=batch_size, format=format)
     if items is None:

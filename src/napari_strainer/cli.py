@@ -87,6 +87,9 @@ def _restore_args(p: argparse.ArgumentParser, task: str, *, batch: bool = False)
                    help="auto (default): race SIREN, the encoder and warm starts from the "
                         "neighbouring slice on held-out pixels, stop converged slices; "
                         "fixed: the encoder (or SIREN) with --freeze, all steps (the paper)")
+    p.add_argument("--head", choices=("solved", "random"), default="solved",
+                   help="fitting from an encoder: solved (default) starts the head from a ridge "
+                        "regression on the encoder's features; random: the paper's head")
     p.add_argument("--holdout", type=_fraction, default=0.1,
                    help="share of observed pixels held out to choose the route (auto)")
     p.add_argument("--steps", type=_nonneg_int, default=None,
@@ -316,7 +319,7 @@ def cmd_restore(a) -> None:
 
     try:
         res = restore(scan, task=a.verb, encoder=a.encoder, init=a.init, holdout=a.holdout,
-                      steps=a.steps, lr=a.lr,
+                      head=a.head, steps=a.steps, lr=a.lr,
                       scale=getattr(a, "scale", 1), freeze=a.freeze, stop=_stop_rule(a),
                       reference=ref, device=a.device, seed=a.seed, log_every=a.log_every,
                       batch_size=a.batch_size, callback=bar,
