@@ -156,7 +156,7 @@ def test_cli_self_encoder_needs_enough_slices(samples, tmp_path, capsys):
 
 
 def test_cli_prints_the_estimate_before_a_long_job(samples, tmp_path, capsys, monkeypatch):
-    import napari_strainer.cli as cli
+    from napari_strainer import cli
 
     monkeypatch.setattr(cli, "LONG_JOB_SECONDS", -1)  # every job counts as long here
     out = tmp_path / "o.nii.gz"
