@@ -6,7 +6,8 @@ Cases (ground truth known; a slab of neighbouring slices each, restored as one s
 * ``epi``: the shipped encoder's own scan (sample brain EPI, 96 x 128), slices around the
   middle: in-domain.
 * ``t1``: the T1 anatomical sample resampled in-plane to 96 x 96 (unlike the encoder's data).
-* ``ct``: the sample CT slices (three scans) resampled to 128 x 128 (another modality).
+* ``ct``: the sample CT slices (three scans) resampled to 128 x 128 (``--ct-size``; another
+  modality).
 * ``epi64``: the EPI resampled to 48 x 64 (another size).
 
 Tasks: fit, super-resolution x2 / x4 (area-downsampled observation), denoising (Gaussian noise,
@@ -54,10 +55,10 @@ def _resample(vol: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return F.interpolate(t, size=size, mode="bicubic", align_corners=False)[:, 0].numpy()
 
 
-def slab(name: str, n: int, t1_size: int = 96) -> np.ndarray:
+def slab(name: str, n: int, t1_size: int = 96, ct_size: int = 128) -> np.ndarray:
     """``n`` neighbouring non-empty slices of case ``name``, normalised to [0, 1]-ish."""
     if name == "ct":
-        vols = [_resample(Intensity.of(d).forward(d), (128, 128)) for d in (
+        vols = [_resample(Intensity.of(d).forward(d), (ct_size, ct_size)) for d in (
             read_scan(sample_path(s)).data for s in ("ct_small", "ct_enhanced", "ct_j2k"))]
         return np.concatenate(vols)[:n]
     src = "mr_anatomical" if name == "t1" else "mr_brain"
@@ -119,9 +120,9 @@ def siren_equiv(siren_hist: dict, target: float) -> int | None:
 
 
 def run_case(case: str, task_key: str, n: int, steps: int | None, methods: list[str],
-             seed: int, t1_size: int = 96) -> list[dict]:
+             seed: int, t1_size: int = 96, ct_size: int = 128) -> list[dict]:
     task, scale = TASKS[task_key]
-    truth = slab(case, n, t1_size)
+    truth = slab(case, n, t1_size, ct_size)
     obs = observe(truth, task, scale, seed)
     ref = Scan(truth)
     rows, hists = [], {}
@@ -159,6 +160,7 @@ def main() -> None:
     ap.add_argument("--slices", type=int, default=4)
     ap.add_argument("--steps", type=int, default=None, help="default: the task's")
     ap.add_argument("--t1-size", type=int, default=96, help="T1 slices resampled to N x N")
+    ap.add_argument("--ct-size", type=int, default=128, help="CT slices resampled to N x N")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="defaults")
@@ -168,13 +170,13 @@ def main() -> None:
     for spec in a.cases.split(","):
         case, task_key = spec.split(":")
         rows += run_case(case, task_key, a.slices, a.steps, a.methods.split(","), a.seed,
-                         a.t1_size)
+                         a.t1_size, a.ct_size)
         print(table(rows[-len(a.methods.split(",")):],
                     ["case", "task", "method", "psnr", "vs_siren_db", "seconds",
                      "time_vs_paper100", "steps_per_slice", "route", "siren_equiv_step"]),
               flush=True)
         save(a.out, {"slices": a.slices, "steps": a.steps, "noise": NOISE,
-                     "t1_size": a.t1_size, "rows": rows})
+                     "t1_size": a.t1_size, "ct_size": a.ct_size, "rows": rows})
     print("\n" + table(rows, ["case", "task", "method", "psnr", "vs_siren_db", "seconds",
                               "time_vs_paper100", "steps_per_slice", "route",
                               "siren_equiv_step"]))
