@@ -314,8 +314,9 @@ def cmd_restore(a) -> None:
 
     def announce(seconds: float) -> None:  # after restore has checked the arguments
         if seconds > LONG_JOB_SECONDS:
-            bar.tqdm.write(f"{PROG}: estimated time {describe_estimate(seconds, a.device)}; "
-                           f"converged slices stop earlier", file=sys.stderr)
+            early = "; converged slices stop earlier" if a.verb != "superres" else ""
+            bar.tqdm.write(f"{PROG}: estimated time {describe_estimate(seconds, a.device)}"
+                           f"{early}", file=sys.stderr)
 
     try:
         res = restore(scan, task=a.verb, encoder=a.encoder, init=a.init, holdout=a.holdout,

@@ -43,6 +43,10 @@ HEADS = ("solved", "random")
 DEFAULT_HOLDOUT = 0.1  # share of observed pixels held out to choose the route and stop
 # convergence stop of fitting: (steps, relative gain) without which a slice has converged
 PATIENCE = {"fit": (50, 0.01)}  # benchmarks/defaults.py
+# tasks whose auto route races a warm start from the neighbouring slice on the second batch
+# (for super-resolution it wins the short race, then ends 4 dB below SIREN on 96 x 96 T1
+# slices: benchmarks/README.md#defaults)
+WARM_TASKS = ("fit", "denoise")
 SELF_STEPS = 300  # --encoder self: pretraining steps on the scan's own slices
 SELF_MIN_SLICES = 3
 MAX_OUTPUT_VOXELS = 2**31 // 4  # a float32 output above 2 GiB is refused
@@ -301,8 +305,8 @@ def restore(scan: Scan, *, task: str = "fit", encoder: str | Path | Encoder | No
     middle batch of slices, then (fitting, denoising) a warm start from the neighbouring
     slice's fit races the winner; the rest of the scan follows the winner slice by slice
     outwards from the middle.
-    ``steps`` is then a maximum: a slice stops when it has converged (held-out loss for
-    super-resolution, data loss for fitting; denoising keeps its noise stop).
+    Fitting then stops a slice when its data loss has converged and denoising keeps its noise
+    stop (``steps`` is a maximum); super-resolution runs every step on every pixel.
     ``init="fixed"`` is the paper's recipe: the encoder (``None``: SIREN) initialises every
     batch, the first ``freeze`` layers stay fixed, all ``steps`` run.
     ``head="solved"`` (default) starts an encoder route's head, for fitting, from the ridge
@@ -377,6 +381,7 @@ def restore(scan: Scan, *, task: str = "fit", encoder: str | Path | Encoder | No
                                      scale=scale, device=device, batch_size=bs))
     mask = holdout_mask(h * w, holdout, seed, dev) if auto else None
     converge = auto and task == "fit"
+    warm_race = auto and task in WARM_TASKS
     solved_head = head == "solved" and task == "fit"
     result = np.empty(out_shape, np.float32)
     parts, best, stopped, ran, sigmas, probes, reasons = [], {}, {}, {}, [], [], set()
@@ -423,10 +428,7 @@ def restore(scan: Scan, *, task: str = "fit", encoder: str | Path | Encoder | No
             return net
 
         torch.manual_seed(seed)
-        # race: the candidates, then warm vs winner (not for super-resolution: a warm start
-        # wins its 25-step probe on held-out pixels by far, then ends 3-4 dB below SIREN run
-        # to convergence on 96 x 96 T1 slices, benchmarks/README.md#defaults)
-        if chosen is None or (k == 1 and auto and task != "superres"):
+        if chosen is None or (k == 1 and warm_race):  # the candidates, then warm vs winner
             field_ = routes if chosen is None else [chosen, Route("warm", chosen.encoder,
                                                                   chosen.freeze, warm=True)]
             if len(field_) > 1:
@@ -462,7 +464,7 @@ def restore(scan: Scan, *, task: str = "fit", encoder: str | Path | Encoder | No
         if uses[parent] <= 0:
             parents.pop(parent, None)
         for edge, member in ((sl.start, 0), (sl.stop - 1, b - 1)):
-            if uses[edge] > 0:
+            if warm_race and uses[edge] > 0:
                 parents[edge] = member_params(net, member)
         parts.append((b, _concat(segs)))
         for i in range(b):
@@ -517,7 +519,7 @@ def estimate_seconds(scan: Scan, *, task: str = "fit", encoder="default", init: 
     fit(net, target, steps=probe_steps, operator=operator, keep_best=False)
     per_step = (time.perf_counter() - t0) / probe_steps
     n_routes = 1 if init == "fixed" else 1 + (2 if enc is not None or own else 0)
-    warm = z > bs and task != "superres"  # the warm start's race on the second batch
+    warm = z > bs and task in WARM_TASKS  # the warm start's race on the second batch
     probe = 0 if init == "fixed" else (n_routes - 1 + warm) * PROBE_STEPS
     pretraining = SELF_STEPS * min(10, z) / bs if own else 0  # heads cost like slices
     return per_step * (-(-z // bs) * steps + probe + pretraining)
