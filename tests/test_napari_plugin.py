@@ -394,3 +394,27 @@ def test_restore_auto_route_and_time_estimate_beside_run(make_napari_viewer, qtb
     assert f"route {hist['route']} chosen by held-out loss" in w.status.value
     enc = "SIREN" if hist["route"] == "siren" else "STRAINER tiny"
     assert w.result_layer.name == f"small fit ({enc})"
+
+
+def test_restore_head_choice_reaches_the_history(make_napari_viewer, qtbot, tiny_encoder):
+    viewer = make_napari_viewer()
+    src = add_scan(viewer, small_scan())
+    w = dock(viewer, "Restore scan")
+    w.layer.value = src
+    w.use_encoder_file(tiny_encoder)
+    assert w.head.value == "solved" and w.head.enabled
+    w.task.value = "superres"  # the head choice is for fitting only
+    assert not w.head.enabled and "every step" in w.estimate.tooltip
+    w.task.value = "fit"
+    assert w.head.enabled and "plateaued" in w.estimate.tooltip
+    w.init.value = "fixed"  # the encoder route, whatever a race would pick
+    w.steps.value = 2
+    w.device.value = "cpu"
+    for head in ("random", "solved"):
+        w.head.value = head
+        w.run()
+        wait_done(qtbot, w)
+        assert w.job.error is None, w.job.error
+        assert w.result_layer.metadata["strainer_history"]["head"] == head
+    w.encoder.value = "none"
+    assert not w.head.enabled

@@ -23,6 +23,13 @@ from ._layers import KEY, geometry, image_layer_scan, scan_to_layer
 TASK_LABELS = [("fit (represent the scan)", "fit"), ("super-resolve", "superres"),
                ("denoise", "denoise")]
 INIT_LABELS = [("auto (self-validated)", "auto"), ("fixed (paper recipe)", "fixed")]
+HEAD_LABELS = [("solved (ridge regression)", "solved"), ("random (paper)", "random")]
+ESTIMATE_TIPS = {
+    "fit": "an upper bound: with initialisation auto, slices whose loss has plateaued stop "
+           "earlier",
+    "superres": "super-resolution trains every step after the route race",
+    "denoise": "an upper bound: slices that reach the noise level stop earlier",
+}
 ENCODER_LABELS = [("shipped default (MRI)", "default"), ("file...", "file"),
                   ("none (SIREN baseline)", "none"),
                   ("self (pretrain on this scan first)", "self")]
@@ -58,10 +65,17 @@ class RestoreWidget(JobWidget):
                                   tooltip="a clean layer on the output grid: the curve then "
                                           "shows PSNR against it")
         self.init = ComboBox(label="initialisation", choices=INIT_LABELS, value="auto",
-                             tooltip="auto: hold out some pixels, race SIREN, the encoder and "
-                                     "warm starts from the neighbouring slice, keep the best, "
-                                     "stop slices that have converged; fixed: the encoder "
-                                     "with the frozen layers below, all steps (the paper)")
+                             tooltip="auto: hold out some pixels, race SIREN and the encoder "
+                                     "(fit and denoise: also a warm start from the "
+                                     "neighbouring slice) and keep the best; then fit stops "
+                                     "slices whose loss has plateaued, denoise stops at the "
+                                     "noise level and super-resolution trains every step. "
+                                     "fixed: the encoder with the frozen layers below, all "
+                                     "steps (the paper)")
+        self.head = ComboBox(label="head", choices=HEAD_LABELS, value="solved",
+                             tooltip="how the last layer starts, for fitting with an encoder: "
+                                     "solved = a ridge-regression head on the encoder features "
+                                     "before the first step; random = the paper's")
         self.freeze = SpinBox(label="frozen layers", value=tasks.DEFAULT_FREEZE["fit"], min=0,
                               max=31, tooltip="encoder layers kept fixed (benchmark defaults "
                                               "per task)")
@@ -72,8 +86,8 @@ class RestoreWidget(JobWidget):
                              tooltip="slices fitted together (0: as many as fit in a quarter "
                                      "of free memory)")
         self.seed = SpinBox(label="seed", value=0, min=0, max=2**31 - 1)
-        self.advanced = Container(widgets=[self.init, self.freeze, self.lr, self.log_every, self.batch,
-                                           self.seed])
+        self.advanced = Container(widgets=[self.init, self.head, self.freeze, self.lr,
+                                           self.log_every, self.batch, self.seed])
         super().__init__(viewer, [self.layer, self.encoder, self.encoder_file, self.task,
                                   self.scale, self.sigma, self.steps, self.reference],
                          plot_title="loss / PSNR")
@@ -90,7 +104,7 @@ class RestoreWidget(JobWidget):
         # time to result, beside Run: a short timed probe in the background, on request
         self.estimate_button = PushButton(text="Estimate time", tooltip="time a 3-step probe "
                                           "of these options and show an upper bound")
-        self.estimate = Label(value="", tooltip="converged slices stop earlier")
+        self.estimate = Label(value="", tooltip=ESTIMATE_TIPS[self.task.value])
         self.buttons.extend([self.estimate_button, self.estimate])
         self.estimate_button.changed.connect(self.update_estimate)
         self._estimate_gen = 0
@@ -105,7 +119,9 @@ class RestoreWidget(JobWidget):
         self.scale.visible = task == "superres"
         self.sigma.visible = task == "denoise"
         self.steps.value = tasks.DEFAULT_STEPS[task]
+        self.estimate.tooltip = ESTIMATE_TIPS[task]
         self._set_default_freeze()
+        self._update_head()
 
     def _encoder_changed(self, *_) -> None:
         """Show what the chosen encoder is; limit the freeze depth to its shared layers."""
@@ -134,6 +150,11 @@ class RestoreWidget(JobWidget):
         self.encoder_info.value = text
         self.encoder_info.tooltip = tooltip
         self._set_default_freeze()
+        self._update_head()
+
+    def _update_head(self) -> None:
+        """The head choice matters only when fitting from an encoder."""
+        self.head.enabled = self.encoder.value != "none" and self.task.value == "fit"
 
     def _set_default_freeze(self) -> None:
         if self.encoder.value == "none":
@@ -211,7 +232,7 @@ class RestoreWidget(JobWidget):
             encoder = str(self.encoder_file.value).strip()
             if not encoder or Path(encoder).is_dir():
                 raise BadArgumentError("choose an encoder file (*.safetensors)")
-        init = self.init.value
+        init, head = self.init.value, self.head.value
         freeze = None if init == "auto" else 0 if encoder == "none" else self.freeze.value
         lr = parse_float(self.lr.value, "learning rate")
         stop = None
@@ -265,7 +286,8 @@ class RestoreWidget(JobWidget):
                     item["preview"] = (first, p.preview()[..., 0].float().cpu().numpy())
                 report(item)
 
-            return tasks.restore(scan, task=task, encoder=encoder, init=init, steps=steps,
+            return tasks.restore(scan, task=task, encoder=encoder, init=init, head=head,
+                                 steps=steps,
                                  lr=lr, scale=scale, freeze=freeze, stop=stop,
                                  reference=reference, device=device, seed=seed,
                                  log_every=log_every, batch_size=batch_size or None,
