@@ -97,7 +97,8 @@ def test_manifest_commands_are_declared():
     used = [r.command for r in c.readers] + [w.command for w in c.writers] + [
         s.command for s in c.sample_data] + [w.command for w in c.widgets]
     assert used and set(used) <= declared
-    assert {w.display_name for w in c.widgets} == {"Pretrain encoder", "Restore scan"}
+    assert {w.display_name for w in c.widgets} == {"Pretrain encoder", "Restore scan",
+                                                  "Fuse stacks"}
     for cmd in c.commands:  # every command resolves to an importable callable
         module, _, attr = cmd.python_name.partition(":")
         assert callable(getattr(__import__(module, fromlist=[attr]), attr))
