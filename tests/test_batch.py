@@ -206,3 +206,55 @@ def test_killed_run_resumes_without_redoing_finished_scans(tmp_path, encoder):
         else:
             assert m["run_id"] not in finished_before.values()
     assert not [p for p in out.iterdir() if "strainer-tmp" in p.name]
+
+
+def test_batch_slice_scale_routes_3d_scans_through_the_volume_path(tmp_path, capsys):
+    src, out = tmp_path / "in", tmp_path / "out"
+    make_nifti(src / "scan.nii.gz", 0)
+    make_nifti(src / "flat.nii.gz", 3, shape=(1, 16, 16))  # a 2D scan: fails on its own
+    argv = ["batch", "superres", str(src), str(out), "--slice-scale", "2", "--steps", "2",
+            "--slice-profile", "gaussian", "--slice-thickness", "4", "--device", "cpu"]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 1
+    text = capsys.readouterr().out
+    assert "1 processed" in text and "1 failed" in text
+    (failed,) = [line for line in text.splitlines() if "FAILED" in line]
+    assert failed.startswith("  FAILED flat.nii.gz:") and "2D" in failed
+    a, b = read_scan(src / "scan.nii.gz"), read_scan(out / "scan.nii.gz")
+    assert b.shape == (4, 16, 16) and b.data.dtype == a.data.dtype
+    np.testing.assert_allclose(b.affine, upsampled_affine(a.affine, (2, 1, 1)), atol=1e-5)
+    manifest = out / ".strainer" / "scan.nii.gz.json"
+    m = read_manifest(manifest)
+    assert m["status"] == "done" and m["shape"] == [4, 16, 16]
+    assert m["params"]["slice_scale"] == 2 and m["params"]["slice_profile"] == "gaussian"
+    assert m["params"]["slice_thickness"] == 4 and m["params"]["encoder"] == "none"
+    (src / "flat.nii.gz").unlink()
+    assert main([*argv, "--quiet"]) == 0  # the finished scan is skipped
+    assert read_manifest(manifest)["run_id"] == m["run_id"]
+    # another through-plane parameter is another job: the output is redone
+    argv[argv.index("--slice-thickness") + 1] = "3"
+    assert main([*argv, "--quiet"]) == 0
+    assert read_manifest(manifest)["run_id"] != m["run_id"]
+
+
+@pytest.mark.parametrize("args, text", [
+    ([], "--scale S (in-plane), --slice-scale F"),
+    (["--slice-scale", "2", "--encoder", "my.safetensors"], "--encoder none"),
+    (["--slice-scale", "1"], "integer >= 2"),
+])
+def test_batch_superres_refusals(tmp_path, capsys, args, text):
+    make_nifti(tmp_path / "in" / "scan.nii.gz", 0)
+    assert main(["batch", "superres", str(tmp_path / "in"), str(tmp_path / "out"),
+                 "--device", "cpu", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert text in err and "\n" not in err
+    assert not (tmp_path / "out" / "scan.nii.gz").exists()
+
+
+def test_slice_options_count_only_when_used():
+    """Manifests written before the through-plane options existed still match."""
+    assert "slice_scale" not in TaskOptions(task="superres", scale=2).params()
+    assert "slice_scale" not in TaskOptions(task="fit", slice_scale=2).params()
+    p = TaskOptions(task="superres", scale=None, slice_scale=3).params()
+    assert (p["slice_scale"], p["scale"], p["slice_profile"]) == (3, 1, "box")

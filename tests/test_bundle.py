@@ -137,6 +137,28 @@ def test_inference_superres_resume_and_bad_scan(tmp_path, data, encoder):
     assert "5 scans: 0 processed, 5 skipped" in again.stdout + again.stderr
 
 
+def test_inference_slice_scale_through_plane(tmp_path):
+    """``--slice_scale``: 3D scans take the volume path (the bundle's 2D encoder is left
+    aside), a 2D scan fails on its own, the manifests hold the new parameters."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    make_nifti(data / "scan.nii.gz", 0)
+    make_nifti(data / "flat.nii.gz", 1, shape=(1, 16, 16))
+    res = monai(tmp_path, "run", "--config_file", configs("inference.json"), "--dataset_dir",
+                str(data), "--output_dir", str(out), "--task", "superres", "--slice_scale",
+                "2", "--slice_profile", "gaussian", "--steps", "2", "--device", "cpu",
+                check=False)
+    assert res.returncode != 0
+    text = res.stdout + res.stderr
+    assert "2 scans: 1 processed, 0 skipped" in text and "FAILED flat.nii.gz" in text
+    assert "a 2D image (16 x 16)" in text
+    src, got = read_scan(data / "scan.nii.gz"), read_scan(out / "scan.nii.gz")
+    assert got.shape == (4, 16, 16)  # in-plane scale 1 by default with slice_scale
+    np.testing.assert_allclose(got.affine, upsampled_affine(src.affine, (2, 1, 1)), atol=1e-5)
+    params = read_manifest(out / ".strainer" / "scan.nii.gz.json")["params"]
+    assert params["slice_scale"] == 2 and params["slice_profile"] == "gaussian"
+    assert params["scale"] == 1 and params["encoder"] == "none"
+
+
 def test_torchrun_inference_processes_each_scan_once(tmp_path, data, encoder):
     out = tmp_path / "out"
     monai(tmp_path, "run", "--config_file",

@@ -54,7 +54,16 @@ class TaskOptions:
         head: ``solved`` (an encoder's head solved on the slice, fitting) or ``random``.
         steps: Adam steps per batch of slices (None: the task's default).
         lr: learning rate.
-        scale: in-plane factor (``superres`` only).
+        scale: in-plane factor (``superres`` only; None: 1 with ``slice_scale``, else an
+            error).
+        slice_scale: through-plane factor (``superres`` only): integer >= 2 sends every scan
+            through :func:`napari_strainer.volume.superres_volume` (a 3D SIREN through the
+            slice profile, no encoder: ``encoder`` must be ``default`` or ``none``, and
+            ``init``, ``head``, ``holdout``, ``freeze``, ``batch_size`` do not apply); a 2D
+            scan then fails on its own.
+        slice_profile: ``box`` or ``gaussian`` (with ``slice_scale``).
+        slice_thickness: slice thickness in mm (with ``slice_scale``; None: DICOM
+            SliceThickness, else the spacing).
         freeze: encoder layers kept fixed (None: the task's default).
         sigma: noise level for ``denoise``: ``"auto"``, ``"none"`` or a number.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
@@ -71,7 +80,10 @@ class TaskOptions:
     head: str = "solved"
     steps: int | None = None
     lr: float = 1e-4
-    scale: int = 1
+    scale: int | None = 1
+    slice_scale: int | None = None
+    slice_profile: str = "box"
+    slice_thickness: float | None = None
     freeze: int | None = None
     sigma: str | float = "auto"
     device: str = "auto"
@@ -89,6 +101,20 @@ class TaskOptions:
         if self.format not in FORMATS:
             raise BadArgumentError(f"--format must be nifti or dicom, got {self.format!r}")
         if self.task != "superres":
+            self.scale, self.slice_scale = 1, None
+        if self.slice_scale is None:
+            self.slice_profile, self.slice_thickness = "box", None
+        else:
+            from .volume import check_encoder, check_slice_options
+
+            self.slice_scale = check_slice_options(self.slice_scale, self.slice_profile,
+                                                   self.slice_thickness)
+            check_encoder(self.encoder)
+            self.encoder = "none"  # a 3D SIREN from scratch
+        if self.scale is None:
+            if self.slice_scale is None:
+                raise BadArgumentError("superres needs --scale S (in-plane), --slice-scale F "
+                                       "(through-plane), or both")
             self.scale = 1
         if self.task != "denoise":
             self.sigma = "none"
@@ -102,10 +128,14 @@ class TaskOptions:
 
     def params(self) -> dict:
         """The options that change the output (a finished output is reused only if they match;
-        ``device`` and ``log_every`` do not count)."""
+        ``device`` and ``log_every`` do not count; the through-plane options only when used,
+        so that manifests written before they existed still match)."""
         d = asdict(self)
         for k in ("device", "log_every"):
             d.pop(k)
+        if self.slice_scale is None:
+            for k in ("slice_scale", "slice_profile", "slice_thickness"):
+                d.pop(k)
         return d
 
 
@@ -412,12 +442,22 @@ def _one(item, options, params, out_dir, load, encoder, overwrite, run_id, rank,
             bar.set_postfix({"scan": Path(name).name[:24], "step": f"{p.step}/{p.total}",
                              "loss": f"{p.loss:.2e}"}, refresh=False)
 
-        res = restore(scan, task=options.task, encoder=encoder, steps=options.steps,
-                      init=options.init, holdout=options.holdout, head=options.head,
-                      lr=options.lr,
-                      scale=options.scale, freeze=options.freeze, stop=stop,
-                      device=options.device, seed=options.seed, log_every=options.log_every,
-                      batch_size=options.batch_size, callback=progress)
+        if options.slice_scale is not None:
+            from .volume import superres_volume
+
+            res = superres_volume(scan, slice_scale=options.slice_scale, scale=options.scale,
+                                  profile=options.slice_profile,
+                                  thickness=options.slice_thickness, steps=options.steps,
+                                  lr=options.lr, device=options.device, seed=options.seed,
+                                  log_every=options.log_every, callback=progress)
+        else:
+            res = restore(scan, task=options.task, encoder=encoder, steps=options.steps,
+                          init=options.init, holdout=options.holdout, head=options.head,
+                          lr=options.lr,
+                          scale=options.scale, freeze=options.freeze, stop=stop,
+                          device=options.device, seed=options.seed,
+                          log_every=options.log_every, batch_size=options.batch_size,
+                          callback=progress)
         write_scan(res.scan, output, overwrite=replace, protect=[item["image"]])
         size, files = _size(output)
         seconds = time.perf_counter() - t0
@@ -456,7 +496,10 @@ def run_batch(a) -> list[str]:
 
     options = TaskOptions(task=a.task, encoder=a.encoder, init=a.init, holdout=a.holdout,
                           head=a.head, steps=a.steps, lr=a.lr,
-                          scale=getattr(a, "scale", 1), freeze=a.freeze,
+                          scale=getattr(a, "scale", 1),
+                          slice_scale=getattr(a, "slice_scale", None),
+                          slice_profile=getattr(a, "slice_profile", "box"),
+                          slice_thickness=getattr(a, "slice_thickness", None), freeze=a.freeze,
                           sigma=getattr(a, "sigma", "none"), device=a.device, seed=a.seed,
                           log_every=a.log_every, batch_size=a.batch_size, format=a.format)
     started = init_distributed()

@@ -191,13 +191,20 @@ def _flag(value) -> bool:
 def run_inference(dataset_dir: str, output_dir: str, *, task: str = "fit",
                   encoder: str = "default", init: str = "auto", holdout: float = 0.1,
                   head: str = "solved", steps: int | None = None, lr: float = 1e-4,
-                  scale: int = 2, freeze: int | None = None, sigma="auto", device: str = "auto",
+                  scale: int | None = None, slice_scale: int | None = None,
+                  slice_profile: str = "box", slice_thickness: float | None = None,
+                  freeze: int | None = None, sigma="auto", device: str = "auto",
                   seed: int = 0, log_every: int = 10, batch_size: int | None = None,
                   format: str = "nifti", series=None, overwrite: bool = False,
                   quiet: bool = False, items: Sequence[dict] | None = None,
                   fail_on_error: bool = True) -> BatchSummary:
     """Apply ``task`` to every scan of ``dataset_dir`` (this rank's share under torchrun),
-    writing ``output_dir``; see :mod:`napari_strainer.batch` for skipping and manifests.
+    writing ``output_dir``; see :mod:`napari_strainer.batch` for skipping and manifests and
+    :class:`~napari_strainer.batch.TaskOptions` for the parameters.
+
+    ``scale`` (in-plane) defaults to 2, or to 1 with ``slice_scale`` (through-plane
+    super-resolution of 3D scans, a 3D SIREN that uses no encoder: the bundle's own
+    ``models/model.safetensors`` is then left aside; any other encoder file is refused).
 
     Exits (``SystemExit``, status 1) naming the failed scans at the end when
     ``fail_on_error``, so ``python -m monai.bundle run`` (and torchrun) exit non-zero, after
@@ -206,9 +213,14 @@ def run_inference(dataset_dir: str, output_dir: str, *, task: str = "fit",
     from .distributed import local_device
 
     overwrite, quiet = _flag(overwrite), _flag(quiet)
+    if scale is None:
+        scale = 1 if slice_scale is not None else 2
+    if slice_scale is not None and _same_file(encoder, bundle_encoder(bundle_root())):
+        encoder = "none"
     options = TaskOptions(task=task, encoder=str(encoder), init=init, holdout=float(holdout),
                           head=str(head), steps=steps, lr=lr, scale=scale,
-                          freeze=freeze, sigma=sigma, device=local_device(str(device)),
+                          slice_scale=slice_scale, slice_profile=str(slice_profile),
+                          slice_thickness=slice_thickness, freeze=freeze, sigma=sigma, device=local_device(str(device)),
                           seed=seed, log_every=log_every, batch_size=batch_size, format=format)
     if items is None:
         items = datalist(dataset_dir, output_dir, format)
@@ -226,6 +238,13 @@ def run_inference(dataset_dir: str, output_dir: str, *, task: str = "fit",
         raise SystemExit(f"{len(summary.failed)} of {len(summary.results)} scans failed: "
                            + "; ".join(f"{r.name}: {r.error}" for r in summary.failed))
     return summary
+
+
+def _same_file(a, b) -> bool:
+    try:
+        return Path(str(a)).resolve() == Path(str(b)).resolve()
+    except (OSError, RuntimeError):
+        return False
 
 
 def run_training(dataset_dir: str, output: str, *, steps: int = 5000, lr: float = 1e-4,

@@ -104,13 +104,12 @@ def _restore_args(p: argparse.ArgumentParser, task: str, *, batch: bool = False)
     p.add_argument("--volume", type=_nonneg_int, default=None, help="volume of a 4D NIfTI")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     if task == "superres":
-        p.add_argument("--scale", type=_positive_int, required=batch, default=None,
+        p.add_argument("--scale", type=_positive_int, default=None,
                        help="integer in-plane super-resolution factor (default 1 with "
                             "--slice-scale)")
-        if not batch:
-            from .cli_volume import add_superres_args
+        from .cli_volume import add_superres_args
 
-            add_superres_args(p)
+        add_superres_args(p, batch=batch)
     if task == "denoise":
         p.add_argument("--sigma", type=_sigma, default="auto",
                        help="noise level in the scan's units, 'auto' (estimate) or 'none' "

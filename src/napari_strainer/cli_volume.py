@@ -14,21 +14,23 @@ _mm = number(float, lambda v: v > 0, "a positive length in mm")
 _tv = number(float, lambda v: v >= 0, "a weight >= 0")
 
 
-def _profile_args(p: argparse.ArgumentParser) -> None:
+def _profile_args(p: argparse.ArgumentParser, *, tv: bool = True) -> None:
     p.add_argument("--slice-profile", choices=PROFILES, default="box",
                    help="slice profile along the normal: box of the thickness, or gaussian "
                         "with FWHM = thickness")
-    p.add_argument("--tv", type=_tv, default=None,
-                   help="weight of the total-variation term (default: per task)")
+    if tv:
+        p.add_argument("--tv", type=_tv, default=None,
+                       help="weight of the total-variation term (default: per task)")
 
 
-def add_superres_args(p: argparse.ArgumentParser) -> None:
-    """Through-plane options of ``strainer superres``."""
+def add_superres_args(p: argparse.ArgumentParser, *, batch: bool = False) -> None:
+    """Through-plane options of ``strainer superres`` (``batch``: of ``strainer batch
+    superres``, which has no ``--tv``)."""
     p.add_argument("--slice-scale", type=_slice_scale, default=None,
                    help="integer >= 2: refine the slice axis (3D INR through the slice profile)")
     p.add_argument("--slice-thickness", type=_mm, default=None,
                    help="slice thickness in mm (default: DICOM SliceThickness, else spacing)")
-    _profile_args(p)
+    _profile_args(p, tv=not batch)
 
 
 def add_fuse_parser(sub, common, bar_help: str = "") -> argparse.ArgumentParser:
@@ -59,9 +61,9 @@ def add_fuse_parser(sub, common, bar_help: str = "") -> argparse.ArgumentParser:
 
 
 def _check_encoder(a) -> None:
-    if str(getattr(a, "encoder", "none")).lower() not in ("none", "default"):
-        raise BadArgumentError("--encoder: the volume methods fit a 3D SIREN from scratch "
-                               "(no pretrained 3D encoder exists); use --encoder none")
+    from .volume import check_encoder
+
+    check_encoder(getattr(a, "encoder", "none"))
 
 
 def _finish(a, res, written, what: str) -> None:

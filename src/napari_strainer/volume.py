@@ -22,6 +22,7 @@ import torch
 from .core.fit import Progress, StopRule
 from .core.siren import BatchedSiren, SirenConfig
 from .core.volume import (
+    PROFILES,
     Grid,
     GridBase,
     Stack,
@@ -59,6 +60,36 @@ def _check_common(steps: int, lr: float) -> None:
         raise BadArgumentError(f"--steps must be non-negative, got {steps}")
     if lr <= 0:
         raise BadArgumentError(f"--lr must be positive, got {lr}")
+
+
+def check_encoder(encoder) -> None:
+    """Refuse a 2D encoder for a volume method (they fit a 3D SIREN from scratch); ``none``
+    and ``default`` (the front ends' default, unused here) pass."""
+    if str(encoder).lower() not in ("none", "default"):
+        raise BadArgumentError("--encoder: the volume methods fit a 3D SIREN from scratch "
+                               "(no pretrained 3D encoder exists); use --encoder none")
+
+
+def check_slice_options(slice_scale, profile: str = "box",
+                        thickness: float | None = None) -> int:
+    """Check through-plane super-resolution's options (before any scan is read); returns
+    ``slice_scale`` as an int."""
+    try:
+        ok = not isinstance(slice_scale, bool) and int(slice_scale) == slice_scale >= 2
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise BadArgumentError(f"--slice-scale must be an integer >= 2, got {slice_scale}")
+    if profile not in PROFILES:
+        raise BadArgumentError(f"--slice-profile must be one of {', '.join(PROFILES)}, got "
+                               f"{profile!r}")
+    try:
+        ok = thickness is None or float(thickness) > 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise BadArgumentError(f"--slice-thickness must be positive, got {thickness}")
+    return int(slice_scale)
 
 
 def _check_3d(scan: Scan, what: str) -> None:
@@ -163,11 +194,10 @@ def superres_volume(scan: Scan, *, slice_scale: int = 2, scale: int = 1,
         reference: clean scan on the output grid, for a PSNR history.
         device, seed, log_every, callback, cancel: as in :func:`napari_strainer.tasks.restore`.
     """
-    if int(slice_scale) != slice_scale or slice_scale < 2:
-        raise BadArgumentError(f"--slice-scale must be an integer >= 2, got {slice_scale}")
+    slice_scale = check_slice_options(slice_scale, profile, thickness)
     if int(scale) != scale or scale < 1:
         raise BadArgumentError(f"--scale must be a positive integer, got {scale}")
-    slice_scale, scale = int(slice_scale), int(scale)
+    scale = int(scale)
     if base not in ("bspline", "none"):
         raise BadArgumentError(f"base must be bspline or none, got {base!r}")
     steps = DEFAULT_STEPS["superres"] if steps is None else steps
@@ -178,7 +208,8 @@ def superres_volume(scan: Scan, *, slice_scale: int = 2, scale: int = 1,
     _check_size(shape, f"--slice-scale {slice_scale} --scale {scale}")
     thick = float(thickness) if thickness is not None else scan_thickness(scan)
     if not thick > 0:
-        raise BadArgumentError(f"--slice-thickness must be positive, got {thickness}")
+        raise BadArgumentError(f"{scan.source or 'input'}: slice thickness {thick:g} mm; "
+                               "give --slice-thickness")
     dev = resolve_device(device)
     grid = Grid(shape, upsampled_affine(scan.affine, (slice_scale, scale, scale)))
     frame = WorldFrame(grid.corners_mm())
