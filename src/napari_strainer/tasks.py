@@ -502,7 +502,8 @@ def estimate_seconds(scan: Scan, *, task: str = "fit", encoder="default", init: 
                      batch_size: int | None = None, probe_steps: int = 3) -> float:
     """Upper bound on the seconds :func:`restore` needs with these options, from a short
     timed probe (``probe_steps`` training steps of one batch of slices; about a second):
-    every batch running all ``steps`` plus the route probes. Converged slices stop earlier."""
+    every batch running all ``steps`` plus the route probes. Fitting (plateau) and denoising
+    (noise level) may stop earlier; super-resolution runs every step."""
     steps = DEFAULT_STEPS.get(task, 500) if steps is None else steps
     scale = int(scale) if task == "superres" else 1
     own = isinstance(encoder, str) and encoder.lower() == "self"
