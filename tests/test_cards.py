@@ -51,6 +51,9 @@ def test_pretrain_records_the_card(mr_encoder):
     assert ev["held_out"] == 3 and ev["steps"] == [10, 50, 100] and ev["shape"] == [16, 16]
     assert ev["gain_db"] == [round(a - b, 2) for a, b in zip(ev["psnr_strainer"],
                                                              ev["psnr_siren"])]
+    assert ev["gain_db_solved"] == [round(a - b, 2) for a, b in zip(
+        ev["psnr_strainer_solved"], ev["psnr_siren"])]
+    assert ev["psnr_strainer_solved"] != ev["psnr_strainer"]  # the head was solved
     assert "Sample^MR" not in json.dumps(c)  # the series' fictional patient name
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from napari_strainer.core import Encoder, SirenConfig, load_encoder, save_encoder
-from napari_strainer.errors import CheckpointError
+from napari_strainer.errors import BadArgumentError, CheckpointError
 from napari_strainer.tasks import pretrain
 
 SMALL = SirenConfig(width=16, layers=4, shared_layers=3)
@@ -136,6 +136,25 @@ def test_resume_matches_uninterrupted(tmp_path):
     for (w1, b1), (w2, b2) in zip(full.weights, resumed.weights):
         torch.testing.assert_close(w1, w2, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(b1, b2, rtol=1e-5, atol=1e-6)
+
+
+def test_cosine_schedule_decays_to_zero_and_is_recorded(tmp_path):
+    """The default schedule ends near 0 (each update at ``cosine_lr``); constant keeps lr."""
+    from napari_strainer.core.fit import cosine_lr, lr_schedule
+
+    at = cosine_lr(1e-3, 10)
+    assert at(0) == pytest.approx(1e-3) and at(5) == pytest.approx(5e-4) and at(10) == 0
+    assert lr_schedule("constant", 1e-3, 10) is None
+    with pytest.raises(BadArgumentError, match="--schedule"):
+        lr_schedule("linear", 1e-3, 10)
+    cos = pretrain(images(), tmp_path / "c.safetensors", config=SMALL, steps=10, lr=1e-3,
+                   device="cpu")
+    const = pretrain(images(), tmp_path / "k.safetensors", config=SMALL, steps=10, lr=1e-3,
+                     schedule="constant", device="cpu")
+    assert cos.info["schedule"] == "cosine" and const.info["schedule"] == "constant"
+    assert load_encoder(tmp_path / "c.safetensors").info["schedule"] == "cosine"
+    moved = [(a - b).abs().max().item() for (a, _), (b, _) in zip(cos.weights, const.weights)]
+    assert max(moved) > 0  # the schedule changed the updates
 
 
 def test_resume_refuses_other_run(tmp_path):

@@ -67,6 +67,8 @@ def test_bad_inputs_give_one_line(capsys, samples, tmp_path, tiny_encoder):
     assert "--sigma" in err(capsys, ["denoise", src, "-o", out, "--sigma", "-1"])
     assert "--shared-layers" in err(capsys, ["pretrain", src, "-o", str(tmp_path / "e"),
                                              "--shared-layers", "6"])
+    assert "--schedule" in err(capsys, ["pretrain", src, "-o", str(tmp_path / "e"),
+                                        "--schedule", "linear"])
     assert not (tmp_path / "o.nii.gz").exists()
 
 

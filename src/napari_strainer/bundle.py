@@ -247,7 +247,8 @@ def _same_file(a, b) -> bool:
         return False
 
 
-def run_training(dataset_dir: str, output: str, *, steps: int = 5000, lr: float = 1e-4,
+def run_training(dataset_dir: str, output: str, *, steps: int = 500, lr: float = 3e-4,
+                 schedule: str = "cosine",
                  size: int | None = 128, max_slices: int = 10, width: int = 256,
                  layers: int = 6, shared_layers: int = 5, omega: float = 30.0,
                  batch_coords: int | None = None, device: str = "auto", seed: int = 0,
@@ -287,6 +288,7 @@ def run_training(dataset_dir: str, output: str, *, steps: int = 5000, lr: float 
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     try:
         enc = pretrain_distributed(images, output, config=config, steps=steps, lr=lr,
+                                   schedule=schedule,
                                    batch_coords=batch_coords, device=device, seed=seed,
                                    resume=resume, checkpoint_every=checkpoint_every,
                                    callback=progress,

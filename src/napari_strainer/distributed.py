@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from .core.checkpoint import Encoder, load_state, save_encoder, save_state
-from .core.fit import Progress, fit
+from .core.fit import Progress, fit, lr_schedule
 from .core.operators import Identity
 from .core.siren import BatchedSiren, SirenConfig
 from .errors import BadArgumentError
@@ -105,8 +105,9 @@ class SharedGradAdam(torch.optim.Adam):
 
 
 def pretrain_distributed(images: torch.Tensor, output: str | Path, *,
-                         config: SirenConfig | None = None, steps: int = 5000,
-                         lr: float = 1e-4, batch_coords: int | None = None,
+                         config: SirenConfig | None = None, steps: int | None = None,
+                         lr: float | None = None, schedule: str | None = None,
+                         batch_coords: int | None = None,
                          device: str = "auto", seed: int = 0, resume: bool = False,
                          checkpoint_every: int = 100,
                          callback: Callable[[Progress], None] | None = None,
@@ -119,18 +120,29 @@ def pretrain_distributed(images: torch.Tensor, output: str | Path, *,
     ``<output>.state.rank<R>of<W>.safetensors``, same world size required). ``callback`` is
     used on rank 0 only; its loss is rank 0's share.
     """
-    from .tasks import Intensity, pretrain, resolve_device
+    from .tasks import (
+        PRETRAIN_LR,
+        PRETRAIN_SCHEDULE,
+        PRETRAIN_STEPS,
+        Intensity,
+        pretrain,
+        resolve_device,
+    )
 
     config = config or SirenConfig()
+    steps = PRETRAIN_STEPS if steps is None else steps
+    lr = PRETRAIN_LR if lr is None else lr
+    schedule = schedule or PRETRAIN_SCHEDULE
     rank, size = world()
     if size == 1:
-        return pretrain(images, output, config=config, steps=steps, lr=lr,
+        return pretrain(images, output, config=config, steps=steps, lr=lr, schedule=schedule,
                         batch_coords=batch_coords, device=device, seed=seed, resume=resume,
                         checkpoint_every=checkpoint_every, callback=callback, info=info)
     if steps < 1:
         raise BadArgumentError(f"--steps must be at least 1, got {steps}")
     if lr <= 0:
         raise BadArgumentError(f"--lr must be positive, got {lr}")
+    lr_at = lr_schedule(schedule, lr, steps)
     n, h, w = images.shape
     if n < size:
         raise BadArgumentError(f"{n} training images for {size} processes: use at most {n}")
@@ -153,7 +165,7 @@ def pretrain_distributed(images: torch.Tensor, output: str | Path, *,
     opt = SharedGradAdam(net.parameters(), shared, lr=lr)
     target = images[start:stop].reshape(stop - start, h * w, 1).to(dev)
     run = {"config": config.to_dict(), "images": [n, h, w], "lr": lr, "seed": seed,
-           "batch_coords": batch_coords, "rank": rank, "world_size": size,
+           "batch_coords": batch_coords, "schedule": schedule, "steps": steps, "rank": rank, "world_size": size,
            "data_sha256": hashlib.sha256(images.numpy().tobytes()).hexdigest()}
     first = 0
     if resume and state_path.exists():
@@ -169,7 +181,7 @@ def pretrain_distributed(images: torch.Tensor, output: str | Path, *,
                  callback=callback if rank == 0 else None, seed=seed, optimizer=opt,
                  start_step=first,
                  checkpoint=lambda step: save_state(state_path, net, opt, step, run),
-                 checkpoint_every=checkpoint_every)
+                 checkpoint_every=checkpoint_every, lr_at=lr_at)
     local = result.history["loss"][-1] * (stop - start) if result.history["loss"] else 0.0
     total = torch.tensor([local], dtype=torch.float64, device=dev)
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
@@ -177,8 +189,8 @@ def pretrain_distributed(images: torch.Tensor, output: str | Path, *,
         "normalization": Intensity.rule(),
         "trained_on": {"images": n, "shape": [h, w], **(info or {})},
         "steps": result.steps_done, "requested_steps": steps,
-        "final_loss": float(total.item()) / n, "lr": lr, "seed": seed, "batch_coords": batch_coords,
-        "complete": True, "processes": size})
+        "final_loss": float(total.item()) / n, "lr": lr, "schedule": schedule, "seed": seed,
+        "batch_coords": batch_coords, "complete": True, "processes": size})
     if rank == 0:
         save_encoder(encoder, output)
     state_path.unlink(missing_ok=True)

@@ -19,7 +19,15 @@ import torch.nn.functional as F
 
 from .cards import warn_modality
 from .core.checkpoint import Encoder, load_encoder, load_state, save_encoder, save_state
-from .core.fit import PlateauStop, Progress, activation_bytes, available_bytes, fit, render
+from .core.fit import (
+    PlateauStop,
+    Progress,
+    activation_bytes,
+    available_bytes,
+    fit,
+    lr_schedule,
+    render,
+)
 from .core.head import solve_head
 from .core.operators import AreaDownsample, Identity
 from .core.siren import BatchedSiren, SirenConfig
@@ -47,6 +55,9 @@ PATIENCE = {"fit": (50, 0.01)}  # benchmarks/defaults.py
 # (for super-resolution it wins the short race, then ends 4 dB below SIREN on 96 x 96 T1
 # slices: benchmarks/README.md#defaults)
 WARM_TASKS = ("fit", "denoise")
+PRETRAIN_STEPS = 500  # pretraining defaults: benchmarks/paper.py (issue 12)
+PRETRAIN_LR = 3e-4
+PRETRAIN_SCHEDULE = "cosine"
 SELF_STEPS = 300  # --encoder self: pretraining steps on the scan's own slices
 SELF_MIN_SLICES = 3
 MAX_OUTPUT_VOXELS = 2**31 // 4  # a float32 output above 2 GiB is refused
@@ -176,11 +187,16 @@ def training_slices(scans: Sequence[Scan], *, size: int | None = None,
 
 
 def pretrain(images: torch.Tensor, output: str | Path, *, config: SirenConfig | None = None,
-             steps: int = 5000, lr: float = 1e-4, batch_coords: int | None = None,
+             steps: int = PRETRAIN_STEPS, lr: float = PRETRAIN_LR,
+             schedule: str = PRETRAIN_SCHEDULE, batch_coords: int | None = None,
              device: str = "auto", seed: int = 0, resume: bool = False,
              checkpoint_every: int = 100, callback: Callable[[Progress], None] | None = None,
              cancel=None, info: dict | None = None) -> Encoder:
     """Pretrain a shared encoder on ``images`` ``[N, H, W]`` (one head each) and save it.
+
+    Adam at ``lr`` under ``schedule`` (:data:`~.core.fit.SCHEDULES`; the default cosine decay
+    at 3e-4 reaches in 500 steps about the gain the paper's constant 1e-4 reaches in 2000:
+    ``benchmarks/paper/README.md``).
 
     Training state is saved every ``checkpoint_every`` steps next to ``output`` (suffix
     ``.state.safetensors``); ``resume=True`` continues from it and ends with the same encoder
@@ -192,6 +208,7 @@ def pretrain(images: torch.Tensor, output: str | Path, *, config: SirenConfig | 
         raise BadArgumentError(f"--steps must be at least 1, got {steps}")
     if lr <= 0:
         raise BadArgumentError(f"--lr must be positive, got {lr}")
+    lr_at = lr_schedule(schedule, lr, steps)
     output = Path(output)
     state_path = output.with_name(output.name + ".state.safetensors")
     dev = resolve_device(device)
@@ -201,7 +218,7 @@ def pretrain(images: torch.Tensor, output: str | Path, *, config: SirenConfig | 
     net = BatchedSiren(config, batch=n, shared=config.shared_layers, seed=seed).to(dev)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     run = {"config": config.to_dict(), "images": [n, h, w], "lr": lr, "seed": seed,
-           "batch_coords": batch_coords,
+           "batch_coords": batch_coords, "schedule": schedule, "steps": steps,
            "data_sha256": hashlib.sha256(images.numpy().tobytes()).hexdigest()}
     start = 0
     if resume and state_path.exists():
@@ -216,13 +233,13 @@ def pretrain(images: torch.Tensor, output: str | Path, *, config: SirenConfig | 
                  batch_coords=batch_coords, keep_best=False, callback=callback, cancel=cancel,
                  seed=seed, optimizer=opt, start_step=start,
                  checkpoint=lambda step: save_state(state_path, net, opt, step, run),
-                 checkpoint_every=checkpoint_every)
+                 checkpoint_every=checkpoint_every, lr_at=lr_at)
     loss = result.history["loss"][-1] if result.history["loss"] else None
     encoder = Encoder(config, [(a.cpu(), b.cpu()) for a, b in net.encoder_weights()], {
         "normalization": Intensity.rule(),
         "trained_on": {"images": n, "shape": [h, w], **(info or {})},
         "steps": result.steps_done, "requested_steps": steps, "final_loss": loss,
-        "lr": lr, "seed": seed, "batch_coords": batch_coords,
+        "lr": lr, "schedule": schedule, "seed": seed, "batch_coords": batch_coords,
         "complete": not result.cancelled})
     save_encoder(encoder, output)
     if result.cancelled:

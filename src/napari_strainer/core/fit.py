@@ -117,7 +117,8 @@ def fit(net: BatchedSiren, target: torch.Tensor, *, steps: int, operator=None,
         callback: Callable[[Progress], None] | None = None, cancel=None, seed: int = 0,
         optimizer: torch.optim.Optimizer | None = None, start_step: int = 0,
         checkpoint: Callable[[int], None] | None = None, checkpoint_every: int = 0,
-        holdout: torch.Tensor | None = None) -> FitResult:
+        holdout: torch.Tensor | None = None,
+        lr_at: Callable[[int], float] | None = None) -> FitResult:
     """Fit ``net`` so that ``operator(net(grid)) ~ target``.
 
     Args:
@@ -141,6 +142,8 @@ def fit(net: BatchedSiren, target: torch.Tensor, *, steps: int, operator=None,
         checkpoint: called with the step every ``checkpoint_every`` updates.
         holdout: bool mask ``[batch or 1, observed pixels]`` of observations left out of the
             training loss; their loss (history ``val_loss``) is then the monitored loss.
+        lr_at: learning rate of the update at each step (e.g. :func:`cosine_lr`); step-indexed,
+            so resuming is exact. None: ``lr`` throughout.
 
     Returns:
         A :class:`FitResult`; ``net`` holds the kept weights.
@@ -243,6 +246,9 @@ def fit(net: BatchedSiren, target: torch.Tensor, *, steps: int, operator=None,
             break
         optimizer.zero_grad(set_to_none=True)
         loss_per.sum().backward()
+        if lr_at is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step)
         optimizer.step()
     if tf32 is not None:
         torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -258,6 +264,22 @@ def fit(net: BatchedSiren, target: torch.Tensor, *, steps: int, operator=None,
     result.stop_step = [None if s < 0 else int(s) for s in stop_step.tolist()]
     result.optimizer = optimizer
     return result
+
+
+SCHEDULES = ("cosine", "constant")
+"""Learning-rate schedules of pretraining (:func:`lr_schedule`)."""
+
+
+def cosine_lr(lr: float, steps: int) -> Callable[[int], float]:
+    """``lr`` decaying to 0 along half a cosine over ``steps`` updates."""
+    return lambda step: lr * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+
+
+def lr_schedule(name: str, lr: float, steps: int) -> Callable[[int], float] | None:
+    """The ``lr_at`` of :func:`fit` for schedule ``name`` (one of :data:`SCHEDULES`)."""
+    if name not in SCHEDULES:
+        raise BadArgumentError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {name!r}")
+    return cosine_lr(lr, steps) if name == "cosine" else None
 
 
 def _allow_tf32(device: torch.device) -> bool | None:

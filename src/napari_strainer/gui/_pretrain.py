@@ -8,14 +8,15 @@ from pathlib import Path
 import napari
 from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, LineEdit, Select, SpinBox
 
+from ..core.fit import SCHEDULES
 from ..core.siren import SirenConfig
 from ..errors import BadArgumentError
+from ..tasks import PRETRAIN_LR, PRETRAIN_SCHEDULE, PRETRAIN_STEPS
 from ._common import JobWidget, collapsible, image_layers, parse_float
 from ._jobs import notify
 from ._layers import image_layer_scan
 
 PAPER = SirenConfig()
-DEFAULT_STEPS = 5000
 
 
 class PretrainWidget(JobWidget):
@@ -39,7 +40,8 @@ class PretrainWidget(JobWidget):
         self.size = SpinBox(label="resample to", value=0, min=0, max=4096,
                             tooltip="resample slices to N x N pixels (0: keep; needed when "
                                     "the scans differ in size)")
-        self.steps = SpinBox(label="steps", value=DEFAULT_STEPS, min=1, max=10_000_000)
+        self.steps = SpinBox(label="steps", value=PRETRAIN_STEPS, min=1, max=10_000_000,
+                             tooltip="Adam steps (the paper: 5000 at a constant 1e-4)")
         self.batch_coords = SpinBox(label="coords per step", value=0, min=0, max=100_000_000,
                                     tooltip="random pixel coordinates per step (0: all). "
                                             "Fewer use less memory.")
@@ -55,11 +57,16 @@ class PretrainWidget(JobWidget):
                               max=31)
         self.omega_first = LineEdit(label="omega first", value=f"{PAPER.omega_first:g}")
         self.omega_hidden = LineEdit(label="omega hidden", value=f"{PAPER.omega_hidden:g}")
-        self.lr = LineEdit(label="learning rate", value="1e-4")
+        self.lr = LineEdit(label="learning rate", value=f"{PRETRAIN_LR:g}",
+                           tooltip="peak learning rate of the schedule")
+        self.schedule = ComboBox(label="schedule", choices=list(SCHEDULES),
+                                 value=PRETRAIN_SCHEDULE,
+                                 tooltip="cosine: decays to 0 over the steps (reaches the "
+                                         "paper's gain in fewer steps); constant: the paper's")
         self.seed = SpinBox(label="seed", value=0, min=0, max=2**31 - 1)
         self.arch = Container(widgets=[self.net_width, self.n_layers, self.shared,
                                        self.omega_first, self.omega_hidden, self.lr,
-                                       self.seed])
+                                       self.schedule, self.seed])
         super().__init__(viewer, [self.source, self.layers, self.folder, self.max_slices,
                                   self.size, self.steps, self.batch_coords, self.output,
                                   self.resume], plot_title="pretraining loss")
@@ -92,6 +99,7 @@ class PretrainWidget(JobWidget):
 
         config = self.config()
         lr = parse_float(self.lr.value, "learning rate")
+        schedule = self.schedule.value
         output = Path(str(self.output.value)).expanduser()
         if not str(self.output.value).strip() or output.is_dir():
             raise BadArgumentError("choose a file to save the encoder to")
@@ -132,6 +140,7 @@ class PretrainWidget(JobWidget):
                 report({"step": p.step, "total": p.total, "loss": p.loss})
 
             encoder = tasks.pretrain(images, output, config=config, steps=steps, lr=lr,
+                                     schedule=schedule,
                                      batch_coords=batch_coords, device=device, seed=seed,
                                      resume=resume, callback=callback, cancel=cancel,
                                      info={"sources": [Path(n).name for n in names],
