@@ -295,7 +295,7 @@ def ablations_part(a, cfg, train, sets, tmp) -> dict:
         print(r, flush=True)
 
     n = a.pretrain
-    for k in (1, 3, 5):
+    for k in a.shared:
         c = SirenConfig(shared_layers=k)
         evaluate("shared layers", k, strainer(train, c, n, tmp, f"shared{k}"
                                               if k != 5 else "STRAINER-10"))
@@ -306,8 +306,10 @@ def ablations_part(a, cfg, train, sets, tmp) -> dict:
     for s in a.pretrain_steps:
         evaluate("pretraining steps", s, strainer(train, cfg, s, tmp, f"steps{s}"
                                                   if s != n else "STRAINER-10"))
-    evaluate("pretraining steps", "2000, paper (1e-4 constant)",
-             strainer(train, cfg, 2000, tmp, "paper2000", lr=1e-4, schedule="constant"))
+    if a.paper_steps:
+        evaluate("pretraining steps", f"{a.paper_steps}, paper (1e-4 constant)",
+                 strainer(train, cfg, a.paper_steps, tmp, "paper", lr=1e-4,
+                          schedule="constant"))
     print(f"\nablations (in-domain, {target.shape[0]} test images, {steps} test steps; SIREN "
           f"{out['SIREN']:.2f} dB at {steps})\n" + table(out["rows"], list(out["rows"][0])),
           flush=True)
@@ -490,6 +492,11 @@ def main() -> None:
                    default=[100, 300, 500, 1000], help="pretraining lengths of the ablation (the "
                    "product's recipe; the paper's 2000 steps at 1e-4 are added)")
     p.add_argument("--ablation-steps", type=int, default=100)
+    p.add_argument("--shared", type=lambda s: [int(x) for x in s.split(",")], default=[1, 3, 5],
+                   help="shared-layer counts of the ablation (below 5 the per-image sine "
+                        "layers make pretraining about 10x slower)")
+    p.add_argument("--paper-steps", type=int, default=2000,
+                   help="the paper's recipe (constant 1e-4) in the length ablation; 0: skip")
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args()
     if a.threads:
