@@ -36,7 +36,10 @@ at a constant 1e-4). Analyses: principal components of the encoder
 features, histograms of weights and of test-time gradients per layer, the partition of the
 image plane by the features (k-means of the per-pixel feature vectors).
 
-    python benchmarks/paper.py [--part main|ablations|analyses|all] [--pretrain 500] [--steps 200]
+A last part (``size128``) pretrains the encoder on the same 10 slices at 128 x 128 and fits 3
+held-out slices for 100 steps (SIREN, random head, solved head).
+
+    python benchmarks/paper.py [--part main|ablations|analyses|size128|all] [--pretrain 500] [--steps 200]
 """
 
 from __future__ import annotations
@@ -355,6 +358,21 @@ def analyses_part(a, cfg, train, sets, tmp) -> dict:
     return out
 
 
+def size128_part(a, cfg, train, sets, tmp) -> dict:
+    """A 128 x 128 encoder (the product's recipe) on 3 held-out slices, 100 test steps."""
+    imgs, train_idx, held = slices(128)
+    t = time.perf_counter()
+    enc = strainer(imgs[train_idx], cfg, a.pretrain, tmp, "STRAINER-10-128")
+    out = {"pretrain_seconds": time.perf_counter() - t, "steps": a.pretrain}
+    target = imgs[held][:3]
+    for name, m in (("SIREN", None), ("STRAINER-10", enc), ("STRAINER-10, solved head",
+                                                          enc.solved())):
+        c = run(m, cfg, target, 100)
+        out[name] = {k: c["psnr"][c["iterations"].index(k)] for k in (0, 10, 50, 100)}
+        print(name, out[name], flush=True)
+    return out
+
+
 # ----------------------------------------------------------------------------- figures
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")[:24]
@@ -481,7 +499,8 @@ def _plot_partition(feats: dict, path: Path, k: int = 8) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--part", choices=("main", "ablations", "analyses", "all"), default="all")
+    p.add_argument("--part", choices=("main", "ablations", "analyses", "size128", "all"),
+                   default="all")
     p.add_argument("--pretrain", type=int, default=PRETRAIN_STEPS,
                    help="pretraining steps of the encoders (default: the product's, "
                         "%(default)s); Reptile and SIREN-fit-1 get STRAINER-10's wall time")
@@ -508,9 +527,10 @@ def main() -> None:
     train, train_idx, sets = test_sets(SIZE)
     print(f"training slices {train_idx}; test sets "
           + ", ".join(f"{k}: {v.shape[0]}" for k, v in sets.items()), flush=True)
-    parts = ("main", "ablations", "analyses") if a.part == "all" else (a.part,)
+    parts = ("main", "ablations", "analyses", "size128") if a.part == "all" else (a.part,)
     for part in parts:
-        fn = {"main": main_part, "ablations": ablations_part, "analyses": analyses_part}[part]
+        fn = {"main": main_part, "ablations": ablations_part, "analyses": analyses_part,
+              "size128": size128_part}[part]
         result = {"machine": machine(), "args": vars(a), **fn(a, cfg, train, sets, tmp)}
         (OUT / f"{part}.json").write_text(json.dumps(result, indent=1, default=float))
         print(f"wrote {OUT / f'{part}.json'}", flush=True)
