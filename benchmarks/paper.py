@@ -302,10 +302,15 @@ def ablations_part(a, cfg, train, sets, tmp) -> dict:
         c = SirenConfig(shared_layers=k)
         evaluate("shared layers", k, strainer(train, c, n, tmp, f"shared{k}"
                                               if k != 5 else "STRAINER-10"))
+    default = next((r for r in out["rows"] if r["value"] == 5), None)
     evaluate("width", 128, strainer(train, SirenConfig(width=128), n, tmp, "w128"))
+    if default:  # the default network, for the width and training-image panels
+        out["rows"].append({**default, "ablation": "width", "value": 256})
     for m in (1, 3):
         pick = train[np.linspace(0, len(train) - 1, m).round().astype(int)]
         evaluate("training images", m, strainer(pick, cfg, n, tmp, f"img{m}"))
+    if default:
+        out["rows"].append({**default, "ablation": "training images", "value": len(train)})
     for s in a.pretrain_steps:
         evaluate("pretraining steps", s, strainer(train, cfg, s, tmp, f"steps{s}"
                                                   if s != n else "STRAINER-10"))
