@@ -174,14 +174,13 @@ def reptile(images: torch.Tensor, cfg: SirenConfig, seconds: float, inner: int =
         phi.buffers.clear()
         return [p.detach() for p in phi.parameters()]
 
-    first = time.perf_counter()
     outer = 0
     total = None
     while True:
         k = int(torch.randint(n, (1,), generator=g))
         phi = adapt(k)
         if total is None:  # size the schedule from the first outer step
-            total = max(1, int(seconds / (time.perf_counter() - first)))
+            total = max(1, int(seconds / (time.perf_counter() - t0)))
         eps = 1.0 - outer / total
         with torch.no_grad():
             for p, q in zip(theta.parameters(), phi):

@@ -247,8 +247,8 @@ def _same_file(a, b) -> bool:
         return False
 
 
-def run_training(dataset_dir: str, output: str, *, steps: int = 500, lr: float = 3e-4,
-                 schedule: str = "cosine",
+def run_training(dataset_dir: str, output: str, *, steps: int | None = None,
+                 lr: float | None = None, schedule: str | None = None,
                  size: int | None = 128, max_slices: int = 10, width: int = 256,
                  layers: int = 6, shared_layers: int = 5, omega: float = 30.0,
                  batch_coords: int | None = None, device: str = "auto", seed: int = 0,
@@ -261,7 +261,9 @@ def run_training(dataset_dir: str, output: str, *, steps: int = 500, lr: float =
     from .distributed import pretrain_distributed, world
 
     resume, quiet = _flag(resume), _flag(quiet)
-    from .tasks import training_slices
+    from .tasks import PRETRAIN_STEPS, training_slices
+
+    steps = PRETRAIN_STEPS if steps is None else steps  # lr, schedule: pretrain's defaults
 
     rank, _ = world()
     items = list_scans(dataset_dir)

@@ -14,6 +14,7 @@ from superqt import QCollapsible
 
 from ..errors import BadArgumentError
 from ._jobs import Job
+from ._layers import scan_to_layer
 from ._plot import CurvePlot
 
 
@@ -138,6 +139,16 @@ class JobWidget(Container):
         self.run_button.enabled = True
         self.stop_button.enabled = False
         self.on_finished()
+
+    def add_result(self, scan, name: str, history: dict, like=None):
+        """Add ``scan`` as a new image layer ``name`` carrying ``history`` in its metadata,
+        displayed like the layer ``like`` (its contrast limits and colormap) while it is still
+        in the viewer; returns the layer."""
+        data, attrs, _ = scan_to_layer(scan, name, metadata={"strainer_history": history})
+        if like is not None and like in self.viewer.layers:
+            attrs["contrast_limits"] = tuple(like.contrast_limits)
+            attrs["colormap"] = like.colormap.name
+        return self.viewer.add_image(data, **attrs)
 
     def set_status(self, text: str) -> None:
         self.status.value = text

@@ -14,7 +14,7 @@ from ..errors import BadArgumentError, StrainerError
 from ..io.scan import Scan
 from ._common import JobWidget, collapsible, image_layers, parse_float
 from ._jobs import notify
-from ._layers import image_layer_scan, scan_to_layer
+from ._layers import image_layer_scan
 
 
 class FuseWidget(JobWidget):
@@ -158,13 +158,7 @@ class FuseWidget(JobWidget):
         name = f"{self._names[0]} fused ({len(self._names)} stacks)"
         if hist.get("cancelled"):
             name += " [stopped]"
-        data, attrs, _ = scan_to_layer(restoration.scan, name, metadata={
-            "strainer_history": hist})
-        src = self._source_layer
-        if src is not None and src in self.viewer.layers:
-            attrs["contrast_limits"] = tuple(src.contrast_limits)
-            attrs["colormap"] = src.colormap.name
-        self.result_layer = self.viewer.add_image(data, **attrs)
+        self.result_layer = self.add_result(restoration.scan, name, hist, self._source_layer)
         shape = " x ".join(map(str, restoration.scan.shape))
         msg = (f"{'Stopped' if hist.get('cancelled') else 'Done'}: {name}, {shape} voxels of "
                f"{hist['spacing_mm']:g} mm ({time.monotonic() - self._t0:.0f} s)")

@@ -18,7 +18,7 @@ from ..errors import BadArgumentError
 from ..io.scan import upsampled_affine
 from ._common import JobWidget, collapsible, image_layers, parse_float
 from ._jobs import notify
-from ._layers import KEY, geometry, image_layer_scan, scan_to_layer
+from ._layers import KEY, geometry, image_layer_scan
 
 TASK_LABELS = [("fit (represent the scan)", "fit"), ("super-resolve", "superres"),
                ("denoise", "denoise")]
@@ -329,14 +329,8 @@ class RestoreWidget(JobWidget):
         name = f"{self._source_layer.name} {what} ({enc})"
         if hist.get("cancelled"):
             name += " [stopped]"
-        data, attrs, _ = scan_to_layer(restoration.scan, name, metadata={
-            "strainer_history": hist})
-        src = self._source_layer
-        if src is not None and src in self.viewer.layers:
-            attrs["contrast_limits"] = tuple(src.contrast_limits)
-            attrs["colormap"] = src.colormap.name
         self._remove_preview()
-        self.result_layer = self.viewer.add_image(data, **attrs)
+        self.result_layer = self.add_result(restoration.scan, name, hist, self._source_layer)
         last = (f"; final PSNR {hist['psnr'][-1]:.2f} dB" if hist.get("psnr")
                 and hist["psnr"][-1] is not None else "")
         msg = (f"{'Stopped' if hist.get('cancelled') else 'Done'}: {name}"
