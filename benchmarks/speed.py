@@ -19,6 +19,9 @@ in the same repetitions. Peak RSS is measured in a child process per case. A sta
 (sample brain MRI slice, 64x64, 500 steps) checks that ``fused`` matches ``before``
 (|dPSNR| < 0.05 dB) and ``bf16`` loses < 0.1 dB.
 
+On CUDA every matmul (the per-case peak too) runs in TF32, as ``fit`` does there: the
+``fp32`` columns then mean TF32.
+
     python benchmarks/speed.py [--quick] [--device cpu|cuda] [--threads N]
 """
 
@@ -75,6 +78,8 @@ class RefSiren(nn.Module):
 
 
 def matmul_flops(device, n=2048, reps=10, dtype=torch.float32) -> float:
+    if device.type == "cuda":
+        n = 8192  # 2048^3 is launch-bound on a GPU
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     for _ in range(2):
         a @ b
@@ -208,6 +213,8 @@ def child(case: str, device) -> dict:
         info["slices_per_batch"] = len(r.history["best_step"])
     info["seconds"] = time.perf_counter() - t0
     info["peak_rss_mib"] = peak_rss_mib()
+    if device.type == "cuda":
+        info["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return info
 
 
@@ -247,6 +254,10 @@ def main():
     torch.set_num_threads(a.threads)
     peak = matmul_flops(device)  # standalone; each case also times it between its steps
     peak_bf16 = matmul_flops(device, dtype=torch.bfloat16)
+    peak_tf32 = None
+    if device.type == "cuda":  # fit() multiplies in TF32 on CUDA: so does everything below
+        torch.backends.cuda.matmul.allow_tf32 = True
+        peak_tf32 = matmul_flops(device)
     iters = 2 if a.quick else 3
     cases = [("fit 128x128", (128, 128), 1, False, 1),
              ("fit 256x256", (256, 256), 1, False, 1),
@@ -289,13 +300,15 @@ def main():
     cols = ["case", "ref_s_per_it"] + [f"{v}_s_per_it" for v in VARIANTS] + \
         [f"{v}_over_ref" for v in VARIANTS] + \
         ["ref_pct_fp32_peak"] + [f"{v}_pct_fp32_peak" for v in VARIANTS] + ["fp32_matmul_gflops"]
-    print(f"\nmatmul peak: fp32 {peak / 1e9:.1f}, bf16 {peak_bf16 / 1e9:.1f} GFLOP/s on {device},"
-          f" {a.threads} thread(s)")
+    tf32 = f", tf32 {peak_tf32 / 1e9:.1f}" if peak_tf32 else ""
+    print(f"\nmatmul peak: fp32 {peak / 1e9:.1f}, bf16 {peak_bf16 / 1e9:.1f}{tf32} GFLOP/s on"
+          f" {device}, {a.threads} thread(s)")
     print(table(rows, cols))
     print()
-    print(table(mem, ["case", "peak_rss_mib", "seconds", "slices_per_batch"]))
+    print(table(mem, ["case", "peak_rss_mib", "peak_gpu_mib", "seconds", "slices_per_batch"]))
     path = save(f"speed_{device.type}", {
         "matmul_gflops": peak / 1e9, "matmul_bf16_gflops": peak_bf16 / 1e9,
+        "matmul_tf32_gflops": peak_tf32 and peak_tf32 / 1e9,
         "threads": a.threads, "reps": a.reps, "iters_per_rep": iters, "rows": rows,
         "psnr_db": psnr, "psnr_delta": psnr_delta, "psnr_steps": a.psnr_steps,
         "memory": mem})

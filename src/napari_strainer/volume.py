@@ -360,7 +360,7 @@ def fuse(scans: Sequence[Scan], *, spacing: float | None = None, profile: str = 
             callback(Progress(ls_steps + p.step, total, p.loss, p.psnr, p.seconds, p.preview))
 
     init = torch.stack([_resample(s, grid, frame) for s in stacks]).mean(0)
-    base = fit_grid(stacks, grid, frame, init, steps=ls_steps, seed=seed,
+    base = fit_grid(stacks, grid, frame, init, steps=ls_steps,
                     callback=grid_progress, cancel=cancel)
     weight = TV_WEIGHT["fuse"] if tv is None else tv
     prior = None

@@ -311,9 +311,11 @@ def activation_bytes(config: SirenConfig, members: int, pixels: int) -> int:
 
 
 def available_bytes(device: torch.device) -> int:
-    """Free memory for tensors: CUDA free memory, or the OS's available RAM on CPU."""
+    """Free memory for tensors: CUDA free memory plus what this process's caching allocator
+    holds unused (an earlier fit's blocks, reusable), or the OS's available RAM on CPU."""
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(torch.cuda.mem_get_info(device)[0]) + int(cached)
     try:
         with open("/proc/meminfo") as f:
             info = dict(line.split(":", 1) for line in f)

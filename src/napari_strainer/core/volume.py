@@ -245,15 +245,18 @@ class TVPrior:
 
 
 def fit_grid(stacks: Sequence[Stack], grid: Grid, frame: WorldFrame, init: torch.Tensor, *,
-             steps: int = 300, lr: float = 0.05, smooth: float = 3e-5, batch: int = 1 << 16,
-             seed: int = 0, callback: Callable[[Progress], None] | None = None,
+             steps: int = 300, lr: float = 0.05, smooth: float = 3e-5, chunk: int = 1 << 16,
+             callback: Callable[[Progress], None] | None = None,
              cancel=None) -> GridBase:
     """Classical least-squares super-resolution reconstruction through the same operators.
 
     The unknown is the voxel grid itself (trilinear between voxel centres), fitted by Adam to
     ``mean(data error^2) + smooth * mean(finite differences^2)`` from ``init`` (e.g. the mean
-    of the stacks' interpolations), up to ``batch`` observed voxels per stack and step.
-    Returns the fitted grid as a :class:`GridBase` (for :func:`fit_volume`'s ``base``).
+    of the stacks' interpolations). Every step sees every observed voxel (full-batch
+    gradients, accumulated ``chunk`` voxels at a time, so memory stays bounded): random
+    minibatches leave most voxels of a large grid with a few noisy Adam updates (a 256 x 256
+    x 150 fusion fell 6 dB below its starting point). Returns the fitted grid as a
+    :class:`GridBase` (for :func:`fit_volume`'s ``base``).
     """
     device = init.device
     vals = torch.nn.Parameter(init.detach().clone().reshape(1, 1, *grid.shape))
@@ -261,21 +264,23 @@ def fit_grid(stacks: Sequence[Stack], grid: Grid, frame: WorldFrame, init: torch
     opt = torch.optim.Adam([vals], lr=lr)
     t0 = time.perf_counter()
     for step in range(steps):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
         base.values = vals
-        data = []
+        opt.zero_grad(set_to_none=True)
+        loss = 0.0
         for s in stacks:
             n = s.values.numel()
-            flat = (torch.arange(n) if n <= batch else torch.randint(n, (batch,), generator=g))
-            flat = flat.to(device)
-            data.append((s.integrate(base(s.points(flat))) - s.values[flat]).pow(2).mean())
-        loss = sum(data) / len(data)
-        loss = loss + smooth * sum(torch.diff(vals, dim=d).pow(2).mean() for d in (2, 3, 4))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+            for start in range(0, n, chunk):
+                flat = torch.arange(start, min(start + chunk, n), device=device)
+                part = (s.integrate(base(s.points(flat))) - s.values[flat]).pow(2).sum() \
+                    / (n * len(stacks))
+                part.backward()
+                loss += float(part.detach())
+        reg = smooth * sum(torch.diff(vals, dim=d).pow(2).mean() for d in (2, 3, 4))
+        reg.backward()
+        loss += float(reg.detach())
         opt.step()
         if callback is not None and step % 10 == 0:
-            callback(Progress(step, steps, float(loss.detach()), None, time.perf_counter() - t0,
+            callback(Progress(step, steps, loss, None, time.perf_counter() - t0,
                               lambda: vals.detach()[0, 0, ..., None].cpu()))
         if cancel is not None and cancel.is_set():
             break
