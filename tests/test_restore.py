@@ -4,6 +4,7 @@ import json
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 import torch
 
@@ -39,6 +40,11 @@ def test_superres_dicom_series_to_dicom(tiny_encoder, samples, tmp_path):
     np.testing.assert_allclose(res.spacing[1:], np.array(src.spacing[1:]) / 2, rtol=1e-4)
     np.testing.assert_allclose(res.affine @ [0, 0.5, 0.5, 1], src.affine @ [0, 0, 0, 1],
                                atol=1e-3)
+    ds = pydicom.dcmread(next(out.iterdir()))  # the settings are recorded in the series
+    assert ds.SeriesDescription == "INR super-resolution x2 (STRAINER, napari-strainer)"
+    assert ds.DerivationDescription.startswith(ds.SeriesDescription + ": route ")
+    assert "at most 1 Adam steps per slice at lr 0.0001" in ds.DerivationDescription
+    assert ds.DerivationDescription.endswith("seed 0")
 
 
 def test_estimate_sigma_on_real_slice():

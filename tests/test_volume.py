@@ -6,6 +6,7 @@ import json
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 import torch
 
@@ -129,6 +130,10 @@ def test_superres_slice_and_inplane_dicom_series(samples, tmp_path):
     assert len(list(out.iterdir())) == src.shape[0] * 2  # one file per new slice
     np.testing.assert_allclose(res.affine, upsampled_affine(src.affine, (2, 2, 2)), atol=1e-3)
     assert res.meta["slice_spacing"] == pytest.approx(src.spacing[0] / 2, rel=1e-4)
+    ds = pydicom.dcmread(next(out.iterdir()))  # the settings are recorded in the series
+    assert "gaussian slice profile of 3 mm" in ds.DerivationDescription
+    assert "1 Adam steps" in ds.DerivationDescription and "seed 0" in ds.DerivationDescription
+    assert ds.SeriesDescription in ds.DerivationDescription
 
 
 def test_superres_thickness_from_dicom(samples):

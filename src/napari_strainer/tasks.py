@@ -510,7 +510,11 @@ def restore(scan: Scan, *, task: str = "fit", encoder: str | Path | Encoder | No
     what = {"fit": "INR fit", "superres": f"INR super-resolution x{scale}",
             "denoise": "INR denoising"}[task]
     desc = f"{what} ({'STRAINER' if chosen.encoder is not None else 'SIREN'}, napari-strainer)"
-    out = scan.derive(inten.inverse(result, scan.data.dtype), affine=affine, description=desc)
+    how = (f"{desc}: route {chosen.name}, head {history['head']}, freeze {chosen.freeze}, "
+           f"at most {steps} Adam steps per slice at lr {lr:g} ({history['stop_reason']}), "
+           f"seed {seed}")
+    out = scan.derive(inten.inverse(result, scan.data.dtype), affine=affine, description=desc,
+                      derivation=how)
     return Restoration(out, history)
 
 

@@ -236,8 +236,10 @@ def superres_volume(scan: Scan, *, slice_scale: int = 2, scale: int = 1,
                 slice_thickness_mm=thick, base=base, normalization=inten.to_dict())
     desc = (f"INR through-plane super-resolution x{slice_scale}"
             f"{f' in-plane x{scale}' if scale > 1 else ''} (3D SIREN, napari-strainer)")
+    how = (f"{desc}: {profile} slice profile of {thick:g} mm, base {base}, {steps} Adam steps "
+           f"of {batch} voxels at lr {lr:g}, TV {weight:g}, seed {seed}")
     return Restoration(scan.derive(inten.inverse(out, scan.data.dtype), affine=grid.affine,
-                                   description=desc), hist)
+                                   description=desc, derivation=how), hist)
 
 
 def output_grid(first: Scan, spacing: float) -> Grid:
@@ -377,8 +379,10 @@ def fuse(scans: Sequence[Scan], *, spacing: float | None = None, profile: str = 
     how = "least squares + 3D SIREN" if steps else "least squares"
     desc = f"fusion of {len(scans)} stacks ({how}, napari-strainer)"
     first = scans[0]
+    how = (f"{desc}: {profile} slice profiles, {ls_steps} least-squares steps, {steps} INR "
+           f"steps at lr {lr:g}, TV {weight:g}, {spacing:g} mm grid, seed {seed}")
     out_scan = first.derive(intens[0].inverse(out, first.data.dtype), affine=grid.affine,
-                            description=desc)
+                            description=desc, derivation=how)
     return Restoration(out_scan, hist)
 
 
@@ -432,5 +436,7 @@ def denoise_volume(scan: Scan, *, sigma="auto", steps: int | None = None, lr: fl
                 stop_reason=stop.reason if stop is not None and hist["stop_step"] is not None
                 else "ran all steps")
     desc = "INR volume denoising (3D SIREN + TV, napari-strainer)"
-    return Restoration(scan.derive(inten.inverse(out, scan.data.dtype), description=desc),
-                       hist)
+    how = (f"{desc}: at most {steps} Adam steps at lr {lr:g} ({hist['stop_reason']}), "
+           f"TV {weight:g}, seed {seed}")
+    return Restoration(scan.derive(inten.inverse(out, scan.data.dtype), description=desc,
+                                   derivation=how), hist)

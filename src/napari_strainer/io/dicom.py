@@ -907,7 +907,7 @@ def _new_dataset(scan: Scan, sop_class: str, series_uid: str, study_uid: str, fo
     desc = scan.meta.get("description") or (
         f"{scan.meta.get('series_description') or 'scan'} (napari-strainer)")
     ds.SeriesDescription = str(desc)[:64]
-    ds.DerivationDescription = str(desc)[:1024]
+    ds.DerivationDescription = str(scan.meta.get("derivation") or desc)[:1024]
     ds.ImageType = _image_type(ds.get("ImageType"), scan.meta.get("sop_class", ""), sop_class)
     ds.SeriesDate = ds.ContentDate = ds.InstanceCreationDate = date
     ds.SeriesTime = ds.ContentTime = ds.InstanceCreationTime = time

@@ -63,14 +63,17 @@ class Scan:
         return str(self.meta.get("modality", "OT"))
 
     def derive(self, data: np.ndarray, *, affine: np.ndarray | None = None,
-               description: str | None = None) -> Scan:
+               description: str | None = None, derivation: str | None = None) -> Scan:
         """A new scan with processed ``data`` that keeps this scan's metadata and source link.
 
-        ``description`` names the processing (it becomes the DICOM SeriesDescription).
+        ``description`` names the processing (it becomes the DICOM SeriesDescription);
+        ``derivation`` details it, settings included (DICOM DerivationDescription; default:
+        the description).
         """
         meta = dict(self.meta)
         if description:
             meta["description"] = description
+            meta["derivation"] = derivation or description
         return replace(self, data=data, affine=self.affine if affine is None else affine,
                        meta=meta)
 
