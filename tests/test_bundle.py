@@ -208,3 +208,12 @@ def test_bundle_model_is_the_shipped_encoder():
         assert DEFAULT_ENCODER.read_bytes() == model.read_bytes()
     net = StrainerNet(**meta["architecture"]).load_encoder(model)
     assert net(grid((4, 4)).T.reshape(1, 2, 4, 4)).shape == (1, 1, 4, 4)
+
+
+def test_bundle_training_defaults_follow_the_package():
+    """train.json repeats the package's pretraining recipe as literals: keep them in step."""
+    from napari_strainer.tasks import PRETRAIN_LR, PRETRAIN_SCHEDULE, PRETRAIN_STEPS
+
+    cfg = json.loads((CONFIGS / "train.json").read_text())
+    assert (cfg["steps"], cfg["lr"], cfg["schedule"]) == (
+        PRETRAIN_STEPS, PRETRAIN_LR, PRETRAIN_SCHEDULE)
