@@ -58,8 +58,8 @@ from paper_fit import slices
 
 from napari_strainer.core import BatchedSiren, Identity, SirenConfig, fit, solve_head
 from napari_strainer.core.coords import grid
-from napari_strainer.core.fit import make_adam
-from napari_strainer.core.head import _features
+from napari_strainer.core.fit import make_adam, warmup_lr
+from napari_strainer.core.head import WARMUP_STEPS, _features
 from napari_strainer.io import read_scan, sample_path
 from napari_strainer.tasks import (
     PRETRAIN_LR,
@@ -100,9 +100,13 @@ class Init:
         self.name, self.cfg, self.encoder, self.full = name, cfg, encoder, full
         self.head, self.seconds, self.info = head, seconds, info or {}
 
-    def solved(self) -> Init:
-        return Init(self.name + ", solved head", self.cfg, encoder=self.encoder,
-                    full=self.full, head="solved", seconds=self.seconds, info=self.info)
+    def solved(self, warmup: bool = False) -> Init:
+        """The same start with the head solved on the target's features; ``warmup``: then
+        the learning-rate warm-up that fitting uses (``core.head.WARMUP_STEPS``)."""
+        return Init(self.name + ", solved head" + (" + warm-up" if warmup else ""), self.cfg,
+                    encoder=self.encoder, full=self.full,
+                    head="solved-warmup" if warmup else "solved", seconds=self.seconds,
+                    info=self.info)
 
     def build(self, n: int, seed: int = 1) -> BatchedSiren:
         net = BatchedSiren(self.cfg, batch=n, seed=seed)
@@ -200,8 +204,11 @@ def run(init: Init | None, cfg: SirenConfig, target: torch.Tensor, steps: int,
     y = target.reshape(n, -1, 1)
     op = Identity((h, w))
     net = init.build(n, seed) if init is not None else BatchedSiren(cfg, batch=n, seed=seed)
-    if init is not None and init.head == "solved":
+    lr_at = None
+    if init is not None and init.head.startswith("solved"):
         solve_head(net, y, op)
+        if init.head == "solved-warmup":
+            lr_at = warmup_lr(1e-4, WARMUP_STEPS)
     per_image = []
 
     def log(p) -> None:
@@ -210,7 +217,8 @@ def run(init: Init | None, cfg: SirenConfig, target: torch.Tensor, steps: int,
             mse = (pred - y.reshape(n, -1)).pow(2).mean(1)
             per_image.append((p.step, (10 * torch.log10(1 / mse.clamp_min(1e-20))).tolist()))
 
-    fit(net, y, steps=steps, operator=op, keep_best=False, log_every=10, callback=log, seed=0)
+    fit(net, y, steps=steps, operator=op, keep_best=False, log_every=10, callback=log, seed=0,
+        lr_at=lr_at)
     its = [s for s, _ in per_image]
     psnr = np.array([v for _, v in per_image])  # [logged, n]
     return {"iterations": its, "psnr": psnr.mean(1).tolist(), "per_image": psnr.tolist()}
@@ -258,9 +266,12 @@ def main_part(a, cfg, train, sets, tmp) -> dict:
     for i in inits:
         print(f"{i.name}: {i.seconds:.0f} s of training {i.info}", flush=True)
     solved = {i.name: i.solved() for i in inits}
+    warm = {i.name: i.solved(warmup=True) for i in inits[:2]}  # STRAINER as fitting runs it
     in_domain = [None, inits[3], solved["SIREN-fit-1"], inits[2], solved["Reptile"], inits[1],
-                 solved["STRAINER-1"], s10, solved["STRAINER-10"]]
-    ood = [None, solved["SIREN-fit-1"], solved["Reptile"], s10, solved["STRAINER-10"]]
+                 solved["STRAINER-1"], warm["STRAINER-1"], s10, solved["STRAINER-10"],
+                 warm["STRAINER-10"]]
+    ood = [None, solved["SIREN-fit-1"], solved["Reptile"], s10, solved["STRAINER-10"],
+           warm["STRAINER-10"]]
     out = {"training": {i.name: {"seconds": i.seconds, **i.info} for i in inits}, "sets": {}}
     for set_name, target in sets.items():
         inside = "in-domain" in set_name

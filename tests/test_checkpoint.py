@@ -195,3 +195,12 @@ def test_kill_and_resume_process(tmp_path):
     subprocess.run([sys.executable, str(script), str(out), "400"], check=True)
     for (w1, b1), (w2, b2) in zip(load_encoder(ref).weights, load_encoder(out).weights):
         torch.testing.assert_close(w1, w2, rtol=1e-5, atol=1e-6)
+
+
+def test_warmup_ramps_to_the_learning_rate():
+    """After a solved head the first updates are smaller (core.head.WARMUP_STEPS)."""
+    from napari_strainer.core.fit import warmup_lr
+
+    at = warmup_lr(1e-4, 10)
+    assert at(0) == pytest.approx(1e-5) and at(4) == pytest.approx(5e-5)
+    assert at(9) == pytest.approx(1e-4) and at(500) == pytest.approx(1e-4)

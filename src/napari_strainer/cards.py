@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from .core.checkpoint import Encoder, weights_sha256
-from .core.fit import fit
-from .core.head import solve_head
+from .core.fit import fit, warmup_lr
+from .core.head import WARMUP_STEPS, solve_head
 from .core.operators import Identity
 from .core.siren import BatchedSiren
 from .errors import BadArgumentError, BadInputError
@@ -259,10 +259,12 @@ def measure_gain(encoder: Encoder, images: torch.Tensor, *, steps: Sequence[int]
         net = BatchedSiren(encoder.config, batch=m, seed=seed).to(dev)
         if init is not None:
             net.load_encoder([(a.to(dev), b.to(dev)) for a, b in init.weights])
-        if name == "strainer_solved":
+        lr_at = None
+        if name == "strainer_solved":  # as fitting does: solved head, then a warm-up
             solve_head(net, target, Identity((h, w)))
+            lr_at = warmup_lr(lr, WARMUP_STEPS)
         hist = fit(net, target, steps=last, operator=Identity((h, w)), lr=lr, keep_best=False,
-                   reference=target, log_every=1, seed=seed).history
+                   reference=target, log_every=1, seed=seed, lr_at=lr_at).history
         at = dict(zip(hist["iterations"], hist["psnr"]))
         curves[name] = [round(float(at[s]), 2) for s in steps]
     return {"held_out": m, "shape": [h, w], "steps": list(steps),

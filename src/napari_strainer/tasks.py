@@ -8,6 +8,7 @@ import hashlib
 import logging
 import tempfile
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -27,8 +28,9 @@ from .core.fit import (
     fit,
     lr_schedule,
     render,
+    warmup_lr,
 )
-from .core.head import solve_head
+from .core.head import WARMUP_STEPS, solve_head
 from .core.operators import AreaDownsample, Identity
 from .core.siren import BatchedSiren, SirenConfig
 from .errors import BadArgumentError, BadInputError, CheckpointError
@@ -403,6 +405,7 @@ def restore(scan: Scan, *, task: str = "fit", encoder: str | Path | Encoder | No
     result = np.empty(out_shape, np.float32)
     parts, best, stopped, ran, sigmas, probes, reasons = [], {}, {}, {}, [], [], set()
     done_steps, parents, phases, chosen = 0, {}, {}, None
+    solved = weakref.WeakSet()  # nets whose head was solved
     t_start = time.perf_counter()
 
     order = _batch_order(norm, bs)
@@ -422,6 +425,9 @@ def restore(scan: Scan, *, task: str = "fit", encoder: str | Path | Encoder | No
         def train(net, first, last, opt, *, val=True, rule=rule, target=target, ref_t=ref_t,
                   bound=bound, where=(sl.start, sl.stop)):
             nonlocal done_steps
+            # a solved head's first Adam steps ramp up (core.head.WARMUP_STEPS); step-indexed,
+            # so a probe's winner continues the same ramp
+            lr_at = warmup_lr(lr, WARMUP_STEPS) if net in solved else None
             base = done_steps - first
             phase = phases.get(id(net), "")
 
@@ -433,7 +439,8 @@ def restore(scan: Scan, *, task: str = "fit", encoder: str | Path | Encoder | No
             res = fit(net, target, steps=last, operator=operator, lr=lr, stop=rule,
                       reference=ref_t, data_range=ref_range if ref_t is not None else 1.0,
                       log_every=log_every, callback=progress, cancel=cancel, seed=seed,
-                      optimizer=opt, start_step=first, holdout=mask if val else None)
+                      optimizer=opt, start_step=first, holdout=mask if val else None,
+                      lr_at=lr_at)
             done_steps += res.steps_done - first
             return res
 
@@ -441,6 +448,7 @@ def restore(scan: Scan, *, task: str = "fit", encoder: str | Path | Encoder | No
             net = route.build(config, b, seed + start, dev, parents.get(parent))
             if solved_head and route.encoder is not None and not route.warm:
                 solve_head(net, target, operator, holdout=mask if probe else None)
+                solved.add(net)
             phases[id(net)] = f"probe {route.name}" if probe else route.name
             return net
 

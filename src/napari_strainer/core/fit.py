@@ -275,6 +275,11 @@ def cosine_lr(lr: float, steps: int) -> Callable[[int], float]:
     return lambda step: lr * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
 
 
+def warmup_lr(lr: float, steps: int) -> Callable[[int], float]:
+    """``lr`` reached linearly over the first ``steps`` updates (``lr / steps`` at the first)."""
+    return lambda step: lr * min(1.0, (step + 1) / steps)
+
+
 def lr_schedule(name: str, lr: float, steps: int) -> Callable[[int], float] | None:
     """The ``lr_at`` of :func:`fit` for schedule ``name`` (one of :data:`SCHEDULES`)."""
     if name not in SCHEDULES:
@@ -283,9 +288,8 @@ def lr_schedule(name: str, lr: float, steps: int) -> Callable[[int], float] | No
 
 
 def _allow_tf32(device: torch.device) -> bool | None:
-    """TF32 matmuls on Ampere-or-newer GPUs during the fit; returns the previous setting.
-
-    Untested here (no GPU in the sessions that wrote it); CPU runs are unaffected."""
+    """TF32 matmuls on Ampere-or-newer GPUs during the fit; returns the previous setting
+    (run on an H200 in ``benchmarks/gpu.py``); CPU runs are unaffected."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 8:
         return None
     old = torch.backends.cuda.matmul.allow_tf32

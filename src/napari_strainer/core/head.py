@@ -29,6 +29,12 @@ DEFAULT_RIDGE = 1e-2
 1e-6..1e-1 agree within 1 dB and 1 costs 5 dB; 1e-2 was best at steps 50-200 (sweep in
 ``benchmarks/README.md``, section ``head``)."""
 
+WARMUP_STEPS = 10
+"""After a solved head, the learning rate ramps up linearly over this many steps
+(:func:`~.fit.warmup_lr`): Adam's first updates move every weight by about ``lr`` whatever
+its gradient, which undid the solved head for ~10 steps and dipped below SIREN out of domain
+(``benchmarks/paper/README.md``, section on the warm-up)."""
+
 LINEAR_OPERATORS = (Identity, AreaDownsample)
 """Operators :func:`solve_head` solves through: linear, channel-wise, constant-preserving."""
 
