@@ -200,7 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job on the shipped sample data")
     p.add_argument("-o", "--output", default="strainer-demo", metavar="OUTDIR")
-    p.add_argument("--steps", type=_positive_int, default=None, help="fitting steps")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="steps of every INR run (default: 200 per 2D run, the volume task's "
+                        "default for the through-plane run)")
     p.add_argument("--pretrain-steps", type=_positive_int, default=None)
     _common(p)
     return parser
