@@ -528,7 +528,7 @@ def main() -> None:
     p.add_argument("--ablation-steps", type=int, default=100)
     p.add_argument("--shared", type=lambda s: [int(x) for x in s.split(",")], default=[1, 3, 5],
                    help="shared-layer counts of the ablation (below 5 the per-image sine "
-                        "layers make pretraining about 10x slower)")
+                        "layers make pretraining 6-20x slower)")
     p.add_argument("--paper-steps", type=int, default=2000,
                    help="the paper's recipe (constant 1e-4) in the length ablation; 0: skip")
     p.add_argument("--threads", type=int, default=None)
