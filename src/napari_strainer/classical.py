@@ -3,8 +3,8 @@
 * :func:`bicubic`: in-plane bicubic upsampling with pixel centres aligned (the product's
   super-resolution grid);
 * :func:`tv_denoise`: 2D total-variation denoising, Chambolle's (2004) projection algorithm;
-* :func:`interpolate_slices`: B-spline interpolation along the slice axis with slice centres
-  aligned (the product's through-plane grid);
+* :func:`interpolate_slices`: B-spline interpolation along the slice axis (and in-plane) with
+  voxel centres aligned (the product's through-plane grid, and its INR's starting point);
 * :func:`bm4d_denoise`: BM4D when the optional ``bm4d`` package is installed (a benchmark-only
   extra under a non-commercial licence, never a dependency of this package).
 """
@@ -69,14 +69,16 @@ def tv_denoise(image: np.ndarray, weight: float, iters: int = 500, tol: float = 
     return (f - weight * _div(py, px)).float().numpy()
 
 
-def interpolate_slices(volume: np.ndarray, factor: int, order: int) -> np.ndarray:
-    """B-spline interpolation (``order`` 1: linear, 3: cubic) along axis 0 to ``factor`` times
-    the slices, slice centres aligned as :func:`~napari_strainer.io.scan.upsampled_affine`
-    places them (edge slices extended)."""
+def interpolate_slices(volume: np.ndarray, factor: int, order: int, inplane: int = 1
+                       ) -> np.ndarray:
+    """B-spline interpolation (``order`` 1: linear, 3: cubic) to ``factor`` times the slices
+    (axis 0) and ``inplane`` times the rows and columns, voxel centres aligned as
+    :func:`~napari_strainer.io.scan.upsampled_affine` places them (edges extended). Through-plane
+    super-resolution starts from it (:func:`~napari_strainer.volume.superres_volume`)."""
     from scipy.ndimage import zoom
 
-    return zoom(np.asarray(volume, np.float32), (factor, 1, 1), order=order, mode="nearest",
-                grid_mode=True)
+    return zoom(np.asarray(volume, np.float32), (factor, inplane, inplane), order=order,
+                mode="nearest", grid_mode=True)
 
 
 def bm4d_denoise(image: np.ndarray, sigma: float) -> np.ndarray | None:

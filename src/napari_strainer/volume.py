@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from .classical import interpolate_slices
 from .core.fit import Progress, StopRule
 from .core.siren import BatchedSiren, SirenConfig
 from .core.volume import (
@@ -225,9 +226,7 @@ def superres_volume(scan: Scan, *, slice_scale: int = 2, scale: int = 1,
     net = _net(grid, frame, OMEGA_VOXEL, WIDTH, LAYERS, seed, dev)
     gb = None
     if base == "bspline":
-        from scipy.ndimage import zoom
-
-        spline = zoom(norm, (slice_scale, scale, scale), order=3, mode="nearest", grid_mode=True)
+        spline = interpolate_slices(norm, slice_scale, 3, inplane=scale)
         gb = GridBase(torch.from_numpy(spline), grid, frame).to(dev)
     out, hist = _run([stack], grid, frame, net, batch=batch, steps=steps, lr=lr, prior=prior,
                      stop=None, base=gb, reference=ref, log_every=log_every, callback=callback,
@@ -379,10 +378,10 @@ def fuse(scans: Sequence[Scan], *, spacing: float | None = None, profile: str = 
     how = "least squares + 3D SIREN" if steps else "least squares"
     desc = f"fusion of {len(scans)} stacks ({how}, napari-strainer)"
     first = scans[0]
-    how = (f"{desc}: {profile} slice profiles, {ls_steps} least-squares steps, {steps} INR "
-           f"steps at lr {lr:g}, TV {weight:g}, {spacing:g} mm grid, seed {seed}")
+    derivation = (f"{desc}: {profile} slice profiles, {ls_steps} least-squares steps, {steps} "
+                  f"INR steps at lr {lr:g}, TV {weight:g}, {spacing:g} mm grid, seed {seed}")
     out_scan = first.derive(intens[0].inverse(out, first.data.dtype), affine=grid.affine,
-                            description=desc, derivation=how)
+                            description=desc, derivation=derivation)
     return Restoration(out_scan, hist)
 
 
