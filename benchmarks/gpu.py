@@ -32,17 +32,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from _common import RESULTS, machine, save, table
+from speed import peak_rss_mib
+from volume import acquire, coarse_affine, thick_matrix
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_data" / "mr_brain.nii.gz"
-
-
-def peak_rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def child(argv: list[str], truth: str | None, output: str | None) -> dict:
@@ -93,17 +87,9 @@ def save_nifti(vol: np.ndarray, affine: np.ndarray, path: Path) -> None:
     write_scan(Scan(np.round(vol * 1000).astype(np.int16), affine), path)
 
 
-def coarse(affine: np.ndarray, axis: int, f: int) -> np.ndarray:
-    a = affine.copy()
-    a[:3, 3] += affine[:3, axis] * (f - 1) / 2
-    a[:3, axis] *= f
-    return a
-
-
 def box(vol: np.ndarray, axis: int, f: int) -> np.ndarray:
-    v = np.moveaxis(vol, axis, 0)
-    v = v[: v.shape[0] // f * f].reshape(v.shape[0] // f, f, *v.shape[1:]).mean(1)
-    return np.moveaxis(v, 0, axis)
+    """Thick slices of ``f`` voxels along ``axis`` (box profile)."""
+    return acquire(vol, axis, thick_matrix("box", f, vol.shape[axis]))
 
 
 def make_data(d: Path, n: int, slices: int, series: int) -> dict:
@@ -132,14 +118,14 @@ def make_data(d: Path, n: int, slices: int, series: int) -> dict:
     put("volume", truth, ref=truth)
     hr = np.round(resize((series, 2 * n, 2 * n)) * 1000) / 1000
     put("series", box(box(hr, 1, 2), 2, 2), ref=hr)
-    put("thick", box(truth, 0, 5), coarse(eye, 0, 5), ref=truth)
-    put("stack_z", box(truth, 0, 5), coarse(eye, 0, 5))
-    put("stack_y", box(truth, 1, 4), coarse(eye, 1, 4))
-    put("stack_x", box(truth, 2, 4), coarse(eye, 2, 4))
+    put("thick", box(truth, 0, 5), coarse_affine(eye, 0, 5), ref=truth)
+    put("stack_z", box(truth, 0, 5), coarse_affine(eye, 0, 5))
+    put("stack_y", box(truth, 1, 4), coarse_affine(eye, 1, 4))
+    put("stack_x", box(truth, 2, 4), coarse_affine(eye, 2, 4))
     noisy = truth + np.random.default_rng(0).normal(0, 0.1, truth.shape)
     put("noisy", noisy, ref=truth)
     big = resize((2 * slices // 5, 2 * n, 2 * n))
-    put("big_thick", big, coarse(eye, 0, 5))
+    put("big_thick", big, coarse_affine(eye, 0, 5))
     return files
 
 
