@@ -526,7 +526,8 @@ def main() -> None:
                    default=[100, 300, 500, 1000], help="pretraining lengths of the ablation (the "
                    "product's recipe; the paper's 2000 steps at 1e-4 are added)")
     p.add_argument("--ablation-steps", type=int, default=100)
-    p.add_argument("--shared", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 3, 4, 5],
+    p.add_argument("--shared", type=lambda s: [int(x) for x in s.split(",")],
+                   default=[1, 2, 3, 4, 5],
                    help="shared-layer counts of the ablation (below 5 the per-image sine "
                         "layers make pretraining 6-20x slower)")
     p.add_argument("--paper-steps", type=int, default=2000,
