@@ -36,10 +36,13 @@ at a constant 1e-4). Analyses: principal components of the encoder
 features, histograms of weights and of test-time gradients per layer, the partition of the
 image plane by the features (k-means of the per-pixel feature vectors).
 
-A last part (``size128``) pretrains the encoder on the same 10 slices at 128 x 128 and fits 3
-held-out slices for 100 steps (SIREN, random head, solved head).
+A part ``pretrain2000`` checks the solved head + warm-up with an encoder pretrained by the
+paper's recipe (``--paper-steps`` at a constant 1e-4). A last part (``size128``) pretrains
+the encoder on the same 10 slices at 128 x 128 and fits 3 held-out slices for 100 steps
+(SIREN, random head, solved head).
 
-    python benchmarks/paper.py [--part main|ablations|analyses|size128|all] [--pretrain 500] [--steps 200]
+    python benchmarks/paper.py [--part main|ablations|analyses|pretrain2000|size128|all]
+        [--pretrain 500] [--steps 200]
 """
 
 from __future__ import annotations
@@ -388,6 +391,27 @@ def size128_part(a, cfg, train, sets, tmp) -> dict:
     return out
 
 
+def pretrain2000_part(a, cfg, train, sets, tmp) -> dict:
+    """STRAINER-10 by the paper's pretraining recipe (``--paper-steps`` at a constant 1e-4)
+    with the product's solved head + warm-up against SIREN and the paper's random head."""
+    init = strainer(train, cfg, a.paper_steps, tmp, "paper", lr=1e-4, schedule="constant")
+    out = {"pretrain_s": init.seconds, "sets": {}}
+    for name, target in sets.items():
+        steps = a.steps if "in-domain" in name else a.ood_steps
+        starts = {"SIREN": None, "random head": init,
+                  "solved head + warm-up": init.solved(warmup=True)}
+        curves = {label: run(i, cfg, target, steps) for label, i in starts.items()}
+        base = np.array(curves["SIREN"]["psnr"])
+        out["sets"][name] = {
+            label: {"psnr": {s: p for s, p in zip(c["iterations"], c["psnr"])
+                             if s in LOGGED},
+                    "min_gain": float((np.array(c["psnr"]) - base)[1:].min())}
+            for label, c in curves.items()}
+        print(name, {k: round(v["min_gain"], 2) for k, v in out["sets"][name].items()},
+              flush=True)
+    return out
+
+
 # ----------------------------------------------------------------------------- figures
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")[:24]
@@ -514,7 +538,8 @@ def _plot_partition(feats: dict, path: Path, k: int = 8) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--part", choices=("main", "ablations", "analyses", "size128", "all"),
+    p.add_argument("--part", choices=("main", "ablations", "analyses", "pretrain2000", "size128",
+                                      "all"),
                    default="all")
     p.add_argument("--pretrain", type=int, default=PRETRAIN_STEPS,
                    help="pretraining steps of the encoders (default: the product's, "
@@ -543,10 +568,11 @@ def main() -> None:
     train, train_idx, sets = test_sets(SIZE)
     print(f"training slices {train_idx}; test sets "
           + ", ".join(f"{k}: {v.shape[0]}" for k, v in sets.items()), flush=True)
-    parts = ("main", "ablations", "analyses", "size128") if a.part == "all" else (a.part,)
+    parts = ("main", "ablations", "analyses", "pretrain2000", "size128") if a.part == "all" \
+        else (a.part,)
     for part in parts:
         fn = {"main": main_part, "ablations": ablations_part, "analyses": analyses_part,
-              "size128": size128_part}[part]
+              "pretrain2000": pretrain2000_part, "size128": size128_part}[part]
         result = {"machine": machine(), "args": vars(a), **fn(a, cfg, train, sets, tmp)}
         (OUT / f"{part}.json").write_text(json.dumps(result, indent=1, default=float))
         print(f"wrote {OUT / f'{part}.json'}", flush=True)
