@@ -20,9 +20,11 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
+from test_volume import _dicom_stacks
 
 from napari_strainer.cli import main
 from napari_strainer.io import read_scan, sample_path, upsampled_affine, write_scan
+from napari_strainer.volume import fuse
 
 
 def _dciodvfy() -> str | None:
@@ -155,6 +157,18 @@ def test_cli_through_plane_superres_adds_no_error(tmp_path):
     assert main(["superres", str(sample_path("mr_series")), "-o", str(out), "--slice-scale",
                  "2", "--steps", "2", "--quiet"]) == 0
     assert len(_files(out)) == 48 and dciodvfy_errors(out) == set()
+
+
+@needs_dciodvfy
+def test_fusion_of_dicom_stacks_adds_no_error(tmp_path):
+    """A fusion of three DICOM stacks references each of them, as a series and as one file."""
+    paths = _dicom_stacks(sample_path("mr_series").parent, tmp_path)
+    res = fuse([read_scan(p) for p in paths], steps=0, ls_steps=2)
+    own = set().union(*map(dciodvfy_errors, paths))
+    for out in (tmp_path / "fused", tmp_path / "fused.dcm"):
+        written = write_scan(res.scan, out)
+        assert dciodvfy_errors(written) - own == set()
+        assert len(pydicom.dcmread(_files(written)[0]).ReferencedSeriesSequence) == 3
 
 
 # --------------------------------------------------------------------------- references

@@ -267,3 +267,62 @@ def test_denoise_volume_and_slices_modes(samples, tmp_path, tiny_encoder):
     assert main(["denoise", str(samples / "ct_small.dcm"), "-o", str(ct), "--steps", "2",
                  "--mode", "volume",
                  "--encoder", str(tiny_encoder), "--quiet"]) == 0
+
+
+def _dicom_stacks(samples, tmp_path, f=2):
+    """Three DICOM series of one study and frame of reference: the centre of the sample MR
+    series, each f times thicker along its own axis (new series written from the sample's)."""
+    series = read_scan(samples / "mr_series")
+    data = series.data[:, 28:68, 48:80].astype(np.float32)
+    crop = series.affine.copy()
+    crop[:3, 3] += crop[:3, :3] @ [0, 28, 48]
+    paths = []
+    for axis in range(3):
+        thick = np.moveaxis(data, axis, 0)
+        thick = thick[:thick.shape[0] // f * f].reshape(-1, f, *thick.shape[1:]).mean(1)
+        aff = crop.copy()
+        aff[:3, 3] += aff[:3, axis] * (f - 1) / 2
+        aff[:3, axis] *= f
+        aff[:, :3] = aff[:, [axis] + [i for i in range(3) if i != axis]]
+        stack = series.derive(np.rint(thick).astype(np.int16), affine=aff,
+                              description=f"stack {axis}")
+        paths.append(write_scan(stack, tmp_path / f"stack{axis}"))
+    return paths
+
+
+def test_fused_dicom_series_references_every_stack(samples, tmp_path):
+    """Each fused slice references, from every stack, the source slice nearest its centre, and
+    each stack's series (all in the output's study)."""
+    paths = _dicom_stacks(samples, tmp_path)
+    out = tmp_path / "fused"
+    assert main(["fuse", *map(str, paths), "-o", str(out), "--steps", "0", "--ls-steps", "2",
+                 "--quiet"]) == 0
+    stacks = [[pydicom.dcmread(f, stop_before_pixels=True) for f in sorted(p.iterdir())]
+              for p in paths]
+    by_uid = {ds.SOPInstanceUID: (k, ds) for k, st in enumerate(stacks) for ds in st}
+    files = sorted(out.iterdir())
+    assert len(files) > 10
+    for f in files:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        along_row, along_col = np.array(ds.ImageOrientationPatient, float).reshape(2, 3)
+        centre = np.array(ds.ImagePositionPatient, float) + (
+            along_row * (ds.Columns - 1) * ds.PixelSpacing[1]
+            + along_col * (ds.Rows - 1) * ds.PixelSpacing[0]) / 2
+        seen = set()
+        for ref in ds.SourceImageSequence:
+            k, src = by_uid[ref.ReferencedSOPInstanceUID]  # a real image of an input stack
+            assert ref.ReferencedSOPClassUID == src.SOPClassUID
+            iop = np.array(src.ImageOrientationPatient, float)
+            normal = np.cross(iop[:3], iop[3:])
+            along = (centre - np.array(src.ImagePositionPatient, float)) @ normal
+            assert abs(along) <= src.SpacingBetweenSlices / 2 + 1e-3  # the nearest slice
+            seen.add(k)
+        assert seen == {0, 1, 2}
+        assert len(ds.SourceImageSequence) == 3
+        assert {s.SeriesInstanceUID: [i.ReferencedSOPInstanceUID
+                                      for i in s.ReferencedInstanceSequence]
+                for s in ds.ReferencedSeriesSequence} == {
+            st[0].SeriesInstanceUID: [r.ReferencedSOPInstanceUID for r in ds.SourceImageSequence
+                                      if by_uid[r.ReferencedSOPInstanceUID][0] == k]
+            for k, st in enumerate(stacks)}
+        assert ds.StudyInstanceUID == stacks[0][0].StudyInstanceUID

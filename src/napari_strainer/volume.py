@@ -306,6 +306,8 @@ def fuse(scans: Sequence[Scan], *, spacing: float | None = None, profile: str = 
     The output grid is the first stack's orientation and field of view, isotropic at
     ``spacing`` mm (default: the finest in-plane spacing of the stacks); see :func:`output_grid`.
     Each stack's slice thickness is its DICOM SliceThickness when present, else its spacing.
+    The result's ``meta["sources"]`` lists every DICOM stack, so that a DICOM output
+    references the source images of each (not only the first stack's).
 
     ``steps`` (default :data:`DEFAULT_STEPS`, 0: none) are the INR's, ``ls_steps`` the
     least-squares reconstruction's. In ``benchmarks/volume.py`` the INR stage did not improve on
@@ -382,6 +384,11 @@ def fuse(scans: Sequence[Scan], *, spacing: float | None = None, profile: str = 
                   f"INR steps at lr {lr:g}, TV {weight:g}, {spacing:g} mm grid, seed {seed}")
     out_scan = first.derive(intens[0].inverse(out, first.data.dtype), affine=grid.affine,
                             description=desc, derivation=derivation)
+    # the output derives from every stack: a DICOM writer references the images of each
+    keys = ("source_images", "source_affine", "series_uid", "study_uid")
+    out_scan.meta["sources"] = [{k: src.get(k) for k in keys} for s in scans
+                                for src in s.meta.get("sources") or [s.meta]
+                                if src.get("source_images")]
     return Restoration(out_scan, hist)
 
 

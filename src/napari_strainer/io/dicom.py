@@ -39,10 +39,10 @@ Writing a derived series
     (no private tags, no overlays, no institution or operator fields). New: SeriesInstanceUID,
     SOPInstanceUIDs, ImageType ``DERIVED\\SECONDARY`` (plus the value 3 that CT and MR need),
     SeriesDescription and DerivationDescription (the processing), SourceImageSequence and
-    ReferencedSeriesSequence naming the source image each slice derives from, geometry from the
-    affine, 16-bit pixels with RescaleSlope/Intercept chosen to keep precision. Every object
-    written validates with David Clunie's ``dciodvfy`` without errors of its own (see
-    ``tests/test_dicom_conformance.py``).
+    ReferencedSeriesSequence naming the source image each slice derives from (from every stack
+    of a fusion: ``meta["sources"]``), geometry from the affine, 16-bit pixels with
+    RescaleSlope/Intercept chosen to keep precision. Every object written validates with David
+    Clunie's ``dciodvfy`` without errors of its own (see ``tests/test_dicom_conformance.py``).
 """
 
 from __future__ import annotations
@@ -817,14 +817,17 @@ def patient_orientation(iop) -> list[str]:
     return out
 
 
-def _source_refs(scan: Scan, n: int) -> list[tuple[str, str, int | None] | None]:
-    """For each of the ``n`` output slices, the source image it derives from, or None.
+def _sources(scan: Scan) -> list[dict]:
+    """What ``scan`` derives from: ``meta["sources"]`` (one per fused stack, each with the keys
+    ``source_images, source_affine, series_uid, study_uid``), else its own metadata."""
+    return scan.meta.get("sources") or [scan.meta]
 
-    The source slice is the one whose centre is nearest along the source's slice axis to the
-    output slice's centre (the same slice when the geometry is kept; super-resolution and
-    resampling map onto the slice they lie in).
-    """
-    refs, src_affine = scan.meta.get("source_images"), scan.meta.get("source_affine")
+
+def _nearest(src: dict, scan: Scan, n: int) -> list[tuple[str, str, int | None] | None]:
+    """For each of the ``n`` output slices, the slice of source ``src`` whose centre is nearest
+    along the source's slice axis to the output slice's centre, or None (outside the source or
+    no source images)."""
+    refs, src_affine = src.get("source_images"), src.get("source_affine")
     if not refs or src_affine is None or not all(r[1] for r in refs):
         return [None] * n
     rows, cols = scan.data.shape[1:]
@@ -833,18 +836,29 @@ def _source_refs(scan: Scan, n: int) -> list[tuple[str, str, int | None] | None]
     return [refs[round(i)] if -0.5 <= i <= len(refs) - 0.5 else None for i in idx]
 
 
+def _source_refs(scan: Scan, n: int) -> list[list[tuple[int, tuple[str, str, int | None]]]]:
+    """For each of the ``n`` output slices, ``(source number, source image)`` pairs: from each
+    source (see :func:`_sources`) the slice it derives from, by :func:`_nearest` (the same
+    slice when the geometry is kept; super-resolution and resampling map onto the slice they
+    lie in)."""
+    per_source = [_nearest(src, scan, n) for src in _sources(scan)]
+    return [[(j, refs[k]) for j, refs in enumerate(per_source) if refs[k] is not None]
+            for k in range(n)]
+
+
 def _add_references(ds, scan: Scan, refs) -> None:
-    """SourceImageSequence and ReferencedSeriesSequence pointing back at the source images."""
+    """SourceImageSequence and ReferencedSeriesSequence pointing back at the source images
+    ``refs`` (``(source number, image)`` pairs from :func:`_source_refs`)."""
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
 
-    refs = [r for r in dict.fromkeys(refs) if r is not None]
+    refs = list(dict.fromkeys(refs))
     if not refs:
         return
     purpose = _item(CodeValue="121322", CodingSchemeDesignator="DCM",
                     CodeMeaning="Source image for image processing operation")
     items = []
-    for cls, uid, frame in refs:
+    for cls, uid, frame in dict.fromkeys(r for _, r in refs):
         it = Dataset()
         it.ReferencedSOPClassUID = cls
         it.ReferencedSOPInstanceUID = uid
@@ -853,16 +867,26 @@ def _add_references(ds, scan: Scan, refs) -> None:
         it.PurposeOfReferenceCodeSequence = purpose
         items.append(it)
     ds.SourceImageSequence = Sequence(items)
-    series = str(scan.meta.get("series_uid") or "")
-    if series and scan.meta.get("study_uid") == ds.StudyInstanceUID:  # same study: Type 1C
+    sources = _sources(scan)
+    by_series: dict[str, dict] = {}  # series UID -> its referenced (class, instance) pairs
+    for j, (cls, uid, _) in refs:
+        series = str(sources[j].get("series_uid") or "")
+        if series and sources[j].get("study_uid") == ds.StudyInstanceUID:  # Type 1C
+            by_series.setdefault(series, {})[cls, uid] = None
+    series_items = []
+    for series, pairs in by_series.items():
         instances = []
-        for cls, uid in dict.fromkeys((cls, uid) for cls, uid, _ in refs):
+        for cls, uid in pairs:
             it = Dataset()
             it.ReferencedSOPClassUID = cls
             it.ReferencedSOPInstanceUID = uid
             instances.append(it)
-        ds.ReferencedSeriesSequence = _item(SeriesInstanceUID=series,
-                                            ReferencedInstanceSequence=Sequence(instances))
+        it = Dataset()
+        it.SeriesInstanceUID = series
+        it.ReferencedInstanceSequence = Sequence(instances)
+        series_items.append(it)
+    if series_items:
+        ds.ReferencedSeriesSequence = Sequence(series_items)
 
 
 def _new_dataset(scan: Scan, sop_class: str, series_uid: str, study_uid: str, for_uid: str,
@@ -1016,7 +1040,7 @@ def write_dicom_series(scan: Scan, folder: Path) -> None:
         ds.SliceThickness = _ds_number(round(_thickness(scan, step), 6))
         ds.SpacingBetweenSlices = _ds_number(round(step, 6))
         ds.SliceLocation = _ds_number(round(float(ipps[k] @ normal), 6))
-        _add_references(ds, scan, refs[k:k + 1])
+        _add_references(ds, scan, refs[k])
         _set_pixels(ds, stored[k], slope, inter, lo, hi)
         _save(ds, folder / f"IM{k + 1:05d}.dcm")
 
@@ -1065,6 +1089,6 @@ def write_dicom_file(scan: Scan, path: Path) -> None:
         per.append(g)
     ds.PerFrameFunctionalGroupsSequence = Sequence(per)
     ds.PixelSpacing = _fmt(spacing)
-    _add_references(ds, scan, _source_refs(scan, n))
+    _add_references(ds, scan, [r for rs in _source_refs(scan, n) for r in rs])
     _set_pixels(ds, stored, slope, inter, lo, hi)  # rescale at the top level (SC Multi-frame)
     _save(ds, path)
