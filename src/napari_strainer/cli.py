@@ -107,6 +107,11 @@ def _restore_args(p: argparse.ArgumentParser, task: str, *, batch: bool = False)
         p.add_argument("--scale", type=_positive_int, default=None,
                        help="integer in-plane super-resolution factor (default 1 with "
                             "--slice-scale)")
+        if not batch:
+            p.add_argument("--coarse-steps", type=_nonneg_int, default=None,
+                           help="in-plane: first steps fitting the observed pixels at their "
+                                "centres, 1/S^2 the cost (default: 200, at most 5/6 of "
+                                "--steps; 0: every step through the exact operator)")
         from .cli_volume import add_superres_args
 
         add_superres_args(p, batch=batch)
@@ -331,7 +336,8 @@ def cmd_restore(a) -> None:
 
     try:
         res = restore(scan, task=a.verb, encoder=a.encoder, init=a.init, holdout=a.holdout,
-                      head=a.head, steps=a.steps, lr=a.lr,
+                      head=a.head, steps=a.steps,
+                      coarse_steps=getattr(a, "coarse_steps", None), lr=a.lr,
                       scale=getattr(a, "scale", 1), freeze=a.freeze, stop=_stop_rule(a),
                       reference=ref, device=a.device, seed=a.seed, log_every=a.log_every,
                       batch_size=a.batch_size, callback=bar,

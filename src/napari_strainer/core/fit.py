@@ -118,7 +118,8 @@ def fit(net: BatchedSiren, target: torch.Tensor, *, steps: int, operator=None,
         optimizer: torch.optim.Optimizer | None = None, start_step: int = 0,
         checkpoint: Callable[[int], None] | None = None, checkpoint_every: int = 0,
         holdout: torch.Tensor | None = None,
-        lr_at: Callable[[int], float] | None = None) -> FitResult:
+        lr_at: Callable[[int], float] | None = None,
+        view: tuple[int, ...] | None = None) -> FitResult:
     """Fit ``net`` so that ``operator(net(grid)) ~ target``.
 
     Args:
@@ -144,6 +145,8 @@ def fit(net: BatchedSiren, target: torch.Tensor, *, steps: int, operator=None,
             training loss; their loss (history ``val_loss``) is then the monitored loss.
         lr_at: learning rate of the update at each step (e.g. :func:`cosine_lr`); step-indexed,
             so resuming is exact. None: ``lr`` throughout.
+        view: the grid of previews and of ``reference`` (default: the operator's render grid;
+            another grid, e.g. the fine one while fitting the coarse pixels, is rendered).
 
     Returns:
         A :class:`FitResult`; ``net`` holds the kept weights.
@@ -180,8 +183,10 @@ def fit(net: BatchedSiren, target: torch.Tensor, *, steps: int, operator=None,
     def kept_params() -> dict:
         return {**{n: p.detach() for n, p in named.items()}, **snap}
 
+    view = tuple(view or operator.render_shape)
+
     def preview() -> torch.Tensor:
-        return render(net, operator.render_shape, kept_params() if keep_best else None)
+        return render(net, view, kept_params() if keep_best else None)
 
     step = start_step
     tf32 = _allow_tf32(device)
@@ -225,8 +230,8 @@ def fit(net: BatchedSiren, target: torch.Tensor, *, steps: int, operator=None,
         if log_now:
             entry_psnr = None
             if reference is not None:
-                full = pred.detach() if not batch_coords else render(
-                    net, operator.render_shape).reshape(b, -1, pred.shape[-1])
+                full = pred.detach() if not batch_coords and view == tuple(
+                    operator.render_shape) else render(net, view).reshape(b, -1, pred.shape[-1])
                 entry_psnr = psnr(full, reference, data_range, dims=(1, 2)).mean().item()
             hist["iterations"].append(step)
             hist["loss"].append(loss_per.detach().mean().item())
