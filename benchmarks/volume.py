@@ -17,7 +17,8 @@ penalty, or with total variation; weight tuned on a different volume), 3D total 
 (skimage, weight tuned on a different volume), BM4D with the true sigma (``pip install bm4d``,
 licence restricts commercial use: benchmark-only). INR methods: a 3D SIREN in world
 coordinates (napari_strainer.core.volume) with the first-layer omega scaled to the grid,
-with and without a total-variation term (along the slice normals, or in 3D for denoising).
+with and without a total-variation term (along the slice normals, or in 3D for denoising);
+for denoising also the issue's shared-encoder slice denoiser (:func:`shared_slices`).
 
     python benchmarks/volume.py [--quick] [--tasks sr,fuse,dn] [--threads 2]
 """
@@ -34,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from _common import RESULTS, save, table
 
+from napari_strainer.core.coords import grid as grid2d
 from napari_strainer.core.siren import BatchedSiren, SirenConfig
 from napari_strainer.core.volume import (
     Grid,
@@ -221,6 +223,51 @@ def inr(stacks: list[tuple[np.ndarray, np.ndarray, float, str]], grid: Grid, tru
     return render_grid(net, grid, frame, base=gb).numpy(), res.history
 
 
+def shared_slices(noisy: np.ndarray, truth: np.ndarray, *, tv: float, steps: int,
+                  sigma: float, lr: float = 1e-4, factor: float = 0.85, seed: int = 0,
+                  monitor_every: int = 25) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The issue's denoiser: one 2D SIREN per slice, all sine layers shared across the slices
+    (a linear head each, so the encoder runs once per step), fitted to the noisy slices plus
+    ``tv`` x the mean 3D total variation (Charbonnier) of the rendered volume.
+
+    Returns the rendering at the best PSNR against ``truth`` (an oracle stop), the rendering
+    when the data RMSE first reaches ``factor * sigma`` (the product's discrepancy stop; the
+    last one if it never does), and the history."""
+    z, h, w = noisy.shape
+    cfg = SirenConfig()
+    net = BatchedSiren(cfg, batch=z, shared=cfg.layers - 1, seed=seed)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    coords = grid2d((h, w))
+    y = torch.from_numpy(noisy).reshape(z, -1, 1)
+    hist = {"iterations": [], "psnr": [], "mse": []}
+    best, stopped = (-np.inf, None), None
+    for step in range(steps + 1):
+        pred = net(coords)
+        vol = pred.reshape(z, h, w)
+        mse = (pred - y).pow(2).mean()
+        if stopped is None and mse.item() <= (factor * sigma) ** 2:
+            stopped = vol.detach().numpy().copy()
+        if step % monitor_every == 0 or step == steps:
+            p = psnr(vol.detach().numpy(), truth)
+            hist["iterations"].append(step)
+            hist["psnr"].append(p)
+            hist["mse"].append(mse.item())
+            if p > best[0]:
+                best = (p, vol.detach().numpy().copy())
+        if step == steps:
+            break
+        d = [vol.diff(dim=k) for k in range(3)]
+        tv_term = ((d[0][:, :-1, :-1] ** 2 + d[1][:-1, :, :-1] ** 2 + d[2][:-1, :-1, :] ** 2
+                    + 1e-6).sqrt() - 1e-3).mean()
+        opt.zero_grad()
+        (mse + tv * tv_term).backward()
+        opt.step()
+    hist["stop_step"] = None if stopped is None else next(
+        i for i, m in zip(hist["iterations"], hist["mse"]) if m <= (factor * sigma) ** 2)
+    last = vol.detach().numpy()  # never reached the discrepancy: all steps ran
+    return best[1], stopped if stopped is not None else last, hist
+
+
 # ----------------------------------------------------------------------------- tasks
 def run_sr(vols, cases, a, rows, panels, curves):
     for vname, prof, f in cases:
@@ -331,6 +378,15 @@ def run_dn(vols, names, sigmas, a, rows, panels, curves):
                 out, hist = inr(stack, grid, truth, tv_dirs=np.eye(3), **{**a.inr, **kw})
                 res[label] = (out, time.perf_counter() - t)
                 curves[f"{case} {label}"] = hist
+            for tv in a.dn_shared:
+                t = time.perf_counter()
+                best, stopped, hist = shared_slices(noisy, truth, tv=tv, steps=a.dn_shared_steps,
+                                                    sigma=sigma)
+                sec = time.perf_counter() - t
+                label = f"shared-encoder slices + 3D TV {tv:g}"
+                res[f"{label}, oracle stop"] = (best, sec)
+                res[f"{label}, 0.85 sigma stop"] = (stopped, sec)
+                curves[f"{case} {label}"] = hist
             _score(case, f"denoise {sigma:g}", truth, res, rows, panels, "3D TV")
 
 
@@ -382,6 +438,10 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="volume")
     p.add_argument("--cases", type=int, default=None, help="only the first N through-plane cases")
+    p.add_argument("--dn-shared", type=lambda v: [float(x) for x in v.split(",") if x],
+                   default=[0.08], help="TV weights of the shared-encoder slice denoiser "
+                   "(empty: skip it)")
+    p.add_argument("--dn-shared-steps", type=int, default=1500)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     # the product's defaults (napari_strainer.volume): width 128, 5 layers, lr 1e-4
