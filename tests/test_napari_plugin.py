@@ -85,6 +85,14 @@ def dock(viewer, name: str):
     return widget
 
 
+def restore_dock(viewer, encoder, scan: Scan | None = None):
+    """The Restore dock on ``scan`` (default :func:`small_scan`) with ``encoder`` loaded."""
+    w = dock(viewer, "Restore scan")
+    w.layer.value = add_scan(viewer, scan or small_scan())
+    w.use_encoder_file(encoder)
+    return w
+
+
 def wait_done(qtbot, widget, timeout=TIMEOUT):
     qtbot.waitUntil(lambda: widget.job is not None and not widget.running, timeout=timeout)
 
@@ -212,10 +220,8 @@ def test_restore_superres_live_preview_and_ui_stays_responsive(
 
     viewer = make_napari_viewer()
     scan = small_scan()
-    src = add_scan(viewer, scan)
-    w = dock(viewer, "Restore scan")
-    w.layer.value = src
-    w.use_encoder_file(tiny_encoder)
+    w = restore_dock(viewer, tiny_encoder, scan)
+    src = w.layer.value
     w.task.value = "superres"
     # benchmark default, limited to the tiny encoder's 2 shared layers
     assert w.freeze.value == tasks.default_freeze("superres", TINY.shared_layers)
@@ -377,11 +383,7 @@ def test_cuda_oom_in_worker_is_shown_not_swallowed(make_napari_viewer, qtbot, tm
 
 def test_restore_auto_route_and_time_estimate_beside_run(make_napari_viewer, qtbot, tiny_encoder):
     viewer = make_napari_viewer()
-    scan = small_scan()
-    src = add_scan(viewer, scan)
-    w = dock(viewer, "Restore scan")
-    w.layer.value = src
-    w.use_encoder_file(tiny_encoder)
+    w = restore_dock(viewer, tiny_encoder)
     w.device.value = "cpu"
     w.steps.value = 30
     w.estimate_button.clicked.emit()
@@ -399,10 +401,7 @@ def test_restore_auto_route_and_time_estimate_beside_run(make_napari_viewer, qtb
 
 def test_restore_head_choice_reaches_the_history(make_napari_viewer, qtbot, tiny_encoder):
     viewer = make_napari_viewer()
-    src = add_scan(viewer, small_scan())
-    w = dock(viewer, "Restore scan")
-    w.layer.value = src
-    w.use_encoder_file(tiny_encoder)
+    w = restore_dock(viewer, tiny_encoder)
     assert w.head.value == "solved" and w.head.enabled
     w.task.value = "superres"  # the head choice is for fitting only
     assert not w.head.enabled and "every step" in w.estimate.tooltip
