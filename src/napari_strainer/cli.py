@@ -283,7 +283,8 @@ def cmd_pretrain(a) -> None:
     bar = _Bar("pretrain", a.quiet)
     try:
         enc = pretrain(images, out, config=config, steps=a.steps, lr=a.lr,
-                       schedule=a.schedule, batch_coords=a.batch_coords, device=a.device, seed=a.seed,
+                       schedule=a.schedule, batch_coords=a.batch_coords, device=a.device,
+                       seed=a.seed,
                        resume=a.resume, checkpoint_every=a.checkpoint_every, callback=bar,
                        info={"files": [p.name for p, _ in sources], "modality": modality})
     finally:
