@@ -487,6 +487,10 @@ def restore(scan: Scan, *, task: str = "fit", encoder: str | Path | Encoder | No
                 phases[id(winner.net)] = winner.route.name
                 probes += [{**r, "slices": [sl.start, sl.stop]} for r in records]
                 entry_route, net, segs = winner.route, winner.net, [winner.result]
+                if coarse:  # the race only picks the route: its winner starts again on every
+                    # pixel (cheap on the coarse grid); going on from its held-out probe ended
+                    # 0.8 dB below --encoder none on 48 x 64 EPI slices x2
+                    net, segs = make(entry_route), []
             else:
                 entry_route, net, segs = field_[0], make(field_[0]), []
             if chosen is None or entry_route.warm:
@@ -496,15 +500,11 @@ def restore(scan: Scan, *, task: str = "fit", encoder: str | Path | Encoder | No
         at = segs[-1].steps_done if segs else 0
         opt = segs[-1].optimizer if segs else None
         if coarse:
-            # every pixel from here, with a fresh Adam after the held-out race (its state after
-            # held-out steps crashed the PSNR by up to 11 dB); the exact phase keeps the coarse
-            # phase's Adam (a fresh one dips 8 dB); no stop: ending on a held-out plateau cost
-            # 1.1 dB on 96 x 96 T1 slices (benchmarks/README.md#defaults)
-            opt = None
-            if at < coarse:
-                segs.append(train(net, at, coarse, None, val=False, op=centres))
-                opt = segs[-1].optimizer
-            segs.append(train(net, coarse, steps, opt, val=False))
+            # every pixel from step 0; the exact phase keeps the coarse phase's Adam (a fresh
+            # one dips 8 dB); no stop: ending on a held-out plateau cost 1.1 dB on 96 x 96 T1
+            # slices (benchmarks/README.md#defaults)
+            segs.append(train(net, 0, coarse, None, val=False, op=centres))
+            segs.append(train(net, coarse, steps, segs[-1].optimizer, val=False))
         elif auto and task == "superres":  # every step through the exact operator
             segs.append(train(net, at, steps, None, val=False))
         elif converge:  # fitting: every pixel counts, the data loss is the quality
