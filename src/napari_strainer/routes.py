@@ -5,9 +5,11 @@ encoder with its first ``freeze`` layers fixed, or a *warm start* from the fitte
 neighbouring slice. No encoder suits every scan (the shipped MRI encoder costs up to 7 dB on
 T1 or CT), so ``restore(init="auto")`` lets the scan decide: a random part of the *observed*
 pixels is held out of the training loss, the candidate routes each run a few steps on the
-first batch of slices, and the lowest held-out loss wins (the winner simply goes on). The warm
-start races against that winner on the next batch (fitting and denoising; for
-super-resolution a warm start wins the short race and then ends several dB lower). Everything here works on tensors; :func:`napari_strainer.tasks.restore` drives it.
+first batch of slices, and the lowest held-out loss wins (the winner goes on; for
+super-resolution it starts again on every pixel, its probes having run on the observed grid).
+The warm start races against that winner on the next batch (fitting and denoising; for
+super-resolution a warm start wins the short race and then ends several dB lower).
+Everything here works on tensors; :func:`napari_strainer.tasks.restore` drives it.
 """
 
 from __future__ import annotations
