@@ -47,8 +47,9 @@ DEFAULT_FREEZE = {"fit": 0, "superres": 3, "denoise": 4}
 DEFAULT_STEPS = {"fit": 500, "superres": 240, "denoise": 300}
 # super-resolution first fits the observed pixels at their own centres (the coarse grid: 1/S^2
 # of a step's cost), then goes on through the exact area operator with the same Adam state:
-# on 96 x 96 T1 slices x2, 200 coarse + 40 exact steps reach SIREN's 500 exact steps (39.0 dB)
-# in a quarter of the time (benchmarks/README.md#defaults)
+# on 4 neighbouring 96 x 96 T1 slices x2, 200 coarse + 40 exact steps end 1.0 dB below SIREN's
+# 500 exact steps (39.12 against 40.08 dB) in a quarter of their time, within a paper loop's
+# 100 iterations per slice (benchmarks/README.md#defaults)
 COARSE_STEPS = 200
 INITS = ("auto", "fixed")
 # how an encoder route's head starts: "solved" (ridge regression on the encoder features)
