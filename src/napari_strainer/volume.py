@@ -387,8 +387,7 @@ def fuse(scans: Sequence[Scan], *, spacing: float | None = None, profile: str = 
     # the output derives from every stack: a DICOM writer references the images of each
     keys = ("source_images", "source_affine", "series_uid", "study_uid")
     out_scan.meta["sources"] = [{k: src.get(k) for k in keys} for s in scans
-                                for src in s.meta.get("sources") or [s.meta]
-                                if src.get("source_images")]
+                                for src in s.sources if src.get("source_images")]
     return Restoration(out_scan, hist)
 
 

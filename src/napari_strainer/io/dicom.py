@@ -817,12 +817,6 @@ def patient_orientation(iop) -> list[str]:
     return out
 
 
-def _sources(scan: Scan) -> list[dict]:
-    """What ``scan`` derives from: ``meta["sources"]`` (one per fused stack, each with the keys
-    ``source_images, source_affine, series_uid, study_uid``), else its own metadata."""
-    return scan.meta.get("sources") or [scan.meta]
-
-
 def _nearest(src: dict, scan: Scan, n: int) -> list[tuple[str, str, int | None] | None]:
     """For each of the ``n`` output slices, the slice of source ``src`` whose centre is nearest
     along the source's slice axis to the output slice's centre, or None (outside the source or
@@ -838,10 +832,10 @@ def _nearest(src: dict, scan: Scan, n: int) -> list[tuple[str, str, int | None] 
 
 def _source_refs(scan: Scan, n: int) -> list[list[tuple[int, tuple[str, str, int | None]]]]:
     """For each of the ``n`` output slices, ``(source number, source image)`` pairs: from each
-    source (see :func:`_sources`) the slice it derives from, by :func:`_nearest` (the same
+    source (:attr:`Scan.sources`) the slice it derives from, by :func:`_nearest` (the same
     slice when the geometry is kept; super-resolution and resampling map onto the slice they
     lie in)."""
-    per_source = [_nearest(src, scan, n) for src in _sources(scan)]
+    per_source = [_nearest(src, scan, n) for src in scan.sources]
     return [[(j, refs[k]) for j, refs in enumerate(per_source) if refs[k] is not None]
             for k in range(n)]
 
@@ -867,7 +861,7 @@ def _add_references(ds, scan: Scan, refs) -> None:
         it.PurposeOfReferenceCodeSequence = purpose
         items.append(it)
     ds.SourceImageSequence = Sequence(items)
-    sources = _sources(scan)
+    sources = scan.sources
     by_series: dict[str, dict] = {}  # series UID -> its referenced (class, instance) pairs
     for j, (cls, uid, _) in refs:
         series = str(sources[j].get("series_uid") or "")

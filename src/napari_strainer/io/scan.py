@@ -62,6 +62,12 @@ class Scan:
     def modality(self) -> str:
         return str(self.meta.get("modality", "OT"))
 
+    @property
+    def sources(self) -> list[dict]:
+        """What this scan derives from: ``meta["sources"]`` (one per fused stack, each with the
+        keys ``source_images, source_affine, series_uid, study_uid``), else its own metadata."""
+        return self.meta.get("sources") or [self.meta]
+
     def derive(self, data: np.ndarray, *, affine: np.ndarray | None = None,
                description: str | None = None, derivation: str | None = None) -> Scan:
         """A new scan with processed ``data`` that keeps this scan's metadata and source link.
