@@ -344,9 +344,11 @@ def run_fuse(vols, names, a, rows, panels, curves):
 
             t = time.perf_counter()
             r = fuse([Scan(v, aff) for v, aff, _, _ in stacks], spacing=1.0, steps=n,
-                     device="cpu", seed=a.seed)
-            label = f"product fuse (LS on grid{f' + SIREN {n} steps' if n else ''})"
+                     device="cpu", seed=a.seed, reference=Scan(truth, np.eye(4)))
+            label = (f"product fuse: 3D SIREN {n} steps + data consistency" if n else
+                     "product fuse --steps 0: least squares (CG)")
             res[label] = (r.scan.data, time.perf_counter() - t)
+            curves[f"{case} {label}"] = r.history
         for label, kw in a.fuse_methods:
             t = time.perf_counter()
             out, hist = inr(stacks, grid, truth, tv_dirs=np.eye(3), **{**a.inr, **kw})
@@ -433,8 +435,11 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="one case per task, 100 steps")
     p.add_argument("--sr-ls", action="store_true", help="least squares for through-plane too")
-    p.add_argument("--fuse-siren", type=int, default=1000,
-                   help="steps of the plain SIREN fusion (0: skip it)")
+    p.add_argument("--fuse-siren", type=int, default=0,
+                   help="steps of a plain SIREN fusion with the through-plane network "
+                        "(width 128; 0: skip it)")
+    p.add_argument("--fuse-product", type=lambda v: [int(x) for x in v.split(",") if x],
+                   default=[0, 500], help="INR steps of the product's fuse runs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="volume")
     p.add_argument("--cases", type=int, default=None, help="only the first N through-plane cases")
@@ -449,14 +454,13 @@ def main():
     a.ls_weights = [1e-4, 1e-3, 1e-2]
     a.ls_tv_weights = [1e-4, 1e-3]
     a.fuse_ls = 1  # grad only (TV: see benchmarks/README.md)
-    a.fuse_product = [0, 300]
     a.tv_weights = [0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08]
     a.sr_methods = [("SIREN 3D on cubic", {"cubic_base": True, "steps": 300, "batch": 4096})]
     a.fuse_methods = [("SIREN 3D", {"steps": a.fuse_siren, "batch": 2048})][:a.fuse_siren > 0]
     a.dn_methods = [("SIREN 3D + 3D TV", {"tv": 0.15, "steps": 500, "batch": 2048})]
     sr_cases = [("MNI 2mm", "box", 4), ("MNI 2mm", "gaussian", 3), ("T1", "box", 2),
                 ("EPI", "gaussian", 3), ("MNI 1mm", "box", 4), ("MNI 2mm sup", "box", 5)]
-    fuse_names, dn_names, sigmas = ["MNI 2mm"], ["MNI 2mm"], [0.05, 0.1]
+    fuse_names, dn_names, sigmas = ["MNI 2mm", "T1", "EPI"], ["MNI 2mm"], [0.05, 0.1]
     if a.quick:
         for _, kw in a.sr_methods + a.fuse_methods + a.dn_methods:
             kw["steps"] = 100

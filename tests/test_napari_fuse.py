@@ -64,14 +64,15 @@ def test_fuse_three_orthogonal_stacks(make_napari_viewer, qtbot, stacks):
     viewer = make_napari_viewer()
     layers = open_stacks(viewer, paths)
     w = dock(viewer, "Fuse stacks")
-    assert w.spacing.value == "auto" and w.steps.value == 0  # the CLI's defaults
+    assert w.spacing.value == "auto" and w.steps.value == 500  # the CLI's defaults
+    assert w.ls_steps.value == 100
     w.layers.value = layers
     w.grid_of.value = layers[1]  # the coronal-thick stack's orientation
     assert w.grid_info.value.startswith("output: 24 x 16 x 24 voxels of 2 mm")
     w.grid_of.value = layers[0]
     assert w.grid_info.value.startswith("output: 16 x 24 x 24 voxels of 2 mm")
+    w.steps.value = 2  # a few INR steps, then the data-consistency step
     w.ls_steps.value = 50
-    w.steps.value = 2  # and a few INR steps on top
     w.device.value = "cpu"
     w.run_button.clicked.emit()
     wait_done(qtbot, w)
@@ -102,10 +103,11 @@ def test_fuse_stop_keeps_the_reconstruction_so_far(make_napari_viewer, qtbot, st
     layers = open_stacks(viewer, paths[:2])
     w = dock(viewer, "Fuse stacks")
     w.layers.value = layers
-    w.ls_steps.value = 1_000_000
+    w.steps.value = 1_000_000
+    w.ls_steps.value = 5
     w.device.value = "cpu"
     w.run()
-    assert w.job._pbar.total == 1_000_000
+    assert w.job._pbar.total == 1_000_005
     qtbot.waitUntil(lambda: len(w.plot.loss) >= 2, timeout=TIMEOUT)
     w.stop_button.clicked.emit()
     wait_done(qtbot, w, timeout=10_000)

@@ -44,10 +44,11 @@ def add_fuse_parser(sub, common, bar_help: str = "") -> argparse.ArgumentParser:
     p.add_argument("--spacing", type=_mm, default=None,
                    help="isotropic output spacing in mm (default: finest in-plane spacing)")
     p.add_argument("--steps", type=int, default=None,
-                   help="Adam steps of the INR on top of the least-squares reconstruction "
-                        "(default 0: the reconstruction alone, see benchmarks/volume.py)")
-    p.add_argument("--ls-steps", type=int, default=300,
-                   help="Adam steps of the least-squares reconstruction")
+                   help="Adam steps of the 3D SIREN (default 500; 0: classical least-squares "
+                        "reconstruction alone, see benchmarks/volume.py)")
+    p.add_argument("--ls-steps", type=int, default=None,
+                   help="conjugate-gradient steps of least squares: the data-consistency step "
+                        "after the INR, or with --steps 0 the reconstruction (default 100)")
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
     p.add_argument("--encoder", default="none",
                    help="'none' (a 3D SIREN; no pretrained 3D encoder exists yet)")

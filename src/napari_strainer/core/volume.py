@@ -245,46 +245,71 @@ class TVPrior:
 
 
 def fit_grid(stacks: Sequence[Stack], grid: Grid, frame: WorldFrame, init: torch.Tensor, *,
-             steps: int = 300, lr: float = 0.05, smooth: float = 3e-5, chunk: int = 1 << 16,
-             callback: Callable[[Progress], None] | None = None,
+             steps: int = 100, smooth: float = 3e-4, anchor: float = 0.0,
+             chunk: int = 1 << 16, callback: Callable[[Progress], None] | None = None,
              cancel=None) -> GridBase:
-    """Classical least-squares super-resolution reconstruction through the same operators.
+    """Least squares on the output grid through the same operators, by conjugate gradients.
 
-    The unknown is the voxel grid itself (trilinear between voxel centres), fitted by Adam to
-    ``mean(data error^2) + smooth * mean(finite differences^2)`` from ``init`` (e.g. the mean
-    of the stacks' interpolations). Every step sees every observed voxel (full-batch
-    gradients, accumulated ``chunk`` voxels at a time, so memory stays bounded): random
-    minibatches leave most voxels of a large grid with a few noisy Adam updates (a 256 x 256
-    x 150 fusion fell 6 dB below its starting point). Returns the fitted grid as a
-    :class:`GridBase` (for :func:`fit_volume`'s ``base``).
+    The unknown is the voxel grid itself (trilinear between voxel centres). It minimises
+    ``sum over stacks of mean(data error^2) / stacks + smooth * mean(finite differences^2) +
+    anchor * mean((x - init)^2)``, a quadratic, by ``steps`` conjugate-gradient iterations from
+    ``init``. Two uses: the classical super-resolution reconstruction (``smooth > 0``, ``init``
+    the mean of the stacks' interpolations) and the data-consistency step after an INR
+    (``anchor > 0``, ``init`` its rendering: the observed data are matched while the rest, what
+    the stacks do not determine, stays the INR's). Every iteration sees every observed voxel
+    (full-batch products, accumulated ``chunk`` voxels at a time, so memory stays bounded).
+    Returns the fitted grid as a :class:`GridBase`.
     """
     device = init.device
-    vals = torch.nn.Parameter(init.detach().clone().reshape(1, 1, *grid.shape))
-    base = GridBase(init, grid, frame).to(device)
-    opt = torch.optim.Adam([vals], lr=lr)
-    t0 = time.perf_counter()
-    for step in range(steps):
+    x0 = init.detach().float().reshape(grid.shape).clone()
+    base = GridBase(x0, grid, frame).to(device)
+
+    def gradient(v: torch.Tensor, affine: bool) -> tuple[torch.Tensor, float]:
+        """Gradient of the objective at ``v`` (``affine``: with the data and anchor terms'
+        constants; without them it is the Hessian times ``v``) and the objective."""
+        vals = v.detach().clone().reshape(1, 1, *grid.shape).requires_grad_(True)
         base.values = vals
-        opt.zero_grad(set_to_none=True)
         loss = 0.0
         for s in stacks:
             n = s.values.numel()
             for start in range(0, n, chunk):
                 flat = torch.arange(start, min(start + chunk, n), device=device)
-                part = (s.integrate(base(s.points(flat))) - s.values[flat]).pow(2).sum() \
+                pred = s.integrate(base(s.points(flat)))
+                part = (pred - s.values[flat] if affine else pred).pow(2).sum() \
                     / (n * len(stacks))
                 part.backward()
                 loss += float(part.detach())
         reg = smooth * sum(torch.diff(vals, dim=d).pow(2).mean() for d in (2, 3, 4))
-        reg.backward()
-        loss += float(reg.detach())
-        opt.step()
-        if callback is not None and step % 10 == 0:
-            callback(Progress(step, steps, loss, None, time.perf_counter() - t0,
-                              lambda: vals.detach()[0, 0, ..., None].cpu()))
-        if cancel is not None and cancel.is_set():
+        if anchor > 0:
+            reg = reg + anchor * (vals[0, 0] - x0 if affine else vals[0, 0]).pow(2).mean()
+        if reg.requires_grad:
+            reg.backward()
+        return vals.grad[0, 0].detach(), loss + float(reg.detach())
+
+    x = x0.clone()
+    g, objective = gradient(x, True)
+    r = -g
+    p = r.clone()
+    rs = float((r * r).sum())
+    t0 = time.perf_counter()
+    for step in range(steps):
+        if callback is not None:
+            callback(Progress(step, steps, objective, None, time.perf_counter() - t0,
+                              lambda: x[..., None].cpu()))
+        if rs == 0 or (cancel is not None and cancel.is_set()):
             break
-    base.values = vals.detach()
+        hp, _ = gradient(p, False)
+        curv = float((p * hp).sum())
+        if not curv > 0:
+            break
+        alpha = rs / curv
+        x += alpha * p
+        r -= alpha * hp
+        objective -= 0.5 * alpha * rs
+        rs_new = float((r * r).sum())
+        p = r + (rs_new / rs) * p
+        rs = rs_new
+    base.values = x.reshape(1, 1, *grid.shape)
     return base
 
 

@@ -23,9 +23,10 @@ class FuseWidget(JobWidget):
 
     The output grid has the orientation and field of view of the stack chosen under
     "output grid of", isotropic at "spacing" mm (auto: the finest in-plane spacing of the
-    stacks). Fusion is a least-squares reconstruction through each stack's acquisition model
-    (its slice profile along its own normal), optionally followed by a 3D SIREN fitted on top
-    ("INR steps"). Stop keeps the reconstruction so far. The result is a new layer aligned
+    stacks). Fusion fits one 3D SIREN to all stacks through each stack's acquisition model (its
+    slice profile along its own normal, "INR steps"), then makes its rendering agree with the
+    data by least squares ("least-squares steps"; with 0 INR steps, the classical least-squares
+    reconstruction alone). Stop keeps the reconstruction so far. The result is a new layer aligned
     with the "output grid of" stack, ready to be saved with File > Save Selected Layers.
     """
 
@@ -46,13 +47,15 @@ class FuseWidget(JobWidget):
                                 tooltip="each slice's sensitivity along its normal: box of the "
                                         "slice thickness, or gaussian with FWHM = thickness "
                                         "(thickness: DICOM SliceThickness, else the spacing)")
-        self.ls_steps = SpinBox(label="least-squares steps", value=volume.GRID_STEPS, min=0,
-                                max=1_000_000, tooltip="Adam steps of the least-squares "
-                                                       "reconstruction on the output grid")
         self.steps = SpinBox(label="INR steps", value=volume.DEFAULT_STEPS["fuse"], min=0,
-                             max=10_000_000, tooltip="Adam steps of a 3D SIREN fitted on top "
-                                                     "of the reconstruction (0: none, the "
-                                                     "default; see benchmarks/volume.py)")
+                             max=10_000_000, tooltip="Adam steps of the 3D SIREN fitted to all "
+                                                     "stacks (0: classical least squares "
+                                                     "alone; see benchmarks/volume.py)")
+        self.ls_steps = SpinBox(label="least-squares steps", value=volume.GRID_STEPS, min=0,
+                                max=1_000_000, tooltip="conjugate-gradient steps on the output "
+                                                       "grid: the data-consistency step after "
+                                                       "the INR (the reconstruction itself "
+                                                       "when INR steps are 0)")
         self.lr = LineEdit(label="learning rate", value=f"{volume.LR:g}",
                            tooltip="Adam learning rate of the INR steps")
         self.seed = SpinBox(label="seed", value=0, min=0, max=2**31 - 1)
@@ -60,7 +63,7 @@ class FuseWidget(JobWidget):
         self.grid_info = Label(value="")
         self.grid_info.native.setWordWrap(True)
         super().__init__(viewer, [self.layers, self.grid_of, self.spacing, self.grid_info,
-                                  self.profile, self.ls_steps, self.steps],
+                                  self.profile, self.steps, self.ls_steps],
                          plot_title="fusion loss")
         self.advanced_fold = collapsible("Advanced", self.advanced)
         self.native.layout().insertWidget(self.index(self.device), self.advanced_fold)
@@ -130,13 +133,11 @@ class FuseWidget(JobWidget):
         def work(report, cancel):
             def callback(p):
                 report({"step": p.step, "total": p.total, "loss": p.loss,
-                        "stage": "least squares" if p.step < ls_steps else "INR"})
+                        "stage": "INR" if p.step < steps else "least squares"})
 
             res = volume.fuse(scans, spacing=spacing, profile=profile, steps=steps,
                               ls_steps=ls_steps, lr=lr, device=device, seed=seed,
                               callback=callback, cancel=cancel)
-            # a stop during the least-squares stage leaves the INR stage nothing to cancel
-            res.history["cancelled"] = bool(res.history["cancelled"] or cancel.is_set())
             return res
 
         self._names = [layer.name for layer in layers]
@@ -147,7 +148,7 @@ class FuseWidget(JobWidget):
 
     def on_report(self, item: dict) -> None:
         stage = item["stage"]
-        self.plot.add(item["step"], item["loss"], segment=int(stage == "INR"), subtitle=stage)
+        self.plot.add(item["step"], item["loss"], segment=int(stage != "INR"), subtitle=stage)
         if self.job is not None:
             self.job.progress(item["step"])
         self.set_status(f"{stage}: step {item['step']}/{item['total']}  loss "
