@@ -301,6 +301,17 @@ def run_sr(vols, cases, a, rows, panels, curves):
             out, hist = inr(stack, grid, truth, tv_dirs=[[1.0, 0, 0]], **{**a.inr, **kw})
             res[label] = (out, time.perf_counter() - t)
             curves[f"{case} {label}"] = hist
+        if a.sr_product:  # napari_strainer.volume.superres_volume with its defaults
+            from napari_strainer.io.scan import Scan
+            from napari_strainer.volume import superres_volume
+
+            t = time.perf_counter()
+            r = superres_volume(Scan(obs, coarse_affine(fine, 0, f)), slice_scale=f,
+                                profile=prof, device="cpu", seed=a.seed,
+                                reference=Scan(truth, fine))
+            label = "product: SIREN 3D on cubic + data consistency"
+            res[label] = (r.scan.data, time.perf_counter() - t)
+            curves[f"{case} {label}"] = r.history
         _score(case, "superres", truth, res, rows, panels, "cubic")
 
 
@@ -440,6 +451,10 @@ def main():
                         "(width 128; 0: skip it)")
     p.add_argument("--fuse-product", type=lambda v: [int(x) for x in v.split(",") if x],
                    default=[0, 500], help="INR steps of the product's fuse runs")
+    p.add_argument("--sr-product", type=int, default=1,
+                   help="1: run the product's superres_volume (INR + data consistency)")
+    p.add_argument("--sr-inr", type=int, default=0,
+                   help="1: also the INR residual alone through this script's inr()")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="volume")
     p.add_argument("--cases", type=int, default=None, help="only the first N through-plane cases")
@@ -455,7 +470,8 @@ def main():
     a.ls_tv_weights = [1e-4, 1e-3]
     a.fuse_ls = 1  # grad only (TV: see benchmarks/README.md)
     a.tv_weights = [0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08]
-    a.sr_methods = [("SIREN 3D on cubic", {"cubic_base": True, "steps": 300, "batch": 4096})]
+    a.sr_methods = [("SIREN 3D on cubic", {"cubic_base": True, "steps": 300, "batch": 4096})
+                    ][:a.sr_inr]
     a.fuse_methods = [("SIREN 3D", {"steps": a.fuse_siren, "batch": 2048})][:a.fuse_siren > 0]
     a.dn_methods = [("SIREN 3D + 3D TV", {"tv": 0.15, "steps": 500, "batch": 2048})]
     sr_cases = [("MNI 2mm", "box", 4), ("MNI 2mm", "gaussian", 3), ("T1", "box", 2),

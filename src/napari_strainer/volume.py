@@ -50,8 +50,8 @@ BATCH = {"superres": 4096, "fuse": 2048, "denoise": 2048}
 random points."""
 LR = 1e-4
 GRID_STEPS = 100
-"""Conjugate-gradient iterations of fusion's least squares (classical, or the data-consistency
-step after the INR)."""
+"""Conjugate-gradient iterations of the least-squares stage: the data-consistency step after the
+INR (through-plane super-resolution, fusion), or fusion's classical reconstruction."""
 LS_SMOOTH = 3e-4
 """Squared-gradient penalty of the classical least-squares fusion (``--steps 0``)."""
 DC_ANCHOR = 3e-3
@@ -164,6 +164,31 @@ def _run(stacks: list[Stack], grid: Grid, frame: WorldFrame, net: BatchedSiren, 
     return render_grid(net, grid, frame, base=base).numpy(), hist
 
 
+def _offset(callback, start: int, total: int):
+    """``callback`` for a stage that begins at step ``start`` of a job of ``total`` steps."""
+    if callback is None:
+        return None
+    return lambda p: callback(Progress(start + p.step, total, p.loss, p.psnr, p.seconds,
+                                       p.preview))
+
+
+def _least_squares(stacks: list[Stack], grid: Grid, frame: WorldFrame, init: torch.Tensor, *,
+                   steps: int, smooth: float, anchor: float, start: int, total: int,
+                   ref: np.ndarray | None, hist: dict, callback, cancel) -> np.ndarray:
+    """:func:`~napari_strainer.core.volume.fit_grid` as the job's last stage (steps
+    ``start..total``); records the final PSNR against ``ref`` and whether a Stop came."""
+    out = fit_grid(stacks, grid, frame, init, steps=steps, smooth=smooth, anchor=anchor,
+                   callback=_offset(callback, start, total), cancel=cancel)
+    out = out.values[0, 0].cpu().numpy()
+    if ref is not None:
+        mse = max(float(np.mean((out - ref) ** 2)), 1e-20)
+        hist["psnr_final"] = float(10 * np.log10((float(np.ptp(ref)) or 1.0) ** 2 / mse))
+    hist["cancelled"] = bool(hist.get("cancelled") or (cancel is not None and cancel.is_set()))
+    hist.setdefault("steps_done", 0)
+    hist.update(ls_steps=steps, ls_smooth=smooth, ls_anchor=anchor)
+    return out
+
+
 def _reference(reference: Scan | None, shape: tuple[int, ...], inten: Intensity):
     if reference is None:
         return None
@@ -175,8 +200,9 @@ def _reference(reference: Scan | None, shape: tuple[int, ...], inten: Intensity)
 
 def superres_volume(scan: Scan, *, slice_scale: int = 2, scale: int = 1,
                     profile: str = "box", thickness: float | None = None,
-                    steps: int | None = None, lr: float = LR, tv: float | None = None,
-                    base: str = BASE, reference: Scan | None = None, device: str = "auto",
+                    steps: int | None = None, ls_steps: int | None = None, lr: float = LR,
+                    tv: float | None = None, base: str = BASE, reference: Scan | None = None,
+                    device: str = "auto",
                     seed: int = 0, log_every: int = 10,
                     callback: Callable[[Progress], None] | None = None,
                     cancel=None) -> Restoration:
@@ -190,6 +216,9 @@ def superres_volume(scan: Scan, *, slice_scale: int = 2, scale: int = 1,
     the slice normal and over its pixel in-plane. With ``base="bspline"`` (default) the INR
     fits the residual on top of the cubic B-spline interpolation of the input: the fit starts
     from the classical estimate and moves it towards agreement with the acquisition model.
+    Then a data-consistency step: ``ls_steps`` conjugate-gradient steps of least squares
+    through the same operator, anchored to the INR's rendering (the input is matched; what it
+    leaves undetermined stays the INR's).
 
     Args:
         scan: a 3D scan, slices along axis 0.
@@ -198,6 +227,8 @@ def superres_volume(scan: Scan, *, slice_scale: int = 2, scale: int = 1,
         profile: slice profile, ``box`` or ``gaussian``.
         thickness: slice thickness in mm (default: DICOM SliceThickness, else the spacing).
         steps: Adam steps (default :data:`DEFAULT_STEPS`).
+        ls_steps: conjugate-gradient steps of the data-consistency step (default
+            :data:`GRID_STEPS`; 0: none).
         tv: weight of the total-variation term along the slice normal (default
             :data:`TV_WEIGHT`; 0 = none).
         base: ``bspline`` or ``none`` (a plain 3D SIREN).
@@ -211,7 +242,10 @@ def superres_volume(scan: Scan, *, slice_scale: int = 2, scale: int = 1,
     if base not in ("bspline", "none"):
         raise BadArgumentError(f"base must be bspline or none, got {base!r}")
     steps = DEFAULT_STEPS["superres"] if steps is None else steps
+    ls_steps = GRID_STEPS if ls_steps is None else ls_steps
     _check_common(steps, lr)
+    if ls_steps < 0:
+        raise BadArgumentError(f"ls_steps must be non-negative, got {ls_steps}")
     _check_3d(scan, "through-plane super-resolution")
     z, h, w = scan.shape
     shape = (z * slice_scale, h * scale, w * scale)
@@ -237,15 +271,20 @@ def superres_volume(scan: Scan, *, slice_scale: int = 2, scale: int = 1,
     if base == "bspline":
         spline = interpolate_slices(norm, slice_scale, 3, inplane=scale)
         gb = GridBase(torch.from_numpy(spline), grid, frame).to(dev)
+    total = steps + ls_steps
     out, hist = _run([stack], grid, frame, net, batch=batch, steps=steps, lr=lr, prior=prior,
-                     stop=None, base=gb, reference=ref, log_every=log_every, callback=callback,
-                     cancel=cancel, seed=seed)
+                     stop=None, base=gb, reference=ref, log_every=log_every,
+                     callback=_offset(callback, 0, total), cancel=cancel, seed=seed)
+    out = _least_squares([stack], grid, frame, torch.from_numpy(out).to(dev), steps=ls_steps,
+                         smooth=0.0, anchor=DC_ANCHOR, start=steps, total=total, ref=ref,
+                         hist=hist, callback=callback, cancel=cancel)
     hist.update(task="superres_volume", slice_scale=slice_scale, scale=scale, profile=profile,
                 slice_thickness_mm=thick, base=base, normalization=inten.to_dict())
     desc = (f"INR through-plane super-resolution x{slice_scale}"
             f"{f' in-plane x{scale}' if scale > 1 else ''} (3D SIREN, napari-strainer)")
     how = (f"{desc}: {profile} slice profile of {thick:g} mm, base {base}, {steps} Adam steps "
-           f"of {batch} voxels at lr {lr:g}, TV {weight:g}, seed {seed}")
+           f"of {batch} voxels at lr {lr:g}, TV {weight:g}, then {ls_steps} conjugate-gradient "
+           f"steps of data consistency, seed {seed}")
     return Restoration(scan.derive(inten.inverse(out, scan.data.dtype), affine=grid.affine,
                                    description=desc, derivation=how), hist)
 
@@ -362,15 +401,6 @@ def fuse(scans: Sequence[Scan], *, spacing: float | None = None, profile: str = 
               for s, it in zip(scans, intens)]
     ref = _reference(reference, grid.shape, intens[0])
     total = steps + ls_steps
-
-    def inr_progress(p: Progress) -> None:
-        if callback is not None:
-            callback(Progress(p.step, total, p.loss, p.psnr, p.seconds, p.preview))
-
-    def grid_progress(p: Progress) -> None:
-        if callback is not None:
-            callback(Progress(steps + p.step, total, p.loss, None, p.seconds, p.preview))
-
     hist: dict = {"steps": 0}
     weight = TV_WEIGHT["fuse"] if tv is None else tv
     if steps > 0:
@@ -380,21 +410,16 @@ def fuse(scans: Sequence[Scan], *, spacing: float | None = None, profile: str = 
         net = _net("fuse", grid, frame, seed, dev)
         init, hist = _run(stacks, grid, frame, net, batch=BATCH["fuse"], steps=steps, lr=lr,
                           prior=prior, stop=None, reference=ref, log_every=log_every,
-                          callback=inr_progress, cancel=cancel, seed=seed)
+                          callback=_offset(callback, 0, total), cancel=cancel, seed=seed)
         init = torch.from_numpy(init).to(dev)
         smooth, anchor = 0.0, DC_ANCHOR
     else:
         init = torch.stack([_resample(s, grid, frame) for s in stacks]).mean(0)
         smooth, anchor = LS_SMOOTH, 0.0
-    out = fit_grid(stacks, grid, frame, init, steps=ls_steps, smooth=smooth, anchor=anchor,
-                   callback=grid_progress, cancel=cancel).values[0, 0].cpu().numpy()
-    if ref is not None:
-        hist["psnr_final"] = float(10 * np.log10((float(np.ptp(ref)) or 1.0) ** 2 / max(
-            float(np.mean((out - ref) ** 2)), 1e-20)))
-    hist["cancelled"] = bool(hist.get("cancelled") or (cancel is not None and cancel.is_set()))
-    hist.setdefault("steps_done", 0)
-    hist.update(task="fuse", ls_steps=ls_steps, ls_smooth=smooth, ls_anchor=anchor,
-                stacks=len(scans), spacing_mm=float(spacing),
+    out = _least_squares(stacks, grid, frame, init, steps=ls_steps, smooth=smooth,
+                         anchor=anchor, start=steps, total=total, ref=ref, hist=hist,
+                         callback=callback, cancel=cancel)
+    hist.update(task="fuse", stacks=len(scans), spacing_mm=float(spacing),
                 profile=profile, slice_thickness_mm=[scan_thickness(s) for s in scans],
                 normalization={**intens[0].to_dict(), "per_stack": [
                     [it.low, it.high] for it in intens], "over": "voxels inside the output"})

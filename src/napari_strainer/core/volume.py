@@ -246,14 +246,15 @@ class TVPrior:
 
 def fit_grid(stacks: Sequence[Stack], grid: Grid, frame: WorldFrame, init: torch.Tensor, *,
              steps: int = 100, smooth: float = 3e-4, anchor: float = 0.0,
-             chunk: int = 1 << 16, callback: Callable[[Progress], None] | None = None,
+             tol: float = 1e-4, chunk: int = 1 << 16, callback: Callable[[Progress], None] | None = None,
              cancel=None) -> GridBase:
     """Least squares on the output grid through the same operators, by conjugate gradients.
 
     The unknown is the voxel grid itself (trilinear between voxel centres). It minimises
     ``sum over stacks of mean(data error^2) / stacks + smooth * mean(finite differences^2) +
-    anchor * mean((x - init)^2)``, a quadratic, by ``steps`` conjugate-gradient iterations from
-    ``init``. Two uses: the classical super-resolution reconstruction (``smooth > 0``, ``init``
+    anchor * mean((x - init)^2)``, a quadratic, by at most ``steps`` conjugate-gradient
+    iterations from ``init``, ending early once the gradient's norm is ``tol`` times its first
+    (in float32, further iterations only amplify rounding). Two uses: the classical super-resolution reconstruction (``smooth > 0``, ``init``
     the mean of the stacks' interpolations) and the data-consistency step after an INR
     (``anchor > 0``, ``init`` its rendering: the observed data are matched while the rest, what
     the stacks do not determine, stays the INR's). Every iteration sees every observed voxel
@@ -291,12 +292,13 @@ def fit_grid(stacks: Sequence[Stack], grid: Grid, frame: WorldFrame, init: torch
     r = -g
     p = r.clone()
     rs = float((r * r).sum())
+    done = rs * tol ** 2  # converged: float32 rounding would take over below this
     t0 = time.perf_counter()
     for step in range(steps):
         if callback is not None:
             callback(Progress(step, steps, objective, None, time.perf_counter() - t0,
                               lambda: x[..., None].cpu()))
-        if rs == 0 or (cancel is not None and cancel.is_set()):
+        if rs <= done or (cancel is not None and cancel.is_set()):
             break
         hp, _ = gradient(p, False)
         curv = float((p * hp).sum())
