@@ -391,6 +391,16 @@ def run_dn(vols, names, sigmas, a, rows, panels, curves):
                 out, hist = inr(stack, grid, truth, tv_dirs=np.eye(3), **{**a.inr, **kw})
                 res[label] = (out, time.perf_counter() - t)
                 curves[f"{case} {label}"] = hist
+            if a.dn_product:  # napari_strainer.volume.denoise_volume, sigma estimated
+                from napari_strainer.io.scan import Scan
+                from napari_strainer.volume import denoise_volume
+
+                t = time.perf_counter()
+                r = denoise_volume(Scan(noisy, np.eye(4)), device="cpu", seed=a.seed,
+                                   reference=Scan(truth, np.eye(4)))
+                label = "product: 3D SIREN + 3D TV, sigma auto stop"
+                res[label] = (r.scan.data, time.perf_counter() - t)
+                curves[f"{case} {label}"] = r.history
             for tv in a.dn_shared:
                 t = time.perf_counter()
                 best, stopped, hist = shared_slices(noisy, truth, tv=tv, steps=a.dn_shared_steps,
@@ -459,8 +469,12 @@ def main():
     p.add_argument("--name", default="volume")
     p.add_argument("--cases", type=int, default=None, help="only the first N through-plane cases")
     p.add_argument("--dn-shared", type=lambda v: [float(x) for x in v.split(",") if x],
-                   default=[0.08], help="TV weights of the shared-encoder slice denoiser "
-                   "(empty: skip it)")
+                   default=[], help="TV weights of the shared-encoder slice denoiser "
+                   "(session 7: 0.08; empty: skip it)")
+    p.add_argument("--dn-product", type=int, default=1,
+                   help="1: run the product's denoise_volume (its defaults, sigma auto)")
+    p.add_argument("--dn-inr", type=int, default=0,
+                   help="1: also session 5's 3D INR (width 128) through this script's inr()")
     p.add_argument("--dn-shared-steps", type=int, default=1500)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -473,7 +487,7 @@ def main():
     a.sr_methods = [("SIREN 3D on cubic", {"cubic_base": True, "steps": 300, "batch": 4096})
                     ][:a.sr_inr]
     a.fuse_methods = [("SIREN 3D", {"steps": a.fuse_siren, "batch": 2048})][:a.fuse_siren > 0]
-    a.dn_methods = [("SIREN 3D + 3D TV", {"tv": 0.15, "steps": 500, "batch": 2048})]
+    a.dn_methods = [("SIREN 3D + 3D TV", {"tv": 0.15, "steps": 500, "batch": 2048})][:a.dn_inr]
     sr_cases = [("MNI 2mm", "box", 4), ("MNI 2mm", "gaussian", 3), ("T1", "box", 2),
                 ("EPI", "gaussian", 3), ("MNI 1mm", "box", 4), ("MNI 2mm sup", "box", 5)]
     fuse_names, dn_names, sigmas = ["MNI 2mm", "T1", "EPI"], ["MNI 2mm"], [0.05, 0.1]
