@@ -83,9 +83,8 @@ def test_fit_volume_learns_a_thick_slice_stack():
     assert np.abs(out.numpy().reshape(4, 2, 8, 8).mean(1) - thick).mean() < 0.05
 
 
-def test_fit_grid_uses_every_observation_in_bounded_chunks():
-    """Least squares sees all data each step: the result does not depend on the chunk size,
-    and it moves from a flat start towards the observations."""
+def _pairs_stack():
+    """A smooth 8^3 truth, its grid and frame, and a stack of its slice pairs (box x2)."""
     z, y, x = np.mgrid[:8, :8, :8]
     truth = (np.sin(z / 2.0) + np.cos(y / 3.0) * x / 8).astype(np.float32)
     fine = Grid((8, 8, 8), np.eye(4))
@@ -93,6 +92,13 @@ def test_fit_grid_uses_every_observation_in_bounded_chunks():
     coarse = np.eye(4)
     coarse[0, 0], coarse[0, 3] = 2, 0.5
     stack = Stack(torch.from_numpy(truth.reshape(4, 2, 8, 8).mean(1)), coarse, frame, 1.0)
+    return truth, fine, frame, stack
+
+
+def test_fit_grid_uses_every_observation_in_bounded_chunks():
+    """Least squares sees all data each step: the result does not depend on the chunk size,
+    and it moves from a flat start towards the observations."""
+    truth, fine, frame, stack = _pairs_stack()
     init = torch.zeros(8, 8, 8)
     runs = [fit_grid([stack], fine, frame, init, steps=40, chunk=c).values.flatten()
             for c in (7, 1 << 16)]
@@ -105,15 +111,10 @@ def test_fit_grid_data_consistency_keeps_what_the_data_leave_open():
     """With an anchor (fusion's step after the INR) least squares removes the part of the
     start that disagrees with the data and keeps the part the stack cannot see: here a pattern
     that averages to zero within each thick slice."""
-    z, y, x = np.mgrid[:8, :8, :8]
-    truth = (np.sin(z / 2.0) + np.cos(y / 3.0) * x / 8).astype(np.float32)
-    fine = Grid((8, 8, 8), np.eye(4))
-    frame = WorldFrame(fine.corners_mm())
-    coarse = np.eye(4)
-    coarse[0, 0], coarse[0, 3] = 2, 0.5
-    stack = Stack(torch.from_numpy(truth.reshape(4, 2, 8, 8).mean(1)), coarse, frame, 1.0)
-    unseen = np.where(z % 2 == 0, 0.2, -0.2).astype(np.float32)  # zero mean per thick slice
+    truth, fine, frame, stack = _pairs_stack()
+    unseen = np.where(np.arange(8)[:, None, None] % 2 == 0, 0.2, -0.2) + np.zeros_like(truth)  # zero mean per thick slice
     wrong = np.full_like(truth, 0.3)  # the same in both halves: the stack sees it
+    unseen = unseen.astype(np.float32)
     start = torch.from_numpy(truth + unseen + wrong)
     # far more steps than it needs: converged, it stops instead of amplifying float32 rounding
     out = fit_grid([stack], fine, frame, start, steps=500, smooth=0.0, anchor=1e-4)

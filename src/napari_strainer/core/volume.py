@@ -297,7 +297,7 @@ def fit_grid(stacks: Sequence[Stack], grid: Grid, frame: WorldFrame, init: torch
     for step in range(steps):
         if callback is not None:
             callback(Progress(step, steps, objective, None, time.perf_counter() - t0,
-                              lambda: x[..., None].cpu()))
+                              lambda v=x: v[..., None].cpu()))
         if rs <= done or (cancel is not None and cancel.is_set()):
             break
         hp, _ = gradient(p, False)
