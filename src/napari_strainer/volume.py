@@ -2,8 +2,8 @@
 
 Each input stack is a forward operator placed by its affine, with its slice profile along its
 own normal (:mod:`napari_strainer.core.volume`); one 3D INR in world (scanner) coordinates is
-fitted through those operators (for fusion, followed by a least-squares data-consistency step
-through the same operators). The CLI calls these.
+fitted through those operators (for super-resolution and fusion, followed by a least-squares
+data-consistency step through the same operators). The CLI calls these.
 
 Intensities: each stack is normalised on its own, robustly: its [0.5, 99.5] percentiles over
 the voxels that lie inside the output grid map to [0, 1] (stacks of one contrast that differ
