@@ -21,6 +21,7 @@ import torch
 
 from .classical import interpolate_slices
 from .core.fit import Progress, StopRule
+from .core.metrics import psnr
 from .core.siren import BatchedSiren, SirenConfig
 from .core.volume import (
     PROFILES,
@@ -67,9 +68,11 @@ VOLUME_STOP_FACTOR = 1.0
 the residual higher than the 2D path's, whose calibrated factor is 0.85)."""
 
 
-def _check_common(steps: int, lr: float) -> None:
+def _check_common(steps: int, lr: float, ls_steps: int = 0) -> None:
     if steps < 0:
         raise BadArgumentError(f"--steps must be non-negative, got {steps}")
+    if ls_steps < 0:
+        raise BadArgumentError(f"--ls-steps must be non-negative, got {ls_steps}")
     if lr <= 0:
         raise BadArgumentError(f"--lr must be positive, got {lr}")
 
@@ -137,6 +140,13 @@ def _net(task: str, grid: Grid, frame: WorldFrame, seed: int,
     return BatchedSiren(cfg, batch=1, seed=seed).to(device)
 
 
+def _psnr(out: np.ndarray, ref: np.ndarray) -> float:
+    """PSNR of a normalised volume against the reference, on the reference's range."""
+    rng = float(np.ptp(ref)) or 1.0
+    return float(psnr(torch.from_numpy(out).double(), torch.from_numpy(ref).double(), rng,
+                      dims=(0, 1, 2)))
+
+
 def _run(stacks: list[Stack], grid: Grid, frame: WorldFrame, net: BatchedSiren, *,
          batch: int, steps: int, lr: float, prior: TVPrior | None, stop: StopRule | None,
          base: GridBase | None = None,
@@ -147,12 +157,9 @@ def _run(stacks: list[Stack], grid: Grid, frame: WorldFrame, net: BatchedSiren, 
         steps = 0
     monitor = None
     if reference is not None:
-        rng = float(np.ptp(reference)) or 1.0
 
         def monitor() -> float:
-            out = render_grid(net, grid, frame, base=base).numpy()
-            mse = float(np.mean((out - reference) ** 2))
-            return 10 * np.log10(rng ** 2 / max(mse, 1e-20))
+            return _psnr(render_grid(net, grid, frame, base=base).numpy(), reference)
 
     res = fit_volume(net, stacks, frame, grid, steps=steps, lr=lr, batch=batch, prior=prior,
                      stop=stop, base=base, log_every=log_every, callback=callback,
@@ -184,8 +191,7 @@ def _least_squares(stacks: list[Stack], grid: Grid, frame: WorldFrame, init: tor
                    callback=_offset(callback, start, total), cancel=cancel)
     out = out.values[0, 0].cpu().numpy()
     if ref is not None:
-        mse = max(float(np.mean((out - ref) ** 2)), 1e-20)
-        hist["psnr_final"] = float(10 * np.log10((float(np.ptp(ref)) or 1.0) ** 2 / mse))
+        hist["psnr_final"] = _psnr(out, ref)
     hist["cancelled"] = bool(hist.get("cancelled") or (cancel is not None and cancel.is_set()))
     hist.setdefault("steps_done", 0)
     hist.update(ls_steps=steps, ls_smooth=smooth, ls_anchor=anchor)
@@ -246,9 +252,7 @@ def superres_volume(scan: Scan, *, slice_scale: int = 2, scale: int = 1,
         raise BadArgumentError(f"base must be bspline or none, got {base!r}")
     steps = DEFAULT_STEPS["superres"] if steps is None else steps
     ls_steps = GRID_STEPS if ls_steps is None else ls_steps
-    _check_common(steps, lr)
-    if ls_steps < 0:
-        raise BadArgumentError(f"ls_steps must be non-negative, got {ls_steps}")
+    _check_common(steps, lr, ls_steps)
     _check_3d(scan, "through-plane super-resolution")
     z, h, w = scan.shape
     shape = (z * slice_scale, h * scale, w * scale)
@@ -376,9 +380,7 @@ def fuse(scans: Sequence[Scan], *, spacing: float | None = None, profile: str = 
         _check_3d(s, "fusion")
     steps = DEFAULT_STEPS["fuse"] if steps is None else steps
     ls_steps = GRID_STEPS if ls_steps is None else ls_steps
-    _check_common(steps, lr)
-    if ls_steps < 0:
-        raise BadArgumentError(f"--ls-steps must be non-negative, got {ls_steps}")
+    _check_common(steps, lr, ls_steps)
     uids = {u for u in map(_frame_of_reference, scans) if u}
     if len(uids) > 1:
         raise BadArgumentError("the stacks come from different frames of reference "
@@ -477,9 +479,8 @@ def denoise_volume(scan: Scan, *, sigma="auto", steps: int | None = None, lr: fl
             if float(sigma) < 0:
                 raise BadArgumentError(f"--sigma must be >= 0, got {sigma}")
             sig = float(sigma) / (inten.high - inten.low)
-        stop = DiscrepancyStop(np.array([sig]), VOLUME_STOP_FACTOR)
-        stop.reason = (f"data residual reached {VOLUME_STOP_FACTOR:g} x noise sigma "
-                       "(discrepancy rule, factor chosen by benchmarks/volume)")
+        stop = DiscrepancyStop(np.array([sig]), VOLUME_STOP_FACTOR,
+                               calibrated_by="benchmarks/volume")
     stack = Stack(torch.from_numpy(norm), scan.affine, frame, grid.spacing).to(dev)
     weight = TV_WEIGHT["denoise"] if tv is None else tv
     prior = None

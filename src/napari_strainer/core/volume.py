@@ -246,16 +246,17 @@ class TVPrior:
 
 def fit_grid(stacks: Sequence[Stack], grid: Grid, frame: WorldFrame, init: torch.Tensor, *,
              steps: int = 100, smooth: float = 3e-4, anchor: float = 0.0,
-             tol: float = 1e-4, chunk: int = 1 << 16, callback: Callable[[Progress], None] | None = None,
-             cancel=None) -> GridBase:
+             tol: float = 1e-4, chunk: int = 1 << 16,
+             callback: Callable[[Progress], None] | None = None, cancel=None) -> GridBase:
     """Least squares on the output grid through the same operators, by conjugate gradients.
 
     The unknown is the voxel grid itself (trilinear between voxel centres). It minimises
     ``sum over stacks of mean(data error^2) / stacks + smooth * mean(finite differences^2) +
     anchor * mean((x - init)^2)``, a quadratic, by at most ``steps`` conjugate-gradient
     iterations from ``init``, ending early once the gradient's norm is ``tol`` times its first
-    (in float32, further iterations only amplify rounding). Two uses: the classical super-resolution reconstruction (``smooth > 0``, ``init``
-    the mean of the stacks' interpolations) and the data-consistency step after an INR
+    (in float32, further iterations only amplify rounding). Two uses: the classical
+    super-resolution reconstruction (``smooth > 0``, ``init`` the mean of the stacks'
+    interpolations) and the data-consistency step after an INR
     (``anchor > 0``, ``init`` its rendering: the observed data are matched while the rest, what
     the stacks do not determine, stays the INR's). Every iteration sees every observed voxel
     (full-batch products, accumulated ``chunk`` voxels at a time, so memory stays bounded).
