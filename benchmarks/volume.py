@@ -57,11 +57,12 @@ def _norm(v: np.ndarray) -> np.ndarray:
     return np.clip(Intensity.of(v).forward(v), -0.2, 1.2).astype(np.float32)
 
 
-def _mni(mm: int) -> np.ndarray:
+def _mni(mm: int, kind: str = "t1") -> np.ndarray:
+    """The MNI ICBM152 2009a template shipped with nilearn: ``t1`` or the ``gm`` tissue map."""
     import nilearn
 
     path = os.path.join(os.path.dirname(nilearn.__file__), "datasets", "data",
-                        "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
+                        f"mni_icbm152_{kind}_tal_nlin_sym_09a_converted.nii.gz")
     v = np.asarray(nib.load(path).dataobj, np.float32).transpose(2, 1, 0)[:, ::-1]  # z, y, x
     if mm > 1:
         t = torch.from_numpy(v[: v.shape[0] // mm * mm, : v.shape[1] // mm * mm,
@@ -78,8 +79,12 @@ def volumes() -> dict[str, np.ndarray]:
     epi = epi.transpose(2, 1, 0).astype(np.float32)  # (24, 96, 128), 2.2 x 2 x 2 mm
     anat = np.asarray(nib.load(os.path.join(NIB_DATA, "anatomical.nii")).dataobj, np.float32)
     anat = anat.transpose(2, 1, 0)  # (25, 41, 33), 2 mm
+    gm = _mni(2, "gm")
     return {
         "MNI 2mm": _norm(m2[c[0] - 24:c[0] + 24, c[1] - 28:c[1] + 28, c[2] - 24:c[2] + 24]),
+        # grey-matter probability map: another contrast, and (unlike T1 and EPI) no noise of
+        # its own
+        "GM 2mm": _norm(gm[c[0] - 24:c[0] + 24, c[1] - 28:c[1] + 28, c[2] - 24:c[2] + 24]),
         "MNI 2mm sup": _norm(m2[c[0]:c[0] + 40, c[1] - 28:c[1] + 28, c[2] - 24:c[2] + 24]),
         "MNI 1mm": _norm(m1[80:128, 100:156, 70:118]),
         "EPI": _norm(epi[:, 16:80, 32:96].transpose(1, 0, 2)),  # 64 x 24 x 64, thick along y
@@ -88,6 +93,7 @@ def volumes() -> dict[str, np.ndarray]:
 
 
 TUNE = {"MNI 2mm": "MNI 1mm", "MNI 1mm": "MNI 2mm", "EPI": "MNI 2mm", "T1": "MNI 2mm",
+        "GM 2mm": "MNI 2mm",
         "MNI 2mm sup": "MNI 2mm"}
 """Where a baseline's weight is tuned: another volume than the one it is scored on."""
 
@@ -214,8 +220,8 @@ def inr(stacks: list[tuple[np.ndarray, np.ndarray, float, str]], grid: Grid, tru
 
     gb = None if base is None else GridBase(torch.from_numpy(base), grid, frame)
 
-    def monitor():
-        return psnr(render_grid(net, grid, frame, base=gb).numpy(), truth)
+    def monitor(params):
+        return psnr(render_grid(net, grid, frame, params=params, base=gb).numpy(), truth)
 
     res = fit_volume(net, ops, frame, grid, steps=steps, lr=lr, batch=batch, prior=prior,
                      base=gb, monitor=monitor, monitor_every=monitor_every,
@@ -398,9 +404,19 @@ def run_dn(vols, names, sigmas, a, rows, panels, curves):
                 t = time.perf_counter()
                 r = denoise_volume(Scan(noisy, np.eye(4)), device="cpu", seed=a.seed,
                                    reference=Scan(truth, np.eye(4)))
-                label = "product: 3D SIREN + 3D TV, sigma auto stop"
+                label = "product --mode volume: 3D SIREN + 3D TV, averaged weights"
                 res[label] = (r.scan.data, time.perf_counter() - t)
                 curves[f"{case} {label}"] = r.history
+            if a.dn_slices:  # napari_strainer.tasks.restore: one 2D INR per slice
+                from napari_strainer.denoise import make_stop_rule
+                from napari_strainer.io.scan import Scan
+                from napari_strainer.tasks import restore
+
+                t = time.perf_counter()
+                r = restore(Scan(noisy, np.eye(4)), task="denoise", stop=make_stop_rule("auto"),
+                            device="cpu", seed=a.seed)
+                res["product --mode slices (2D, shipped encoder)"] = (
+                    r.scan.data, time.perf_counter() - t)
             for tv in a.dn_shared:
                 t = time.perf_counter()
                 best, stopped, hist = shared_slices(noisy, truth, tv=tv, steps=a.dn_shared_steps,
@@ -476,6 +492,11 @@ def main():
     p.add_argument("--dn-inr", type=int, default=0,
                    help="1: also session 5's 3D INR (width 128) through this script's inr()")
     p.add_argument("--dn-shared-steps", type=int, default=1500)
+    p.add_argument("--dn-slices", type=int, default=1,
+                   help="1: also the product's 2D path (denoise --mode slices, sigma auto)")
+    p.add_argument("--dn-names", default="MNI 2mm,T1,EPI",
+                   help="volumes to denoise (MNI 2 mm chose the defaults; the others did not)")
+    p.add_argument("--dn-sigmas", default="0.05,0.1")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     # the product's defaults (napari_strainer.volume): width 128, 5 layers, lr 1e-4
@@ -490,7 +511,8 @@ def main():
     a.dn_methods = [("SIREN 3D + 3D TV", {"tv": 0.15, "steps": 500, "batch": 2048})][:a.dn_inr]
     sr_cases = [("MNI 2mm", "box", 4), ("MNI 2mm", "gaussian", 3), ("T1", "box", 2),
                 ("EPI", "gaussian", 3), ("MNI 1mm", "box", 4), ("MNI 2mm sup", "box", 5)]
-    fuse_names, dn_names, sigmas = ["MNI 2mm", "T1", "EPI"], ["MNI 2mm"], [0.05, 0.1]
+    fuse_names = ["MNI 2mm", "T1", "EPI"]
+    dn_names, sigmas = a.dn_names.split(","), [float(v) for v in a.dn_sigmas.split(",")]
     if a.quick:
         for _, kw in a.sr_methods + a.fuse_methods + a.dn_methods:
             kw["steps"] = 100

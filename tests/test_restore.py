@@ -55,6 +55,17 @@ def test_estimate_sigma_on_real_slice():
         assert abs(est / sigma - 1) < 0.25, est
 
 
+def test_estimate_sigma_of_a_volume():
+    """3D input: the band that is high-pass along all three axes (odd sizes are cropped);
+    a linear ramp along every axis leaves it unchanged."""
+    rng = np.random.default_rng(1)
+    noise = rng.normal(0, 0.1, (21, 41, 39))
+    assert estimate_sigma(noise) == pytest.approx(0.1, rel=0.08)
+    z, y, x = np.mgrid[:21, :41, :39]
+    assert estimate_sigma(noise + 0.3 * z + 0.1 * y - 0.2 * x) == pytest.approx(
+        estimate_sigma(noise), rel=1e-9)
+
+
 def read_scan_norm():
     from napari_strainer.io import sample_path
     from napari_strainer.tasks import Intensity

@@ -20,12 +20,18 @@ MAD_TO_SIGMA = 1 / 0.6745
 
 
 def estimate_sigma(image: np.ndarray) -> float:
-    """Noise standard deviation of a 2D image from the finest Haar diagonal detail band
-    (wavelet MAD, Donoho & Johnstone): ``median(|HH|) / 0.6745``."""
-    h, w = (image.shape[0] // 2) * 2, (image.shape[1] // 2) * 2
-    x = np.asarray(image[:h, :w], np.float64)
-    hh = (x[0::2, 0::2] - x[0::2, 1::2] - x[1::2, 0::2] + x[1::2, 1::2]) / 2
-    return float(np.median(np.abs(hh)) * MAD_TO_SIGMA)
+    """Noise standard deviation of a 2D image or a 3D volume from the finest Haar detail band
+    that is high-pass along every axis (HH, or HHH for a volume; wavelet MAD, Donoho &
+    Johnstone): ``median(|band|) / 0.6745``. On a volume the third axis makes the band less
+    sensitive to anatomy (brain MRI volumes with added noise: 1-4% high against 5-18% for the
+    median of the slices' HH estimates, ``benchmarks/volume.py``)."""
+    x = np.asarray(image, np.float64)
+    for axis in range(x.ndim):
+        even = (x.shape[axis] // 2) * 2
+        a = np.take(x, np.arange(0, even, 2), axis)
+        b = np.take(x, np.arange(1, even, 2), axis)
+        x = (a - b) / np.sqrt(2.0)
+    return float(np.median(np.abs(x)) * MAD_TO_SIGMA)
 
 
 class DiscrepancyStop(StopRule):
