@@ -238,6 +238,30 @@ def test_batch_slice_scale_routes_3d_scans_through_the_volume_path(tmp_path, cap
     assert read_manifest(manifest)["run_id"] != m["run_id"]
 
 
+def test_batch_denoise_volume_mode(tmp_path, capsys):
+    """``--mode volume``: 3D scans are denoised by one 3D INR, 2D scans slice by slice; the
+    mode is a parameter of the job (another mode redoes the output)."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    make_nifti(src / "scan.nii.gz", 0)
+    make_nifti(src / "flat.nii.gz", 3, shape=(1, 16, 16))
+    argv = ["batch", "denoise", str(src), str(out), "--mode", "volume", "--steps", "2",
+            "--device", "cpu", "--quiet"]
+    assert main(argv) == 0
+    m = read_manifest(out / ".strainer" / "scan.nii.gz.json")
+    assert m["status"] == "done" and m["params"]["mode"] == "volume"
+    assert m["params"]["encoder"] == "none" and m["shape"] == [2, 16, 16]
+    a, b = read_scan(src / "scan.nii.gz"), read_scan(out / "scan.nii.gz")
+    assert b.shape == a.shape and b.data.dtype == a.data.dtype
+    np.testing.assert_allclose(b.affine, a.affine, atol=1e-5)
+    flat = read_manifest(out / ".strainer" / "flat.nii.gz.json")
+    assert flat["status"] == "done" and read_scan(out / "flat.nii.gz").shape == (1, 16, 16)
+    assert "mode" not in TaskOptions(task="denoise").params()
+    assert "mode" not in TaskOptions(task="fit", mode="volume").params()
+    assert main(["batch", "denoise", str(src), str(out), "--mode", "volume", "--encoder",
+                 "my.safetensors"]) == 2
+    assert "--encoder none" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, text", [
     ([], "--scale S (in-plane), --slice-scale F"),
     (["--slice-scale", "2", "--encoder", "my.safetensors"], "--encoder none"),

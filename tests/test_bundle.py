@@ -159,6 +159,22 @@ def test_inference_slice_scale_through_plane(tmp_path):
     assert params["scale"] == 1 and params["encoder"] == "none"
 
 
+def test_inference_denoise_volume_mode(tmp_path):
+    """``--mode volume``: a 3D scan is denoised by one 3D INR (the bundle's 2D encoder is
+    left aside); the manifest holds the mode."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    make_nifti(data / "scan.nii.gz", 0)
+    monai(tmp_path, "run", "--config_file", configs("inference.json"), "--dataset_dir",
+          str(data), "--output_dir", str(out), "--task", "denoise", "--mode", "volume",
+          "--steps", "2", "--device", "cpu")
+    src, got = read_scan(data / "scan.nii.gz"), read_scan(out / "scan.nii.gz")
+    assert got.shape == src.shape
+    np.testing.assert_allclose(got.affine, src.affine, atol=1e-5)
+    m = read_manifest(out / ".strainer" / "scan.nii.gz.json")
+    assert m["params"]["mode"] == "volume" and m["params"]["encoder"] == "none"
+    assert m["shape"] == list(src.shape)
+
+
 def test_torchrun_inference_processes_each_scan_once(tmp_path, data, encoder):
     out = tmp_path / "out"
     monai(tmp_path, "run", "--config_file",

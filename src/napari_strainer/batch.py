@@ -66,6 +66,10 @@ class TaskOptions:
             SliceThickness, else the spacing).
         freeze: encoder layers kept fixed (None: the task's default).
         sigma: noise level for ``denoise``: ``"auto"``, ``"none"`` or a number.
+        mode: ``denoise`` only: ``slices`` (one 2D INR per slice) or ``volume`` (every 3D
+            scan through :func:`napari_strainer.volume.denoise_volume`, a 3D SIREN that uses
+            no encoder, with the restrictions of ``slice_scale``; 2D scans take the slice
+            path).
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
         seed: random seed.
         log_every: steps between progress reports.
@@ -86,6 +90,7 @@ class TaskOptions:
     slice_thickness: float | None = None
     freeze: int | None = None
     sigma: str | float = "auto"
+    mode: str = "slices"
     device: str = "auto"
     seed: int = 0
     log_every: int = 10
@@ -117,7 +122,14 @@ class TaskOptions:
                                        "(through-plane), or both")
             self.scale = 1
         if self.task != "denoise":
-            self.sigma = "none"
+            self.sigma, self.mode = "none", "slices"
+        if self.mode not in ("slices", "volume"):
+            raise BadArgumentError(f"--mode must be slices or volume, got {self.mode!r}")
+        if self.mode == "volume":
+            from .volume import check_encoder
+
+            check_encoder(self.encoder)
+            self.encoder = "none"  # a 3D SIREN from scratch (2D scans: SIREN per slice)
         if isinstance(self.sigma, str) and self.sigma not in ("auto", "none"):
             try:
                 self.sigma = float(self.sigma)
@@ -128,11 +140,13 @@ class TaskOptions:
 
     def params(self) -> dict:
         """The options that change the output (a finished output is reused only if they match;
-        ``device`` and ``log_every`` do not count; the through-plane options only when used,
-        so that manifests written before they existed still match)."""
+        ``device`` and ``log_every`` do not count; the through-plane options and ``mode`` only
+        when used, so that manifests written before they existed still match)."""
         d = asdict(self)
         for k in ("device", "log_every"):
             d.pop(k)
+        if self.mode == "slices":
+            d.pop("mode")
         if self.slice_scale is None:
             for k in ("slice_scale", "slice_profile", "slice_thickness"):
                 d.pop(k)
@@ -450,6 +464,12 @@ def _one(item, options, params, out_dir, load, encoder, overwrite, run_id, rank,
                                   thickness=options.slice_thickness, steps=options.steps,
                                   lr=options.lr, device=options.device, seed=options.seed,
                                   log_every=options.log_every, callback=progress)
+        elif options.mode == "volume" and scan.shape[0] > 1:
+            from .volume import denoise_volume
+
+            res = denoise_volume(scan, sigma=options.sigma, steps=options.steps,
+                                 lr=options.lr, device=options.device, seed=options.seed,
+                                 log_every=options.log_every, callback=progress)
         else:
             res = restore(scan, task=options.task, encoder=encoder, steps=options.steps,
                           init=options.init, holdout=options.holdout, head=options.head,
@@ -500,7 +520,8 @@ def run_batch(a) -> list[str]:
                           slice_scale=getattr(a, "slice_scale", None),
                           slice_profile=getattr(a, "slice_profile", "box"),
                           slice_thickness=getattr(a, "slice_thickness", None), freeze=a.freeze,
-                          sigma=getattr(a, "sigma", "none"), device=a.device, seed=a.seed,
+                          sigma=getattr(a, "sigma", "none"),
+                          mode=getattr(a, "mode", "slices"), device=a.device, seed=a.seed,
                           log_every=a.log_every, batch_size=a.batch_size, format=a.format)
     started = init_distributed()
     try:

@@ -193,7 +193,8 @@ def run_inference(dataset_dir: str, output_dir: str, *, task: str = "fit",
                   head: str = "solved", steps: int | None = None, lr: float = 1e-4,
                   scale: int | None = None, slice_scale: int | None = None,
                   slice_profile: str = "box", slice_thickness: float | None = None,
-                  freeze: int | None = None, sigma="auto", device: str = "auto",
+                  freeze: int | None = None, sigma="auto", mode: str = "slices",
+                  device: str = "auto",
                   seed: int = 0, log_every: int = 10, batch_size: int | None = None,
                   format: str = "nifti", series=None, overwrite: bool = False,
                   quiet: bool = False, items: Sequence[dict] | None = None,
@@ -205,6 +206,7 @@ def run_inference(dataset_dir: str, output_dir: str, *, task: str = "fit",
     ``scale`` (in-plane) defaults to 2, or to 1 with ``slice_scale`` (through-plane
     super-resolution of 3D scans, a 3D SIREN that uses no encoder: the bundle's own
     ``models/model.safetensors`` is then left aside; any other encoder file is refused).
+    ``mode="volume"`` (``denoise``) is the same for volume denoising of 3D scans.
 
     Exits (``SystemExit``, status 1) naming the failed scans at the end when
     ``fail_on_error``, so ``python -m monai.bundle run`` (and torchrun) exit non-zero, after
@@ -215,13 +217,15 @@ def run_inference(dataset_dir: str, output_dir: str, *, task: str = "fit",
     overwrite, quiet = _flag(overwrite), _flag(quiet)
     if scale is None:
         scale = 1 if slice_scale is not None else 2
-    if slice_scale is not None and _same_file(encoder, bundle_encoder(bundle_root())):
+    volume = slice_scale is not None or (task == "denoise" and mode == "volume")
+    if volume and _same_file(encoder, bundle_encoder(bundle_root())):
         encoder = "none"
     options = TaskOptions(task=task, encoder=str(encoder), init=init, holdout=float(holdout),
                           head=str(head), steps=steps, lr=lr, scale=scale,
                           slice_scale=slice_scale, slice_profile=str(slice_profile),
-                          slice_thickness=slice_thickness, freeze=freeze, sigma=sigma, device=local_device(str(device)),
-                          seed=seed, log_every=log_every, batch_size=batch_size, format=format)
+                          slice_thickness=slice_thickness, freeze=freeze, sigma=sigma,
+                          mode=str(mode), device=local_device(str(device)), seed=seed,
+                          log_every=log_every, batch_size=batch_size, format=format)
     if items is None:
         items = datalist(dataset_dir, output_dir, format)
     if series is not None:

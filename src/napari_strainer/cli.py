@@ -119,11 +119,11 @@ def _restore_args(p: argparse.ArgumentParser, task: str, *, batch: bool = False)
         p.add_argument("--sigma", type=_sigma, default="auto",
                        help="noise level in the scan's units, 'auto' (estimate) or 'none' "
                             "(run exactly --steps)")
+        p.add_argument("--mode", choices=("volume", "slices"), default="slices",
+                       help="slices (default): one 2D INR per slice; volume: one 3D INR "
+                            "with a 3D total-variation term (3D scans; slower, and no "
+                            "better than 3D TV in benchmarks/volume.py)")
         if not batch:
-            p.add_argument("--mode", choices=("volume", "slices"), default="slices",
-                           help="slices (default): one 2D INR per slice; volume: one 3D INR "
-                                "with a 3D total-variation term (3D scans; slower, and no "
-                                "better than 3D TV in benchmarks/volume.py)")
             p.add_argument("--tv", type=_positive_float, default=None,
                            help="--mode volume: weight of the 3D total-variation term")
     _common(p)
