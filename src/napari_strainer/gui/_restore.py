@@ -1,5 +1,7 @@
 """The "Restore scan" dock widget: fit, super-resolve or denoise an image layer with an INR
-initialised from a STRAINER encoder, with a live preview and loss/PSNR curve."""
+initialised from a STRAINER encoder, with a live preview and loss/PSNR curve; and the volume
+paths of the CLI (``strainer superres --slice-scale F``, ``strainer denoise --mode volume``):
+one 3D SIREN for the whole scan (:mod:`napari_strainer.volume`)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ from magicgui.widgets import ComboBox, Container, FileEdit, Label, LineEdit, Pus
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_warning
 
-from .. import cards, tasks
+from .. import cards, tasks, volume
+from ..core.volume import PROFILES
 from ..errors import BadArgumentError
 from ..io.scan import upsampled_affine
 from ._common import JobWidget, collapsible, image_layers, parse_float
@@ -30,6 +33,8 @@ ESTIMATE_TIPS = {
     "superres": "super-resolution trains every step after the route race",
     "denoise": "an upper bound: slices that reach the noise level stop earlier",
 }
+DENOISE_MODE_LABELS = [("slices (2D INR per slice)", "slices"),
+                       ("volume (3D INR, neighbouring slices)", "volume")]
 ENCODER_LABELS = [("shipped default (MRI)", "default"), ("file...", "file"),
                   ("none (SIREN baseline)", "none"),
                   ("self (pretrain on this scan first)", "self")]
@@ -43,6 +48,13 @@ class RestoreWidget(JobWidget):
     the reference layer when one is chosen. Stop keeps the best result so far. The result
     is a new layer on the output grid (super-resolution: finer, aligned to the input) with
     the source geometry and metadata, ready to be saved with File > Save Selected Layers.
+
+    The volume paths of the CLI: super-resolve with a slice scale >= 2
+    (:func:`napari_strainer.volume.superres_volume`: through-plane, and in-plane by "scale",
+    which may then be 1) and denoise mode volume on a 3D layer
+    (:func:`napari_strainer.volume.denoise_volume`) fit one 3D SIREN from scratch to the
+    whole scan (no encoder: choosing a file is refused); the preview then shows the whole
+    output volume on the output grid, and the steps default is the volume default.
     """
 
     def __init__(self, napari_viewer: napari.Viewer):
@@ -53,8 +65,28 @@ class RestoreWidget(JobWidget):
         self.encoder_file = FileEdit(label="encoder file", mode="r", filter="*.safetensors",
                                      visible=False)
         self.task = ComboBox(label="task", choices=TASK_LABELS, value="fit")
-        self.scale = SpinBox(label="scale", value=2, min=2, max=8, visible=False,
-                             tooltip="output pixels per input pixel along rows and columns")
+        self.scale = SpinBox(label="scale", value=2, min=1, max=8, visible=False,
+                             tooltip="output pixels per input pixel along rows and columns "
+                                     "(1: none; needs a slice scale)")
+        self.slice_scale = SpinBox(label="slice scale", value=0, min=0, max=8, visible=False,
+                                   tooltip="through-plane factor: output slices per input slice "
+                                           "(0: off; 2-8: one 3D SIREN fitted through the "
+                                           "slice profile, then a data-consistency step, as "
+                                           "'strainer superres --slice-scale')")
+        self.slice_profile = ComboBox(label="slice profile", choices=PROFILES, value="box",
+                                      visible=False,
+                                      tooltip="each slice's sensitivity along its normal: box "
+                                              "of the slice thickness, or gaussian with FWHM = "
+                                              "thickness (thickness: DICOM SliceThickness, "
+                                              "else the spacing)")
+        mode = getattr(volume, "DENOISE_MODE", "slices")
+        self.denoise_mode = ComboBox(label="denoise mode", choices=DENOISE_MODE_LABELS,
+                                     value=mode if mode in ("slices", "volume") else "slices",
+                                     visible=False,
+                                     tooltip="slices: one 2D INR per slice (from the encoder); "
+                                             "volume: one 3D SIREN for the whole scan with a "
+                                             "3D total-variation term, as 'strainer denoise "
+                                             "--mode volume' (a 2D layer takes the slice path)")
         self.sigma = LineEdit(label="noise sigma", value="auto", visible=False,
                               tooltip="'auto' (estimated per slice), 'none' (run all steps) "
                                       "or the noise standard deviation in the scan's units")
@@ -89,14 +121,19 @@ class RestoreWidget(JobWidget):
         self.advanced = Container(widgets=[self.init, self.head, self.freeze, self.lr,
                                            self.log_every, self.batch, self.seed])
         super().__init__(viewer, [self.layer, self.encoder, self.encoder_file, self.task,
-                                  self.scale, self.sigma, self.steps, self.reference],
+                                  self.scale, self.slice_scale, self.slice_profile,
+                                  self.denoise_mode, self.sigma, self.steps, self.reference],
                          plot_title="loss / PSNR")
         self.advanced_fold = collapsible("Advanced", self.advanced)
         self.native.layout().insertWidget(self.index(self.device), self.advanced_fold)
         self.encoder_info = Label(value="")
         self.encoder_info.native.setWordWrap(True)
         self.insert(self.index(self.encoder_file) + 1, self.encoder_info)
+        self._steps_for = ("fit", None)  # the (task, volume path) the steps default is for
+        self._slice_scale_was = 0
         self.task.changed.connect(self._task_changed)
+        self.slice_scale.changed.connect(self._slice_scale_changed)
+        self.denoise_mode.changed.connect(self._form_changed)
         self.encoder.changed.connect(self._encoder_changed)
         self.encoder_file.changed.connect(self._encoder_changed)
         self.init.changed.connect(self._encoder_changed)
@@ -115,19 +152,54 @@ class RestoreWidget(JobWidget):
         self._t0 = 0.0
 
     # ------------------------------------------------------------------ form logic
+    def volume_path(self) -> str | None:
+        """``"superres"`` / ``"denoise"`` when the form asks for a volume path (a slice scale,
+        denoise mode volume), else None. A 2D layer still denoises slice by slice."""
+        task = self.task.value
+        if task == "superres" and self.slice_scale.value >= 2:
+            return "superres"
+        if task == "denoise" and self.denoise_mode.value == "volume":
+            return "denoise"
+        return None
+
     def _task_changed(self, task: str) -> None:
-        self.scale.visible = task == "superres"
-        self.sigma.visible = task == "denoise"
-        self.steps.value = tasks.DEFAULT_STEPS[task]
+        self.scale.visible = self.slice_scale.visible = task == "superres"
+        self.sigma.visible = self.denoise_mode.visible = task == "denoise"
         self.estimate.tooltip = ESTIMATE_TIPS[task]
-        self._set_default_freeze()
-        self._update_head()
+        self._form_changed()
+
+    def _slice_scale_changed(self, value: int) -> None:
+        """Skip the meaningless 1 (0 is off, 2..8 on); turning it on makes the in-plane scale
+        1 by default (as the CLI's), turning it off makes an in-plane 1 a 2 again."""
+        if value == 1:  # stepping up from 0 or down from 2; re-enters with the new value
+            self.slice_scale.value = 2 if self._slice_scale_was < 1 else 0
+            return
+        was, self._slice_scale_was = self._slice_scale_was, value
+        if was < 2 <= value and self.scale.value == 2:
+            self.scale.value = 1
+        elif value < 2 <= was and self.scale.value == 1:
+            self.scale.value = 2
+        self._form_changed()
+
+    def _form_changed(self, *_) -> None:
+        """Show the options of the chosen path; the steps default follows the path (the
+        volume paths have their own, :data:`napari_strainer.volume.DEFAULT_STEPS`)."""
+        task, path = self.task.value, self.volume_path()
+        self.slice_profile.visible = path == "superres"
+        if (task, path) != self._steps_for:
+            self._steps_for = (task, path)
+            self.steps.value = (volume.DEFAULT_STEPS[path] if path is not None
+                                else tasks.DEFAULT_STEPS[task])
+        # initialisation, head, freezing and slice batches are for the slice path only
+        self.init.enabled = self.batch.enabled = path is None
+        self._encoder_changed()
 
     def _encoder_changed(self, *_) -> None:
         """Show what the chosen encoder is; limit the freeze depth to its shared layers."""
         choice = self.encoder.value
         self.encoder_file.visible = choice == "file"
-        self.freeze.enabled = choice != "none" and self.init.value == "fixed"
+        self.freeze.enabled = (choice != "none" and self.init.value == "fixed"
+                               and self.volume_path() is None)
         self._shared_layers = None
         text, tooltip = "", ""
         if choice == "none":
@@ -147,6 +219,9 @@ class RestoreWidget(JobWidget):
                 text = (f"{cards.summary(enc)}; {c.shared_layers} shared of {c.layers} sine "
                         f"layers, width {c.width}")
                 tooltip = cards.format_card(cards.card(enc))
+        if self.volume_path() is not None:
+            text = ("not used: the volume path fits a 3D SIREN from scratch (no pretrained 3D "
+                    "encoder exists); choose 'none' or the shipped default")
         self.encoder_info.value = text
         self.encoder_info.tooltip = tooltip
         self._set_default_freeze()
@@ -154,7 +229,8 @@ class RestoreWidget(JobWidget):
 
     def _update_head(self) -> None:
         """The head choice matters only when fitting from an encoder."""
-        self.head.enabled = self.encoder.value != "none" and self.task.value == "fit"
+        self.head.enabled = (self.encoder.value != "none" and self.task.value == "fit"
+                             and self.volume_path() is None)
 
     def _set_default_freeze(self) -> None:
         if self.encoder.value == "none":
@@ -174,6 +250,9 @@ class RestoreWidget(JobWidget):
             encoder = str(self.encoder_file.value).strip()
         if self.running or layer is None or not encoder or Path(encoder).is_dir():
             self.estimate.value = ""
+            return
+        if self.volume_path() is not None:
+            self.estimate.value = "(no estimate for the volume path)"
             return
         device = self.device.value
 
@@ -224,36 +303,68 @@ class RestoreWidget(JobWidget):
                                    "napari-strainer)")
         scan = image_layer_scan(layer)
         task = self.task.value
+        z, h, w = scan.shape
+        path = self.volume_path()
+        if path == "denoise" and z < 2:
+            path = None  # one slice: the slice path, as the CLI does
+        if path == "superres" and z < 2:
+            raise BadArgumentError(f"layer {layer.name!r} is 2D ({h} x {w}); a slice scale "
+                                   "needs a 3D scan")
         scale = self.scale.value if task == "superres" else 1
+        slice_scale = self.slice_scale.value if path == "superres" else 1
+        if task == "superres" and path is None and scale < 2:
+            raise BadArgumentError("choose scale >= 2 or a slice scale")
+        profile = self.slice_profile.value
+        if path == "superres":
+            volume.check_slice_options(slice_scale, profile)
         ref_layer = self.reference.value
         reference = image_layer_scan(ref_layer) if ref_layer is not None else None
         encoder = self.encoder.value
         if encoder == "file":
             encoder = str(self.encoder_file.value).strip()
-            if not encoder or Path(encoder).is_dir():
+            if path is None and (not encoder or Path(encoder).is_dir()):
                 raise BadArgumentError("choose an encoder file (*.safetensors)")
+        if path is not None:
+            try:
+                volume.check_encoder(encoder or "file")
+            except BadArgumentError:
+                what = "a slice scale" if path == "superres" else "denoise mode volume"
+                raise BadArgumentError(f"encoder: {what} fits a 3D SIREN from scratch (no "
+                                       "pretrained 3D encoder exists); choose encoder 'none' "
+                                       "(or the shipped default, which it does not use)"
+                                       ) from None
         init, head = self.init.value, self.head.value
         freeze = None if init == "auto" else 0 if encoder == "none" else self.freeze.value
         lr = parse_float(self.lr.value, "learning rate")
-        stop = None
+        stop, sigma = None, "auto"
         if task == "denoise":
             text = self.sigma.value.strip().lower()
             sigma = text if text in ("auto", "none") else parse_float(text, "noise sigma")
             stop = make_stop_rule(sigma)
         steps, device, seed = self.steps.value, self.device.value, self.seed.value
         log_every, batch_size = self.log_every.value, self.batch.value
-        z, h, w = scan.shape
-        out_shape = (z, h * scale, w * scale)
+        out_shape = (z * slice_scale, h * scale, w * scale)
         if reference is not None and reference.shape != out_shape:
             raise BadArgumentError(f"PSNR reference {ref_layer.name!r} has shape "
                                    f"{reference.shape}; the output will be {out_shape}")
+        if int(np.prod(out_shape)) > tasks.MAX_OUTPUT_VOXELS:
+            raise BadArgumentError(f"the output would be {out_shape} voxels "
+                                   f"({np.prod(out_shape) * 4 / 2**30:.1f} GiB); the limit is "
+                                   f"{tasks.MAX_OUTPUT_VOXELS * 4 / 2**30:.0f} GiB")
 
-        # the live preview layer, on the output grid, in normalised intensities
-        norm = tasks.Intensity.for_scan(scan).forward(np.nan_to_num(scan.data))
+        # the live preview layer, on the output grid, in normalised intensities (those of the
+        # path: the volume paths normalise by the scan's percentiles, CT included)
+        if path is None:
+            norm = tasks.Intensity.for_scan(scan).forward(np.nan_to_num(scan.data))
+        else:
+            inten = tasks.Intensity.of(scan.data)
+            norm = inten.forward(np.nan_to_num(scan.data, nan=inten.low))
+        if slice_scale > 1:
+            norm = norm.repeat(slice_scale, axis=0)
         if scale > 1:
             norm = norm.repeat(scale, axis=1).repeat(scale, axis=2)
         self._preview_data = norm
-        out_affine = upsampled_affine(scan.affine, (1, scale, scale))
+        out_affine = upsampled_affine(scan.affine, (slice_scale, scale, scale))
         p_scale, p_translate = geometry(out_affine)
         self._remove_preview()
         self.preview_layer = self.viewer.add_image(
@@ -262,7 +373,7 @@ class RestoreWidget(JobWidget):
         self.viewer.layers.selection.active = layer
         self._source_layer = layer
         self.result_layer = None
-        self._run_info = (task, scale, encoder)
+        self._run_info = (task, scale, encoder, path, slice_scale)
         gui_free = threading.Event()
         gui_free.set()
         self._gui_free = gui_free
@@ -293,9 +404,39 @@ class RestoreWidget(JobWidget):
                                  log_every=log_every, batch_size=batch_size or None,
                                  callback=callback, cancel=cancel)
 
-        self._warn_modality(encoder, scan)
+        def work_volume(report, cancel):
+            """The volume path: one 3D SIREN; every preview is the whole output volume."""
+            zo = out_shape[0]
+            state = {"phase": None, "segment": -1}
+
+            def callback(p):
+                phase = ("INR" if p.step < steps else "least squares") if (
+                    path == "superres") else ""
+                new = phase != state["phase"]
+                if new:  # superres: the INR, then the data-consistency step
+                    state["phase"] = phase
+                    state["segment"] += 1
+                item = {"step": p.step, "total": p.total, "loss": p.loss, "psnr": p.psnr,
+                        "segment": state["segment"], "phase": phase, "slices": (1, zo, zo)}
+                if gui_free.is_set() or new:
+                    gui_free.clear()
+                    item["preview"] = (0, p.preview()[..., 0].float().cpu().numpy())
+                report(item)
+
+            common = {"steps": steps, "lr": lr, "reference": reference, "device": device,
+                      "seed": seed, "log_every": log_every, "callback": callback,
+                      "cancel": cancel}
+            if path == "superres":
+                return volume.superres_volume(scan, slice_scale=slice_scale, scale=scale,
+                                              profile=profile, **common)
+            return volume.denoise_volume(scan, sigma=sigma, **common)
+
         self._t0 = time.monotonic()
         what = {v: k for k, v in TASK_LABELS}[task].split(" (")[0]
+        if path is not None:
+            total = steps + (volume.GRID_STEPS if path == "superres" else 0)
+            return work_volume, total, f"{what} (3D): {layer.name}"
+        self._warn_modality(encoder, scan)
         total = steps * max(1, -(-z // (batch_size or z)))
         return work, total, f"{what}: {layer.name}"
 
@@ -321,24 +462,31 @@ class RestoreWidget(JobWidget):
                         f"  ({time.monotonic() - self._t0:.0f} s){'  ' + where if where else ''}")
 
     def on_done(self, restoration) -> None:
-        task, scale, encoder = self._run_info
+        task, scale, encoder, path, slice_scale = self._run_info
         hist = restoration.history
-        enc = "SIREN" if hist.get("encoder") == "none" else (
-            "STRAINER" if encoder == "default" else f"STRAINER {Path(encoder).stem}")
+        if path is not None:
+            enc = "3D SIREN"
+        else:
+            enc = "SIREN" if hist.get("encoder") == "none" else (
+                "STRAINER" if encoder == "default" else f"STRAINER {Path(encoder).stem}")
         what = {"fit": "fit", "superres": f"superres x{scale}", "denoise": "denoised"}[task]
+        if path == "superres":
+            what += f" slices x{slice_scale}"
         name = f"{self._source_layer.name} {what} ({enc})"
         if hist.get("cancelled"):
             name += " [stopped]"
         self._remove_preview()
         self.result_layer = self.add_result(restoration.scan, name, hist, self._source_layer)
-        last = (f"; final PSNR {hist['psnr'][-1]:.2f} dB" if hist.get("psnr")
-                and hist["psnr"][-1] is not None else "")
+        final = hist.get("psnr_final")
+        if final is None and hist.get("psnr"):
+            final = hist["psnr"][-1]
+        last = f"; final PSNR {final:.2f} dB" if final is not None else ""
         msg = (f"{'Stopped' if hist.get('cancelled') else 'Done'}: {name}"
                f" ({time.monotonic() - self._t0:.0f} s{last})")
         if hist.get("probes"):
             msg += (f"; route {hist['route']} chosen by held-out loss "
                     f"(probes {hist['probe_seconds']:.0f} s)")
-        if hist.get("stop_reason"):
+        if hist.get("stop_reason") and hist["stop_reason"] != "ran all steps":
             msg += f"; stopped by: {hist['stop_reason']}"
         self.set_status(msg)
         notify(msg)
