@@ -112,6 +112,31 @@ def test_fit_volume_weight_average_removes_minibatch_jitter():
         fit_volume(net, [stack], frame, grid, steps=1, average=1.0)
 
 
+def test_fit_volume_holdout_is_never_trained_and_chooses_the_kept_weights():
+    """Held-out voxels (here corrupted) never pull the fit; their error picks the kept step,
+    and the fit ends ``patience`` steps after it stopped improving."""
+    from napari_strainer.core.volume import _split
+
+    z, y, x = np.mgrid[:12, :12, :12]
+    truth = (np.sin(z / 3.0) + np.cos(y / 4.0) * x / 12).astype(np.float32)
+    grid = Grid(truth.shape, np.eye(4))
+    frame = WorldFrame(grid.corners_mm())
+    values = torch.from_numpy(truth.copy())
+    _, (held,) = _split([Stack(values, np.eye(4), frame, 1.0)], 0.2, 0, "cpu")
+    values.view(-1)[held] = 50.0  # absurd: a fit that saw them would be far off
+    stack = Stack(values, np.eye(4), frame, 1.0)
+    net = BatchedSiren(SirenConfig(in_features=3, width=32, layers=3, shared_layers=2,
+                                   omega_first=4), batch=1, seed=0)
+    res = fit_volume(net, [stack], frame, grid, steps=400, lr=3e-3, batch=128, holdout=0.2,
+                     holdout_every=10, patience=30, seed=0)
+    out = render_grid(net, grid, frame).numpy()
+    assert np.abs(out - truth).mean() < 0.1
+    h = res.history
+    assert len(h["holdout_loss"]) == len(h["iterations"]) and min(h["holdout_loss"]) > 1000
+    stop, best = res.stop_step[0], res.best_step[0]
+    assert stop is not None and stop < 400 and stop - best >= 30 and best % 10 == 0
+
+
 def _pairs_stack():
     """A smooth 8^3 truth, its grid and frame, and a stack of its slice pairs (box x2)."""
     z, y, x = np.mgrid[:8, :8, :8]

@@ -316,6 +316,44 @@ def fit_grid(stacks: Sequence[Stack], grid: Grid, frame: WorldFrame, init: torch
     return base
 
 
+def _split(stacks: Sequence[Stack], holdout: float, seed: int, device
+           ) -> tuple[list[torch.Tensor] | None, list[torch.Tensor]]:
+    """Each stack's voxel indices split into (trained, held out); ``(None, [])`` without
+    a holdout."""
+    if not 0.0 <= holdout < 1.0:
+        raise ValueError(f"holdout must be in [0, 1), got {holdout}")
+    if holdout == 0:
+        return None, []
+    g = torch.Generator().manual_seed(seed + 7919)
+    pools, held = [], []
+    for s in stacks:
+        perm = torch.randperm(s.values.numel(), generator=g).to(device)
+        k = max(1, round(len(perm) * holdout))
+        held.append(perm[:k])
+        pools.append(perm[k:])
+    return pools, held
+
+
+def _held_loss(net: BatchedSiren, params: dict, stacks: Sequence[Stack],
+               held: Sequence[torch.Tensor], base: GridBase | None,
+               chunk: int = 1 << 13) -> float:
+    """Mean squared data error on the held-out voxels under ``params``."""
+    from torch.func import functional_call
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for s, idx in zip(stacks, held):
+            for c in range(0, len(idx), chunk):
+                part = idx[c:c + chunk]
+                pts = s.points(part)
+                f = functional_call(net, params, (pts,))[0, :, 0]
+                if base is not None:
+                    f = f + base(pts)
+                total += float((s.integrate(f) - s.values[part]).pow(2).sum())
+                count += len(part)
+    return total / count
+
+
 def render_grid(net: BatchedSiren, grid: Grid, frame: WorldFrame, chunk: int = 1 << 16,
                 params: dict | None = None, base: GridBase | None = None) -> torch.Tensor:
     """``net`` (plus ``base``) at every voxel centre of ``grid``, ``[slices, rows, columns]``
@@ -337,7 +375,8 @@ def render_grid(net: BatchedSiren, grid: Grid, frame: WorldFrame, chunk: int = 1
 def fit_volume(net: BatchedSiren, stacks: Sequence[Stack], frame: WorldFrame, grid: Grid, *,
                steps: int, lr: float = 1e-4, batch: int = 4096, prior: TVPrior | None = None,
                base: GridBase | None = None,
-               keep_best: bool = True, average: float = 0.0, stop: StopRule | None = None,
+               keep_best: bool = True, average: float = 0.0, holdout: float = 0.0,
+               holdout_every: int = 25, patience: int = 0, stop: StopRule | None = None,
                log_every: int = 10,
                callback: Callable[[Progress], None] | None = None, cancel=None,
                monitor: Callable[[dict], float] | None = None, monitor_every: int = 0,
@@ -363,7 +402,14 @@ def fit_volume(net: BatchedSiren, stacks: Sequence[Stack], frame: WorldFrame, gr
             that jitter (volume denoising: +1.4 dB, ``benchmarks/volume.py``). When on, the
             averaged weights are what the preview, the monitor, ``keep_best`` and the result
             hold.
-        stop: stopping rule on the smoothed data loss (``[1]`` tensor); it freezes the kept
+        holdout: share of each stack's voxels left out of training (drawn with ``seed``).
+            Every ``holdout_every`` steps their data loss under the current weights (the
+            average when on) is measured: the error on voxels the fit never saw plus the
+            noise variance, an estimate of how good the INR is that needs no noise level.
+            It then replaces the smoothed training loss for ``keep_best`` and ``stop``.
+        patience: with ``holdout``, end the fit when the held-out loss has not improved for
+            this many steps (0: never).
+        stop: stopping rule on the monitored loss (``[1]`` tensor); it freezes the kept
             weights and ends the fit.
         monitor: called every ``monitor_every`` steps (and at the end) with the current
             weights (the average when ``average`` is on), a ``functional_call`` dict; its value
@@ -398,6 +444,10 @@ def fit_volume(net: BatchedSiren, stacks: Sequence[Stack], frame: WorldFrame, gr
     hist = {"iterations": [], "loss": [], "psnr": [], "seconds": []}
     result = FitResult(history=hist, best_step=[0], stop_step=[None])
     ema, best, beta = None, math.inf, 0.9
+    pools, held = _split(stacks, holdout, seed, device)
+    if held:
+        hist["holdout_loss"] = []
+    monitored = None
     t0 = time.perf_counter()
 
     def kept() -> dict:
@@ -411,8 +461,12 @@ def fit_volume(net: BatchedSiren, stacks: Sequence[Stack], frame: WorldFrame, gr
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
         last = step == steps
         with torch.set_grad_enabled(not last):
-            flats = [torch.randint(s.values.numel(), (int(n),), generator=g).to(device)
-                     for n, s in zip(per, stacks)]
+            if pools is None:
+                flats = [torch.randint(s.values.numel(), (int(n),), generator=g).to(device)
+                         for n, s in zip(per, stacks)]
+            else:
+                flats = [pool[torch.randint(len(pool), (int(n),), generator=g).to(device)]
+                         for n, pool in zip(per, pools)]
             pts = [s.points(f) for s, f in zip(stacks, flats)]
             if prior is not None and not last:
                 pts.append(prior.points(to_net, g))
@@ -429,13 +483,17 @@ def fit_volume(net: BatchedSiren, stacks: Sequence[Stack], frame: WorldFrame, gr
             loss = data + prior(f[start:]) if prior is not None and not last else data
         d = float(data.detach())
         ema = d if ema is None else beta * ema + (1 - beta) * d
-        if keep_best and ema < best:
-            best = ema
+        fresh = not held or step % holdout_every == 0 or last
+        if fresh:
+            monitored = ema if not held else _held_loss(net, out, stacks, held, base)
+        if keep_best and fresh and monitored < best:
+            best = monitored
             result.best_step = [step]
             with torch.no_grad():
                 for n, p in out.items():
                     snap[n].copy_(p)
-        stopped = stop is not None and bool(stop(step, torch.tensor([ema]))[0])
+        stopped = fresh and stop is not None and bool(stop(step, torch.tensor([monitored]))[0])
+        stopped = stopped or bool(held and patience and step - result.best_step[0] >= patience)
         if stopped:
             result.stop_step = [step]
         if step % log_every == 0 or last or stopped:
@@ -445,6 +503,8 @@ def fit_volume(net: BatchedSiren, stacks: Sequence[Stack], frame: WorldFrame, gr
                 value = monitor(out)
             hist["iterations"].append(step)
             hist["loss"].append(ema)
+            if held:
+                hist["holdout_loss"].append(monitored)
             hist["psnr"].append(value)
             hist["seconds"].append(time.perf_counter() - t0)
             if callback is not None:
