@@ -152,8 +152,8 @@ def test_bad_scan_is_reported_and_others_finish(folder, tmp_path, encoder, capsy
     (folder / "broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
-        main(["batch", "denoise", str(folder), str(out), "--encoder", str(encoder),
-              "--steps", "3", "--device", "cpu", "--format", "dicom"])
+        main(["batch", "denoise", str(folder), str(out), "--mode", "slices", "--encoder",
+              str(encoder), "--steps", "3", "--device", "cpu", "--format", "dicom"])
     assert e.value.code == 1
     text = capsys.readouterr().out
     assert "4 processed" in text and "1 failed" in text and "FAILED broken.nii.gz" in text

@@ -274,6 +274,7 @@ def test_restore_denoise_with_reference_and_stop(make_napari_viewer, qtbot, tiny
     w.reference.value = clean
     w.use_encoder_file(tiny_encoder)
     w.task.value = "denoise"
+    w.denoise_mode.value = "slices"  # the encoder's 2D path
     w.init.value = "fixed"
     w.sigma.value = "none"  # run until stopped
     w.steps.value = 1_000_000

@@ -141,7 +141,10 @@ def test_denoise_volume_with_reference_and_refusals(make_napari_viewer, qtbot, t
                         .astype(np.float32))
     src = add_scan(viewer, noisy, "noisy")
     w = volume_dock(viewer, src, "denoise")
-    assert w.denoise_mode.value == getattr(volume, "DENOISE_MODE", "slices")
+    # auto (the default): this small 3D layer takes the volume path, with its steps
+    assert w.denoise_mode.value == volume.DENOISE_MODE == "auto"
+    assert w.volume_path() == "denoise"
+    assert w.steps.value == volume.DEFAULT_STEPS["denoise"]
     w.denoise_mode.value = "slices"
     assert w.steps.value == tasks.DEFAULT_STEPS["denoise"]
     w.denoise_mode.value = "volume"
@@ -170,7 +173,7 @@ def test_denoise_volume_with_reference_and_refusals(make_napari_viewer, qtbot, t
     np.testing.assert_allclose(out.translate, src.translate)
     hist = out.metadata["strainer_history"]
     assert hist["task"] == "denoise_volume" and hist["steps_done"] == 3
-    assert hist["stop_reason"] == "ran all steps" and not hist["cancelled"]
+    assert hist["stop_reason"].startswith("ran all steps") and not hist["cancelled"]
     assert hist["psnr"] and hist["psnr"][-1] is not None
     assert w.plot.psnr and w.plot.psnr[-1] == pytest.approx(hist["psnr"][-1])
     assert "final PSNR" in w.status.value and "3D SIREN" in w.status.value
@@ -191,6 +194,8 @@ def test_volume_form_refusals_and_2d_layer(make_napari_viewer, qtbot):
     _refused(viewer, qtbot, w, "layer 'flat' is 2D (41 x 33)")
     # denoise mode volume on one slice takes the slice path, as the CLI does
     w.task.value = "denoise"
+    w.denoise_mode.value = "auto"
+    assert w.volume_path() is None
     w.denoise_mode.value = "volume"
     w.sigma.value = "none"
     w.steps.value = 2

@@ -95,7 +95,8 @@ def test_stop_rule_stops_each_member_and_keeps_its_snapshot():
 def test_denoise_cli_records_stop(tiny_encoder, samples, tmp_path):
     hist = tmp_path / "h.json"
     assert main(["denoise", str(samples / "mr_anatomical.nii"), "-o", str(tmp_path / "d.nii"),
-                 "--encoder", str(tiny_encoder), "--sigma", "30000", "--steps", "30",
+                 "--mode", "slices", "--encoder", str(tiny_encoder), "--sigma", "30000",
+                 "--steps", "30",
                  "--history", str(hist), "--quiet", "--batch-size", "25"]) == 0
     h = json.loads(hist.read_text())
     assert h["task"] == "denoise" and len(h["stop_step"]) == 25

@@ -66,10 +66,10 @@ class TaskOptions:
             SliceThickness, else the spacing).
         freeze: encoder layers kept fixed (None: the task's default).
         sigma: noise level for ``denoise``: ``"auto"``, ``"none"`` or a number.
-        mode: ``denoise`` only: ``slices`` (one 2D INR per slice) or ``volume`` (every 3D
+        mode: ``denoise`` only: ``slices`` (one 2D INR per slice), ``volume`` (every 3D
             scan through :func:`napari_strainer.volume.denoise_volume`, a 3D SIREN that uses
             no encoder, with the restrictions of ``slice_scale``; 2D scans take the slice
-            path).
+            path) or ``auto`` (per scan, :func:`napari_strainer.volume.denoise_mode`).
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
         seed: random seed.
         log_every: steps between progress reports.
@@ -90,7 +90,7 @@ class TaskOptions:
     slice_thickness: float | None = None
     freeze: int | None = None
     sigma: str | float = "auto"
-    mode: str = "slices"
+    mode: str = "auto"
     device: str = "auto"
     seed: int = 0
     log_every: int = 10
@@ -123,8 +123,8 @@ class TaskOptions:
             self.scale = 1
         if self.task != "denoise":
             self.sigma, self.mode = "none", "slices"
-        if self.mode not in ("slices", "volume"):
-            raise BadArgumentError(f"--mode must be slices or volume, got {self.mode!r}")
+        if self.mode not in ("auto", "slices", "volume"):
+            raise BadArgumentError(f"--mode must be auto, slices or volume, got {self.mode!r}")
         if self.mode == "volume":
             from .volume import check_encoder
 
@@ -449,6 +449,8 @@ def _one(item, options, params, out_dir, load, encoder, overwrite, run_id, rank,
                                     "(pass --overwrite to replace it)")
         _write_json(mpath, record)
         output.parent.mkdir(parents=True, exist_ok=True)
+        from .volume import denoise_mode, denoise_volume, superres_volume
+
         scan = load(item)
         stop = make_stop_rule(options.sigma) if options.task == "denoise" else None
 
@@ -457,16 +459,12 @@ def _one(item, options, params, out_dir, load, encoder, overwrite, run_id, rank,
                              "loss": f"{p.loss:.2e}"}, refresh=False)
 
         if options.slice_scale is not None:
-            from .volume import superres_volume
-
             res = superres_volume(scan, slice_scale=options.slice_scale, scale=options.scale,
                                   profile=options.slice_profile,
                                   thickness=options.slice_thickness, steps=options.steps,
                                   lr=options.lr, device=options.device, seed=options.seed,
                                   log_every=options.log_every, callback=progress)
-        elif options.mode == "volume" and scan.shape[0] > 1:
-            from .volume import denoise_volume
-
+        elif options.task == "denoise" and denoise_mode(scan.shape, options.mode) == "volume":
             res = denoise_volume(scan, sigma=options.sigma, steps=options.steps,
                                  lr=options.lr, device=options.device, seed=options.seed,
                                  log_every=options.log_every, callback=progress)

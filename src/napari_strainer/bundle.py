@@ -193,7 +193,7 @@ def run_inference(dataset_dir: str, output_dir: str, *, task: str = "fit",
                   head: str = "solved", steps: int | None = None, lr: float = 1e-4,
                   scale: int | None = None, slice_scale: int | None = None,
                   slice_profile: str = "box", slice_thickness: float | None = None,
-                  freeze: int | None = None, sigma="auto", mode: str = "slices",
+                  freeze: int | None = None, sigma="auto", mode: str = "auto",
                   device: str = "auto",
                   seed: int = 0, log_every: int = 10, batch_size: int | None = None,
                   format: str = "nifti", series=None, overwrite: bool = False,
@@ -206,7 +206,10 @@ def run_inference(dataset_dir: str, output_dir: str, *, task: str = "fit",
     ``scale`` (in-plane) defaults to 2, or to 1 with ``slice_scale`` (through-plane
     super-resolution of 3D scans, a 3D SIREN that uses no encoder: the bundle's own
     ``models/model.safetensors`` is then left aside; any other encoder file is refused).
-    ``mode="volume"`` (``denoise``) is the same for volume denoising of 3D scans.
+    ``mode="volume"`` (``denoise``) is the same for volume denoising of 3D scans; ``"auto"``
+    (the default) takes that path for 3D scans up to
+    :data:`~napari_strainer.volume.VOLUME_DENOISE_MAX_VOXELS` voxels and the slice path, with
+    the encoder, otherwise.
 
     Exits (``SystemExit``, status 1) naming the failed scans at the end when
     ``fail_on_error``, so ``python -m monai.bundle run`` (and torchrun) exit non-zero, after

@@ -119,10 +119,11 @@ def _restore_args(p: argparse.ArgumentParser, task: str, *, batch: bool = False)
         p.add_argument("--sigma", type=_sigma, default="auto",
                        help="noise level in the scan's units, 'auto' (estimate) or 'none' "
                             "(run exactly --steps)")
-        p.add_argument("--mode", choices=("volume", "slices"), default="slices",
-                       help="slices (default): one 2D INR per slice; volume: one 3D INR "
-                            "with a 3D total-variation term (3D scans; slower, and no "
-                            "better than 3D TV in benchmarks/volume.py)")
+        p.add_argument("--mode", choices=("auto", "volume", "slices"), default="auto",
+                       help="volume: one 3D INR for the whole scan (it sees the neighbouring "
+                            "slices; no encoder); slices: one 2D INR per slice (from the "
+                            "encoder); auto (default): volume for 3D scans of at most 1.2 "
+                            "million voxels, else slices")
         if not batch:
             p.add_argument("--tv", type=_positive_float, default=None,
                            help="--mode volume: weight of the 3D total-variation term")
@@ -322,7 +323,7 @@ def cmd_restore(a) -> None:
     if a.verb == "superres" and a.scale is None:
         raise BadArgumentError("superres needs --scale S (in-plane), --slice-scale F "
                                "(through-plane), or both")
-    if a.verb == "denoise" and a.mode == "volume" and cmd_denoise_volume(a):
+    if a.verb == "denoise" and a.mode != "slices" and cmd_denoise_volume(a):
         return None
     _check_output(a.output, a.overwrite, [a.input])
     scan = read_scan(a.input, series=a.series, volume=a.volume)

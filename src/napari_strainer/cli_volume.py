@@ -4,6 +4,7 @@ volume path of ``denoise`` (see :mod:`napari_strainer.volume`)."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .cli import number
 from .core.volume import PROFILES
@@ -127,17 +128,21 @@ def cmd_fuse(a) -> None:
 
 
 def cmd_denoise_volume(a) -> bool:
-    """``strainer denoise --mode volume``; False (nothing done) for a 2D input, which takes
-    the slice path."""
-    from .cli import _Bar, _check_output
+    """``strainer denoise --mode volume|auto``; False (nothing done) when the scan takes the
+    slice path (:func:`napari_strainer.volume.denoise_mode`)."""
+    from .cli import PROG, _Bar, _check_output
     from .io import read_scan, write_scan
-    from .volume import denoise_volume
+    from .volume import denoise_mode, denoise_volume
 
     _check_output(a.output, a.overwrite, [a.input])
     scan = read_scan(a.input, series=a.series, volume=a.volume)
-    if scan.shape[0] < 2:
+    if denoise_mode(scan.shape, a.mode) == "slices":
         return False
-    _check_encoder(a)
+    if a.mode == "volume":
+        _check_encoder(a)
+    elif str(a.encoder).lower() not in ("none", "default") and not a.quiet:
+        print(f"{PROG}: --mode {a.mode} denoises this 3D scan as one volume, which uses no "
+              f"encoder; --mode slices uses {a.encoder}", file=sys.stderr)
     ref = read_scan(a.reference) if a.reference else None
     bar = _Bar("denoise", a.quiet)
     try:

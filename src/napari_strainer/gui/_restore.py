@@ -33,7 +33,8 @@ ESTIMATE_TIPS = {
     "superres": "super-resolution trains every step after the route race",
     "denoise": "an upper bound: slices that reach the noise level stop earlier",
 }
-DENOISE_MODE_LABELS = [("slices (2D INR per slice)", "slices"),
+DENOISE_MODE_LABELS = [("auto (volume for 3D scans up to 1.2 M voxels)", "auto"),
+                       ("slices (2D INR per slice)", "slices"),
                        ("volume (3D INR, neighbouring slices)", "volume")]
 ENCODER_LABELS = [("shipped default (MRI)", "default"), ("file...", "file"),
                   ("none (SIREN baseline)", "none"),
@@ -79,14 +80,14 @@ class RestoreWidget(JobWidget):
                                               "of the slice thickness, or gaussian with FWHM = "
                                               "thickness (thickness: DICOM SliceThickness, "
                                               "else the spacing)")
-        mode = getattr(volume, "DENOISE_MODE", "slices")
         self.denoise_mode = ComboBox(label="denoise mode", choices=DENOISE_MODE_LABELS,
-                                     value=mode if mode in ("slices", "volume") else "slices",
-                                     visible=False,
+                                     value=volume.DENOISE_MODE, visible=False,
                                      tooltip="slices: one 2D INR per slice (from the encoder); "
                                              "volume: one 3D SIREN for the whole scan with a "
                                              "3D total-variation term, as 'strainer denoise "
-                                             "--mode volume' (a 2D layer takes the slice path)")
+                                             "--mode volume' (a 2D layer takes the slice "
+                                             "path); auto: volume for 3D scans of at most 1.2 "
+                                             "million voxels, else slices")
         self.sigma = LineEdit(label="noise sigma", value="auto", visible=False,
                               tooltip="'auto' (estimated per slice), 'none' (run all steps) "
                                       "or the noise standard deviation in the scan's units")
@@ -134,6 +135,7 @@ class RestoreWidget(JobWidget):
         self.task.changed.connect(self._task_changed)
         self.slice_scale.changed.connect(self._slice_scale_changed)
         self.denoise_mode.changed.connect(self._form_changed)
+        self.layer.changed.connect(self._form_changed)
         self.encoder.changed.connect(self._encoder_changed)
         self.encoder_file.changed.connect(self._encoder_changed)
         self.init.changed.connect(self._encoder_changed)
@@ -158,8 +160,12 @@ class RestoreWidget(JobWidget):
         task = self.task.value
         if task == "superres" and self.slice_scale.value >= 2:
             return "superres"
-        if task == "denoise" and self.denoise_mode.value == "volume":
-            return "denoise"
+        if task == "denoise":
+            layer = self.layer.value
+            shape = (2, 1, 1) if layer is None else (  # no layer yet: as for a volume
+                tuple(layer.data.shape[-3:]) if layer.data.ndim >= 3 else (1, 1, 1))
+            if volume.denoise_mode(shape, self.denoise_mode.value) == "volume":
+                return "denoise"
         return None
 
     def _task_changed(self, task: str) -> None:
@@ -324,7 +330,11 @@ class RestoreWidget(JobWidget):
             encoder = str(self.encoder_file.value).strip()
             if path is None and (not encoder or Path(encoder).is_dir()):
                 raise BadArgumentError("choose an encoder file (*.safetensors)")
-        if path is not None:
+        if path == "denoise" and self.denoise_mode.value == "auto":
+            if str(encoder).lower() not in ("none", "default"):
+                show_warning("denoise mode auto denoises this 3D scan as one volume, which "
+                             "uses no encoder; mode slices uses the chosen encoder")
+        elif path is not None:
             try:
                 volume.check_encoder(encoder or "file")
             except BadArgumentError:
