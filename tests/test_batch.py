@@ -255,7 +255,8 @@ def test_batch_denoise_volume_mode(tmp_path, capsys):
     np.testing.assert_allclose(b.affine, a.affine, atol=1e-5)
     flat = read_manifest(out / ".strainer" / "flat.nii.gz.json")
     assert flat["status"] == "done" and read_scan(out / "flat.nii.gz").shape == (1, 16, 16)
-    assert "mode" not in TaskOptions(task="denoise").params()
+    assert "mode" not in TaskOptions(task="denoise", mode="slices").params()
+    assert TaskOptions(task="denoise").params()["mode"] == "auto"  # the default since then
     assert "mode" not in TaskOptions(task="fit", mode="volume").params()
     assert main(["batch", "denoise", str(src), str(out), "--mode", "volume", "--encoder",
                  "my.safetensors"]) == 2
