@@ -118,7 +118,8 @@ def _restore_args(p: argparse.ArgumentParser, task: str, *, batch: bool = False)
     if task == "denoise":
         p.add_argument("--sigma", type=_sigma, default="auto",
                        help="noise level in the scan's units, 'auto' (estimate) or 'none' "
-                            "(run exactly --steps)")
+                            "(run exactly --steps); slices stop at it, the volume path "
+                            "weights its TV term by it and stops on held-out voxels")
         p.add_argument("--mode", choices=("auto", "volume", "slices"), default="auto",
                        help="volume: one 3D INR for the whole scan (it sees the neighbouring "
                             "slices; no encoder); slices: one 2D INR per slice (from the "
