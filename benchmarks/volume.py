@@ -404,7 +404,7 @@ def run_dn(vols, names, sigmas, a, rows, panels, curves):
                 t = time.perf_counter()
                 r = denoise_volume(Scan(noisy, np.eye(4)), device="cpu", seed=a.seed,
                                    reference=Scan(truth, np.eye(4)))
-                label = "product --mode volume: 3D SIREN + 3D TV, averaged weights"
+                label = "product --mode volume: 3D SIREN + 3D TV, averaged weights, held-out stop"
                 res[label] = (r.scan.data, time.perf_counter() - t)
                 curves[f"{case} {label}"] = r.history
             if a.dn_slices:  # napari_strainer.tasks.restore: one 2D INR per slice
