@@ -132,7 +132,7 @@ def cmd_denoise_volume(a) -> bool:
     slice path (:func:`napari_strainer.volume.denoise_mode`)."""
     from .cli import PROG, _Bar, _check_output
     from .io import read_scan, write_scan
-    from .volume import denoise_mode, denoise_volume
+    from .volume import denoise_mode, denoise_volume, is_2d_encoder
 
     _check_output(a.output, a.overwrite, [a.input])
     scan = read_scan(a.input, series=a.series, volume=a.volume)
@@ -140,7 +140,7 @@ def cmd_denoise_volume(a) -> bool:
         return False
     if a.mode == "volume":
         _check_encoder(a)
-    elif str(a.encoder).lower() not in ("none", "default") and not a.quiet:
+    elif is_2d_encoder(a.encoder) and not a.quiet:
         print(f"{PROG}: --mode {a.mode} denoises this 3D scan as one volume, which uses no "
               f"encoder; --mode slices uses {a.encoder}", file=sys.stderr)
     ref = read_scan(a.reference) if a.reference else None

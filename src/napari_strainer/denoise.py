@@ -35,15 +35,13 @@ def estimate_sigma(image: np.ndarray) -> float:
 
 
 class DiscrepancyStop(StopRule):
-    """Stop member ``b`` once its data MSE <= ``(factor * sigma_b)^2`` (normalised units);
-    ``calibrated_by`` names the benchmark that chose ``factor`` (in the stop reason)."""
+    """Stop member ``b`` once its data MSE <= ``(factor * sigma_b)^2`` (normalised units)."""
 
-    def __init__(self, sigma: np.ndarray, factor: float = STOP_FACTOR,
-                 calibrated_by: str = "benchmarks/inverse"):
+    def __init__(self, sigma: np.ndarray, factor: float = STOP_FACTOR):
         self.sigma = np.asarray(sigma, np.float64)
         self.factor = factor
         self.reason = (f"data residual reached {factor:g} x noise sigma "
-                       f"(discrepancy rule, factor calibrated by {calibrated_by})")
+                       f"(discrepancy rule, factor calibrated by benchmarks/inverse)")
         self._threshold: torch.Tensor | None = None
 
     def __call__(self, step: int, loss: torch.Tensor) -> torch.Tensor:

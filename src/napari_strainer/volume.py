@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .classical import interpolate_slices
-from .core.fit import Progress, StopRule
+from .core.fit import Progress
 from .core.metrics import psnr
 from .core.siren import BatchedSiren, SirenConfig
 from .core.volume import (
@@ -61,9 +61,9 @@ BASE = "bspline"
 """Through-plane super-resolution fits the INR on top of the cubic B-spline interpolation."""
 DEFAULT_STEPS = {"superres": 300, "fuse": 500, "denoise": 1000}
 AVERAGE = {"superres": 0.0, "fuse": 0.0, "denoise": 0.99}
-"""Decay of the moving average of the weights that is rendered (0: the last weights). Fitting
-noise, each minibatch step jitters the weights and the rendering carries that jitter as extra
-noise; the average removes it (MNI 2 mm, sigma 0.1: 28.2 dB against 26.8 at the same step)."""
+"""Decay of the moving average of the weights that is rendered (0: the last weights). Each
+minibatch step jitters the weights and the rendering carries that jitter as extra noise; the
+average removes it (MNI 2 mm, sigma 0.1: 28.2 dB against 26.8 at the same step)."""
 TV_WEIGHT = {"superres": 0.0, "fuse": 0.0}
 """Weight of the total-variation term along the slice normal (super-resolution) or the three
 output axes (fusion)."""
@@ -110,10 +110,15 @@ def denoise_mode(shape: Sequence[int], mode: str = DENOISE_MODE) -> str:
     return "slices"
 
 
+def is_2d_encoder(encoder) -> bool:
+    """Whether ``encoder`` names a 2D encoder the volume methods cannot use: anything but
+    ``none`` and ``default`` (the front ends' default, unused by them)."""
+    return str(encoder).lower() not in ("none", "default")
+
+
 def check_encoder(encoder) -> None:
-    """Refuse a 2D encoder for a volume method (they fit a 3D SIREN from scratch); ``none``
-    and ``default`` (the front ends' default, unused here) pass."""
-    if str(encoder).lower() not in ("none", "default"):
+    """Refuse a 2D encoder for a volume method (they fit a 3D SIREN from scratch)."""
+    if is_2d_encoder(encoder):
         raise BadArgumentError("--encoder: the volume methods fit a 3D SIREN from scratch "
                                "(no pretrained 3D encoder exists); use --encoder none")
 
@@ -181,11 +186,10 @@ def _psnr(out: np.ndarray, ref: np.ndarray) -> float:
 
 
 def _run(stacks: list[Stack], grid: Grid, frame: WorldFrame, net: BatchedSiren, *,
-         batch: int, steps: int, lr: float, prior: TVPrior | None, stop: StopRule | None,
+         batch: int, steps: int, lr: float, prior: TVPrior | None,
          base: GridBase | None = None, average: float = 0.0, holdout: float = 0.0,
-         patience: int = 0,
-         reference: np.ndarray | None, log_every: int, callback, cancel, seed: int,
-         ) -> tuple[np.ndarray, dict]:
+         patience: int = 0, reference: np.ndarray | None, log_every: int, callback, cancel,
+         seed: int) -> tuple[np.ndarray, dict]:
     """Fit, then render on ``grid``; returns the normalised volume and the history."""
     if cancel is not None and cancel.is_set():
         steps = 0
@@ -197,9 +201,8 @@ def _run(stacks: list[Stack], grid: Grid, frame: WorldFrame, net: BatchedSiren, 
                          reference)
 
     res = fit_volume(net, stacks, frame, grid, steps=steps, lr=lr, batch=batch, prior=prior,
-                     stop=stop, base=base, average=average, holdout=holdout,
-                     patience=patience, log_every=log_every,
-                     callback=callback, cancel=cancel, monitor=monitor,
+                     base=base, average=average, holdout=holdout, patience=patience,
+                     log_every=log_every, callback=callback, cancel=cancel, monitor=monitor,
                      monitor_every=max(100, log_every), seed=seed)
     hist = dict(res.history)
     hist.update(best_step=res.best_step[0], stop_step=res.stop_step[0], steps=steps,
@@ -316,7 +319,7 @@ def superres_volume(scan: Scan, *, slice_scale: int = 2, scale: int = 1,
         gb = GridBase(torch.from_numpy(spline), grid, frame).to(dev)
     total = steps + ls_steps
     out, hist = _run([stack], grid, frame, net, batch=batch, steps=steps, lr=lr, prior=prior,
-                     stop=None, base=gb, reference=ref, log_every=log_every,
+                     base=gb, reference=ref, log_every=log_every,
                      callback=_offset(callback, 0, total), cancel=cancel, seed=seed)
     out = _least_squares([stack], grid, frame, torch.from_numpy(out).to(dev), steps=ls_steps,
                          smooth=0.0, anchor=DC_ANCHOR, start=steps, total=total, ref=ref,
@@ -450,7 +453,7 @@ def fuse(scans: Sequence[Scan], *, spacing: float | None = None, profile: str = 
             prior = TVPrior(grid, list(grid.affine[:3, :3].T), weight, BATCH["fuse"] // 2)
         net = _net("fuse", grid, frame, seed, dev)
         init, hist = _run(stacks, grid, frame, net, batch=BATCH["fuse"], steps=steps, lr=lr,
-                          prior=prior, stop=None, reference=ref, log_every=log_every,
+                          prior=prior, reference=ref, log_every=log_every,
                           callback=_offset(callback, 0, total), cancel=cancel, seed=seed)
         init = torch.from_numpy(init).to(dev)
         smooth, anchor = 0.0, DC_ANCHOR
@@ -524,7 +527,7 @@ def denoise_volume(scan: Scan, *, sigma="auto", steps: int | None = None, lr: fl
         prior = TVPrior(grid, list(grid.affine[:3, :3].T), weight, BATCH["denoise"] // 2)
     net = _net("denoise", grid, frame, seed, dev)
     out, hist = _run([stack], grid, frame, net, batch=BATCH["denoise"], steps=steps, lr=lr,
-                     prior=prior, stop=None, average=AVERAGE["denoise"], holdout=HOLDOUT,
+                     prior=prior, average=AVERAGE["denoise"], holdout=HOLDOUT,
                      patience=patience, reference=ref, log_every=log_every,
                      callback=callback, cancel=cancel, seed=seed)
     reason = (f"the error on {HOLDOUT:.0%} held-out voxels had not improved for {patience} "

@@ -486,12 +486,13 @@ def fit_volume(net: BatchedSiren, stacks: Sequence[Stack], frame: WorldFrame, gr
         fresh = not held or step % holdout_every == 0 or last
         if fresh:
             monitored = ema if not held else _held_loss(net, out, stacks, held, base)
-        if keep_best and fresh and monitored < best:
+        if fresh and monitored < best:
             best = monitored
             result.best_step = [step]
-            with torch.no_grad():
-                for n, p in out.items():
-                    snap[n].copy_(p)
+            if keep_best:
+                with torch.no_grad():
+                    for n, p in out.items():
+                        snap[n].copy_(p)
         stopped = fresh and stop is not None and bool(stop(step, torch.tensor([monitored]))[0])
         stopped = stopped or bool(held and patience and step - result.best_step[0] >= patience)
         if stopped:
@@ -524,9 +525,10 @@ def fit_volume(net: BatchedSiren, stacks: Sequence[Stack], frame: WorldFrame, gr
     result.steps_done = step
     net.buffers.clear()
     if keep_best or avg is not None:
+        final = kept()
         with torch.no_grad():
             for n, p in named.items():
-                p.copy_(kept()[n])
+                p.copy_(final[n])
     if not any(v is not None for v in hist["psnr"]):
         hist.pop("psnr")
     result.optimizer = optimizer

@@ -331,7 +331,7 @@ class RestoreWidget(JobWidget):
             if path is None and (not encoder or Path(encoder).is_dir()):
                 raise BadArgumentError("choose an encoder file (*.safetensors)")
         if path == "denoise" and self.denoise_mode.value == "auto":
-            if str(encoder).lower() not in ("none", "default"):
+            if volume.is_2d_encoder(encoder):
                 show_warning("denoise mode auto denoises this 3D scan as one volume, which "
                              "uses no encoder; mode slices uses the chosen encoder")
         elif path is not None:
