@@ -8,7 +8,7 @@ The CT slices are the distinct real CTs at hand: `sample_data/ct_small.dcm`,
 `explicit_VR-UN.dcm`, `J2K_pixelrep_mismatch.dcm` (7 non-empty slices of 6 scans; lossy or
 uncompressed copies of the same images are left out). For each normalisation and fold, an
 encoder is pretrained on 4 of them and fitted, with SIREN side by side (same seed, every layer
-trained, :func:`napari_strainer.cards.measure_gain`), on the other 3; the two folds hold out
+trained, :func:`napari_strainer.pretrain.cards.measure_gain`), on the other 3; the two folds hold out
 different slices. Reported: the gain over SIREN (dB, same normalisation) and the RMSE in HU of
 both, at fitting steps 10/50/100.
 """
@@ -24,10 +24,11 @@ import numpy as np
 import torch
 from _common import save, table
 
-from napari_strainer.cards import EVAL_STEPS, measure_gain
 from napari_strainer.core.siren import SirenConfig
 from napari_strainer.io import read_scan
-from napari_strainer.tasks import Intensity, busy_slices, pretrain
+from napari_strainer.io.intensity import Intensity, busy_slices
+from napari_strainer.pretrain.cards import EVAL_STEPS, measure_gain
+from napari_strainer.pretrain.train import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +47,7 @@ def ct_files() -> list[Path]:
 def slices(norm: str, size: int) -> tuple[torch.Tensor, list[float]]:
     """Every non-empty CT slice, normalised by ``norm``, resampled to ``size``; and the HU per
     normalised unit of each (to express errors in HU)."""
-    from napari_strainer.cards import _resized
+    from napari_strainer.pretrain.cards import _resized
 
     out, hu_per_unit = [], []
     for f in ct_files():

@@ -39,10 +39,11 @@ from speed import RefSiren
 
 from napari_strainer.core import SirenConfig
 from napari_strainer.core.coords import grid
-from napari_strainer.denoise import make_stop_rule
 from napari_strainer.io import read_scan, sample_path
+from napari_strainer.io.intensity import Intensity, busy_slices
 from napari_strainer.io.scan import Scan
-from napari_strainer.tasks import Intensity, busy_slices, restore
+from napari_strainer.restore.noise import make_stop_rule
+from napari_strainer.restore.slices import restore
 
 TASKS = {"fit": ("fit", 1), "superres2": ("superres", 2), "superres4": ("superres", 4),
          "denoise": ("denoise", 1)}

@@ -37,7 +37,7 @@ from napari_strainer.core import (
 )
 from napari_strainer.core.head import DEFAULT_RIDGE, solve_head
 from napari_strainer.io import read_scan, sample_path
-from napari_strainer.tasks import Intensity
+from napari_strainer.io.intensity import Intensity
 
 SHIPPED = Path(napari_strainer.__file__).parent / "encoders" / "mri_default.safetensors"
 CT_SAMPLES = ("ct_small", "ct_enhanced", "ct_j2k")

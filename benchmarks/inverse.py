@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from _common import RESULTS, save, table
 
 from napari_strainer.core import AreaDownsample, BatchedSiren, Identity, fit, load_encoder, render
-from napari_strainer.denoise import estimate_sigma
 from napari_strainer.io import read_scan, sample_path
-from napari_strainer.tasks import DEFAULT_ENCODER, Intensity, pick_slices
+from napari_strainer.io.intensity import Intensity, pick_slices
+from napari_strainer.pretrain.encoders import DEFAULT_ENCODER
+from napari_strainer.restore.noise import estimate_sigma
 
 CHECKS = [25, 50, 100, 200, 500]
 STOP_FACTORS = [1.0, 0.95, 0.9, 0.85, 0.8]

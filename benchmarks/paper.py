@@ -3,7 +3,7 @@
 
 Data (64 x 64, normalised as ``restore`` does):
 
-* in-domain: the 10 training slices ``tasks.pick_slices`` picks from the sample brain EPI
+* in-domain: the 10 training slices ``io.intensity.pick_slices`` picks from the sample brain EPI
   (``paper_fit.slices``) train every initialisation; 5 other slices of that scan are the test
   images;
 * out of domain: 5 slices of the T1 anatomical sample (another contrast and resolution) and
@@ -17,7 +17,7 @@ middle one); Reptile and SIREN-fit-1 get the wall time STRAINER-10's pretraining
   Tancik et al. 2021 "Learned Initializations for Optimizing Coordinate-Based Neural
   Representations"): inner loop ``--inner`` Adam steps on one training slice, outer update
   ``theta += eps * (phi - theta)`` with eps annealed linearly from 1 to 0;
-* STRAINER-1 / STRAINER-10: the shared encoder of ``tasks.pretrain`` (the product's recipe:
+* STRAINER-1 / STRAINER-10: the shared encoder of ``pretrain.train.pretrain`` (the product's recipe:
   ``--pretrain`` steps, cosine decay from 3e-4);
 * each of those with the head solved in closed form on its features (``solve_head``), the
   product's default for fitting.
@@ -64,14 +64,8 @@ from napari_strainer.core.coords import grid
 from napari_strainer.core.fit import make_adam, warmup_lr
 from napari_strainer.core.head import WARMUP_STEPS, _features
 from napari_strainer.io import read_scan, sample_path
-from napari_strainer.tasks import (
-    PRETRAIN_LR,
-    PRETRAIN_SCHEDULE,
-    PRETRAIN_STEPS,
-    Intensity,
-    busy_slices,
-    pretrain,
-)
+from napari_strainer.io.intensity import Intensity, busy_slices
+from napari_strainer.pretrain.train import PRETRAIN_LR, PRETRAIN_SCHEDULE, PRETRAIN_STEPS, pretrain
 
 OUT = Path(__file__).parent / "paper"
 SIZE = 64
@@ -127,7 +121,7 @@ _ENCODERS: dict = {}
 
 def strainer(images: torch.Tensor, cfg: SirenConfig, steps: int, tmp: Path, name: str,
              lr: float = PRETRAIN_LR, schedule: str = PRETRAIN_SCHEDULE, seed: int = 0) -> Init:
-    """The encoder of ``tasks.pretrain`` (cached per run by ``name``)."""
+    """The encoder of ``pretrain.train.pretrain`` (cached per run by ``name``)."""
     if name not in _ENCODERS:
         t = time.perf_counter()
         enc = pretrain(images, tmp / f"{name}.safetensors", config=cfg, steps=steps, lr=lr,

@@ -1,7 +1,7 @@
 """The paper's in-domain claim on real MRI: does a STRAINER encoder make fitting faster?
 
 Slices of the sample brain MRI (``sample_data/mr_brain.nii.gz``): the 10 evenly spaced slices
-``tasks.pick_slices`` chooses train the encoders; 5 other slices are held out and fitted from
+``io.intensity.pick_slices`` chooses train the encoders; 5 other slices are held out and fitted from
 each initialisation, all weights trained (the paper's protocol, Adam 1e-4):
 
 * STRAINER-10: encoder pretrained with 10 heads on the 10 training slices;
@@ -33,7 +33,8 @@ from safetensors.torch import load_file, save_file
 from napari_strainer.core import BatchedSiren, Identity, SirenConfig, fit, load_encoder, solve_head
 from napari_strainer.core.head import DEFAULT_RIDGE
 from napari_strainer.io import read_scan, sample_path
-from napari_strainer.tasks import Intensity, pick_slices, pretrain
+from napari_strainer.io.intensity import Intensity, pick_slices
+from napari_strainer.pretrain.train import pretrain
 
 CHECKPOINTS = [0, 10, 50, 100, 200, 500, 1000, 2000]
 

@@ -18,7 +18,7 @@ from paper import OUT, SIZE, test_sets
 
 from napari_strainer.core import BatchedSiren, Identity, fit, solve_head
 from napari_strainer.core.fit import warmup_lr
-from napari_strainer.tasks import get_encoder
+from napari_strainer.pretrain.encoders import get_encoder
 
 STARTS = (("solved", 0), ("solved", 10), ("solved", 25), ("random", 0), ("random", 10))
 SHOWN = (0, 1, 3, 5, 10, 20, 30, 50)

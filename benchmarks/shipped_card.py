@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from napari_strainer.cards import evaluation_split, measure_gain
 from napari_strainer.core.checkpoint import load_encoder, save_encoder, weights_sha256
 from napari_strainer.io import read_scan
-from napari_strainer.tasks import DEFAULT_ENCODER
+from napari_strainer.pretrain.cards import evaluation_split, measure_gain
+from napari_strainer.pretrain.encoders import DEFAULT_ENCODER
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "monai_bundle" / "models"

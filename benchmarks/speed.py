@@ -46,7 +46,8 @@ from torch import nn
 from napari_strainer.core import BatchedSiren, Identity, SirenConfig, fit, siren
 from napari_strainer.core.coords import grid
 from napari_strainer.core.fit import render
-from napari_strainer.tasks import CPU_BATCH_PIXELS, Intensity
+from napari_strainer.io.intensity import Intensity
+from napari_strainer.restore.slices import CPU_BATCH_PIXELS
 
 CFG = SirenConfig()
 VARIANTS = ["before", "whole", "fused", "bf16"]
@@ -200,7 +201,7 @@ def child(case: str, device) -> dict:
         render(net, (1024, 1024))
     elif case == "restore 512x512x300":
         from napari_strainer.io import Scan
-        from napari_strainer.tasks import restore
+        from napari_strainer.restore.slices import restore
 
         data = np.random.default_rng(0).integers(0, 4000, (300, 512, 512), dtype=np.int16)
         cancel = threading.Event()

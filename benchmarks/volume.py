@@ -47,7 +47,7 @@ from napari_strainer.core.volume import (
     grid_omega,
     render_grid,
 )
-from napari_strainer.tasks import Intensity
+from napari_strainer.io.intensity import Intensity
 
 NIB_DATA = os.path.join(os.path.dirname(nib.__file__), "tests", "data")
 
@@ -307,9 +307,9 @@ def run_sr(vols, cases, a, rows, panels, curves):
             out, hist = inr(stack, grid, truth, tv_dirs=[[1.0, 0, 0]], **{**a.inr, **kw})
             res[label] = (out, time.perf_counter() - t)
             curves[f"{case} {label}"] = hist
-        if a.sr_product:  # napari_strainer.volume.superres_volume with its defaults
+        if a.sr_product:  # napari_strainer.restore.volume.superres_volume with its defaults
             from napari_strainer.io.scan import Scan
-            from napari_strainer.volume import superres_volume
+            from napari_strainer.restore.volume import superres_volume
 
             t = time.perf_counter()
             r = superres_volume(Scan(obs, coarse_affine(fine, 0, f)), slice_scale=f,
@@ -355,9 +355,9 @@ def run_fuse(vols, names, a, rows, panels, curves):
             res[f"least squares ({reg} {best_w:g})"] = (least_squares(
                 obs, truth.shape, res["cubic (average)"][0], best_w, reg),
                 time.perf_counter() - t)
-        for n in a.fuse_product:  # napari_strainer.volume.fuse on the stacks as scans
+        for n in a.fuse_product:  # napari_strainer.restore.volume.fuse on the stacks as scans
             from napari_strainer.io.scan import Scan
-            from napari_strainer.volume import fuse
+            from napari_strainer.restore.volume import fuse
 
             t = time.perf_counter()
             r = fuse([Scan(v, aff) for v, aff, _, _ in stacks], spacing=1.0, steps=n,
@@ -397,9 +397,9 @@ def run_dn(vols, names, sigmas, a, rows, panels, curves):
                 out, hist = inr(stack, grid, truth, tv_dirs=np.eye(3), **{**a.inr, **kw})
                 res[label] = (out, time.perf_counter() - t)
                 curves[f"{case} {label}"] = hist
-            if a.dn_product:  # napari_strainer.volume.denoise_volume, sigma estimated
+            if a.dn_product:  # napari_strainer.restore.volume.denoise_volume, sigma estimated
                 from napari_strainer.io.scan import Scan
-                from napari_strainer.volume import denoise_volume
+                from napari_strainer.restore.volume import denoise_volume
 
                 t = time.perf_counter()
                 r = denoise_volume(Scan(noisy, np.eye(4)), device="cpu", seed=a.seed,
@@ -407,10 +407,10 @@ def run_dn(vols, names, sigmas, a, rows, panels, curves):
                 label = "product --mode volume: 3D SIREN + 3D TV, averaged weights, held-out stop"
                 res[label] = (r.scan.data, time.perf_counter() - t)
                 curves[f"{case} {label}"] = r.history
-            if a.dn_slices:  # napari_strainer.tasks.restore: one 2D INR per slice
-                from napari_strainer.denoise import make_stop_rule
+            if a.dn_slices:  # napari_strainer.restore.slices.restore: one 2D INR per slice
                 from napari_strainer.io.scan import Scan
-                from napari_strainer.tasks import restore
+                from napari_strainer.restore.noise import make_stop_rule
+                from napari_strainer.restore.slices import restore
 
                 t = time.perf_counter()
                 r = restore(Scan(noisy, np.eye(4)), task="denoise", stop=make_stop_rule("auto"),
@@ -499,7 +499,7 @@ def main():
     p.add_argument("--dn-sigmas", default="0.05,0.1")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    # the product's defaults (napari_strainer.volume): width 128, 5 layers, lr 1e-4
+    # the product's defaults (napari_strainer.restore.volume): width 128, 5 layers, lr 1e-4
     a.inr = {"omega_voxel": 0.5, "width": 128, "layers": 5, "lr": 1e-4}
     a.ls_weights = [1e-4, 1e-3, 1e-2]
     a.ls_tv_weights = [1e-4, 1e-3]

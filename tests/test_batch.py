@@ -27,9 +27,9 @@ from napari_strainer.batch import (
 )
 from napari_strainer.cli import main
 from napari_strainer.core.siren import SirenConfig
-from napari_strainer.distributed import shard_bounds
 from napari_strainer.io import read_scan, upsampled_affine, write_scan
-from napari_strainer.tasks import pretrain
+from napari_strainer.pretrain.distributed import shard_bounds
+from napari_strainer.pretrain.train import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = SirenConfig(width=16, layers=4, shared_layers=3)

@@ -24,7 +24,7 @@ from napari_strainer.core.checkpoint import load_encoder
 from napari_strainer.core.coords import grid
 from napari_strainer.core.siren import BatchedSiren, SirenConfig
 from napari_strainer.io import read_scan, upsampled_affine
-from napari_strainer.tasks import pretrain
+from napari_strainer.pretrain.train import pretrain
 
 BUNDLE = Path(__file__).resolve().parents[1] / "monai_bundle"
 CONFIGS = BUNDLE / "configs"
@@ -218,7 +218,7 @@ def test_bundle_model_is_the_shipped_encoder():
     assert hashlib.sha256(model.read_bytes()).hexdigest() == meta["sha256"]
     enc = load_encoder(model)
     assert enc.config.to_dict() == meta["architecture"]
-    from napari_strainer.tasks import DEFAULT_ENCODER
+    from napari_strainer.pretrain.encoders import DEFAULT_ENCODER
 
     if DEFAULT_ENCODER.is_file():  # the bundle's copy must follow the package's encoder
         assert DEFAULT_ENCODER.read_bytes() == model.read_bytes()
@@ -228,7 +228,7 @@ def test_bundle_model_is_the_shipped_encoder():
 
 def test_bundle_training_defaults_follow_the_package():
     """train.json repeats the package's pretraining recipe as literals: keep them in step."""
-    from napari_strainer.tasks import PRETRAIN_LR, PRETRAIN_SCHEDULE, PRETRAIN_STEPS
+    from napari_strainer.pretrain.train import PRETRAIN_LR, PRETRAIN_SCHEDULE, PRETRAIN_STEPS
 
     cfg = json.loads((CONFIGS / "train.json").read_text())
     assert (cfg["steps"], cfg["lr"], cfg["schedule"]) == (

@@ -12,18 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from napari_strainer.cards import (
+from napari_strainer.cli import main
+from napari_strainer.core import load_encoder
+from napari_strainer.errors import BadArgumentError
+from napari_strainer.io import read_scan
+from napari_strainer.pretrain.cards import (
     card,
     check_modality,
     evaluation_split,
     format_card,
     modality_warning,
 )
-from napari_strainer.cli import main
-from napari_strainer.core import load_encoder
-from napari_strainer.errors import BadArgumentError
-from napari_strainer.io import read_scan
-from napari_strainer.tasks import DEFAULT_ENCODER
+from napari_strainer.pretrain.encoders import DEFAULT_ENCODER
 
 TINY = ["--size", "16", "--steps", "3", "--width", "16", "--layers", "3", "--shared-layers",
         "2", "--quiet"]
@@ -148,7 +148,7 @@ def test_evaluation_split_holds_out_whole_single_slice_scans(samples):
 
 
 def test_ct_uses_the_hounsfield_window(samples):
-    from napari_strainer.tasks import HU_WINDOW, Intensity
+    from napari_strainer.io.intensity import HU_WINDOW, Intensity
 
     ct = Intensity.for_scan(read_scan(samples / "ct_small.dcm"))
     assert (ct.low, ct.high) == HU_WINDOW and ct.to_dict()["units"] == "HU"

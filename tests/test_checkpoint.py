@@ -11,7 +11,7 @@ import torch
 
 from napari_strainer.core import Encoder, SirenConfig, load_encoder, save_encoder
 from napari_strainer.errors import BadArgumentError, CheckpointError
-from napari_strainer.tasks import pretrain
+from napari_strainer.pretrain.train import pretrain
 
 SMALL = SirenConfig(width=16, layers=4, shared_layers=3)
 
@@ -174,7 +174,7 @@ def test_kill_and_resume_process(tmp_path):
     script.write_text(
         "import sys, torch\n"
         "from napari_strainer.core import SirenConfig\n"
-        "from napari_strainer.tasks import pretrain\n"
+        "from napari_strainer.pretrain.train import pretrain\n"
         "torch.set_num_threads(1)\n"
         "imgs = torch.rand(3, 12, 12, generator=torch.Generator().manual_seed(0))\n"
         "pretrain(imgs, sys.argv[1], config=SirenConfig(width=16, layers=4, shared_layers=3),"

@@ -9,9 +9,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from napari_strainer.classical import bicubic, interpolate_slices, tv_denoise
 from napari_strainer.cli import main
 from napari_strainer.io import read_scan, sample_path
+from napari_strainer.restore.classical import bicubic, interpolate_slices, tv_denoise
 
 
 def test_demo_writes_outputs_table_and_plots(tmp_path, capsys):

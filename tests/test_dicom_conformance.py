@@ -24,7 +24,7 @@ from test_volume import _dicom_stacks
 
 from napari_strainer.cli import main
 from napari_strainer.io import read_scan, sample_path, upsampled_affine, write_scan
-from napari_strainer.volume import fuse
+from napari_strainer.restore.volume import fuse
 
 
 def _dciodvfy() -> str | None:

@@ -110,7 +110,7 @@ def test_solved_head_beats_random_head_with_shipped_encoder(samples):
 
     import napari_strainer
     from napari_strainer.io import read_scan
-    from napari_strainer.tasks import Intensity
+    from napari_strainer.io.intensity import Intensity
 
     enc = load_encoder(Path(napari_strainer.__file__).parent / "encoders"
                        / "mri_default.safetensors")
@@ -139,7 +139,7 @@ def test_restore_solved_head_fits_better_at_step_zero(samples):
     """restore(head="solved") starts an encoder fit far closer to the slice than the paper's
     random head (steps=0: the start itself is the output); super-resolution keeps it random."""
     from napari_strainer.io import read_scan
-    from napari_strainer.tasks import restore
+    from napari_strainer.restore.slices import restore
 
     scan = read_scan(samples / "mr_brain.nii.gz")
     one = scan.derive(scan.data[11:12])

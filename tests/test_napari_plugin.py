@@ -18,13 +18,14 @@ pytest.importorskip("pytestqt")
 import torch
 from npe2 import PluginManifest
 
-from napari_strainer import tasks
 from napari_strainer.core.checkpoint import load_encoder
 from napari_strainer.core.siren import SirenConfig
 from napari_strainer.gui._jobs import describe_error
 from napari_strainer.gui._layers import KEY, geometry, scan_to_layer
 from napari_strainer.io import read_scan, sample_path
-from napari_strainer.io.scan import Scan
+from napari_strainer.io.scan import Scan, upsampled_affine
+from napari_strainer.pretrain import train
+from napari_strainer.restore import slices
 
 PLUGIN = "napari-strainer"
 MANIFEST = Path(__file__).resolve().parents[1] / "src" / "napari_strainer" / "napari.yaml"
@@ -49,8 +50,8 @@ def small_scan(name: str = "mr_brain") -> Scan:
 @pytest.fixture(scope="module")
 def tiny_encoder(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("enc") / "tiny.safetensors"
-    images = tasks.training_slices([small_scan()], max_slices=2)
-    tasks.pretrain(images, out, config=TINY, steps=10, device="cpu")
+    images = train.training_slices([small_scan()], max_slices=2)
+    train.pretrain(images, out, config=TINY, steps=10, device="cpu")
     return out
 
 
@@ -224,9 +225,9 @@ def test_restore_superres_live_preview_and_ui_stays_responsive(
     src = w.layer.value
     w.task.value = "superres"
     # benchmark default, limited to the tiny encoder's 2 shared layers
-    assert w.freeze.value == tasks.default_freeze("superres", TINY.shared_layers)
+    assert w.freeze.value == slices.default_freeze("superres", TINY.shared_layers)
     assert w.freeze.max == TINY.shared_layers and "width 16" in w.encoder_info.value
-    assert w.steps.value == tasks.DEFAULT_STEPS["superres"]
+    assert w.steps.value == slices.DEFAULT_STEPS["superres"]
     assert w.init.value == "auto" and not w.freeze.enabled  # auto races freeze depths itself
     w.init.value = "fixed"  # the paper's recipe with a chosen freeze
     assert w.freeze.enabled
@@ -352,7 +353,7 @@ def test_restore_result_saves_with_geometry(make_napari_viewer, qtbot, tmp_path)
         viewer.layers.selection = {out}
         viewer.layers.save(str(path), selected=True, plugin=plugin)
         back = read_scan(path)
-        np.testing.assert_allclose(back.affine, tasks.upsampled_affine(src_scan.affine,
+        np.testing.assert_allclose(back.affine, upsampled_affine(src_scan.affine,
                                                                       (1, 2, 2)), atol=1e-4)
         assert back.shape == out.data.shape
         if target == "sr_series":
@@ -368,7 +369,7 @@ def test_cuda_oom_in_worker_is_shown_not_swallowed(make_napari_viewer, qtbot, tm
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(tasks, "pretrain", oom)
+    monkeypatch.setattr(train, "pretrain", oom)
     viewer = make_napari_viewer()
     layer = add_scan(viewer, small_scan())
     w = dock(viewer, "Pretrain encoder")

@@ -21,10 +21,10 @@ from test_napari_plugin import (  # noqa: F401 - the autouse fixtures apply here
     wait_done,
 )
 
-from napari_strainer import tasks, volume
 from napari_strainer.gui._layers import KEY, geometry
 from napari_strainer.io import read_scan, sample_path
 from napari_strainer.io.scan import upsampled_affine
+from napari_strainer.restore import slices, volume
 
 SAMPLE = "mr_anatomical"  # (25, 41, 33), 2 mm voxels
 
@@ -74,7 +74,7 @@ def test_through_plane_superres_volume(make_napari_viewer, qtbot):
     # off by default: the in-plane slice path with its own steps
     assert w.slice_scale.value == 0 and w.scale.value == 2
     assert w.slice_profile.native.isHidden() and not w.slice_scale.native.isHidden()
-    assert w.steps.value == tasks.DEFAULT_STEPS["superres"]
+    assert w.steps.value == slices.DEFAULT_STEPS["superres"]
     w.slice_scale.value = 1  # not a factor: stepping up from off gives 2
     assert w.slice_scale.value == 2
     assert w.scale.value == 1  # in-plane default 1 with a slice scale, as the CLI's
@@ -84,7 +84,7 @@ def test_through_plane_superres_volume(make_napari_viewer, qtbot):
     assert "3D SIREN" in w.encoder_info.value
     w.slice_scale.value = 1  # stepping down from 2: off again, in-plane 2 again
     assert w.slice_scale.value == 0 and w.scale.value == 2
-    assert w.steps.value == tasks.DEFAULT_STEPS["superres"]
+    assert w.steps.value == slices.DEFAULT_STEPS["superres"]
     assert w.slice_profile.native.isHidden() and w.init.enabled
     w.slice_scale.value = 2
     w.scale.value = 1
@@ -146,7 +146,7 @@ def test_denoise_volume_with_reference_and_refusals(make_napari_viewer, qtbot, t
     assert w.volume_path() == "denoise"
     assert w.steps.value == volume.DEFAULT_STEPS["denoise"]
     w.denoise_mode.value = "slices"
-    assert w.steps.value == tasks.DEFAULT_STEPS["denoise"]
+    assert w.steps.value == slices.DEFAULT_STEPS["denoise"]
     w.denoise_mode.value = "volume"
     assert w.steps.value == volume.DEFAULT_STEPS["denoise"]
     # an encoder file: the volume path uses none; one message, nothing run

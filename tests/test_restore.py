@@ -10,10 +10,10 @@ import torch
 
 from napari_strainer.cli import main
 from napari_strainer.core import BatchedSiren, Identity, SirenConfig, fit
-from napari_strainer.denoise import DiscrepancyStop, estimate_sigma
 from napari_strainer.io import read_scan
 from napari_strainer.io.scan import Scan
-from napari_strainer.tasks import restore
+from napari_strainer.restore.noise import DiscrepancyStop, estimate_sigma
+from napari_strainer.restore.slices import restore
 
 
 def test_superres_nifti_geometry(tiny_encoder, samples, tmp_path):
@@ -68,7 +68,7 @@ def test_estimate_sigma_of_a_volume():
 
 def read_scan_norm():
     from napari_strainer.io import sample_path
-    from napari_strainer.tasks import Intensity
+    from napari_strainer.io.intensity import Intensity
 
     s = read_scan(sample_path("mr_brain"))
     return Intensity.of(s.data).forward(s.data)[12].astype(np.float64)

@@ -11,9 +11,10 @@ from napari_strainer.core import BatchedSiren, Identity, SirenConfig, fit
 from napari_strainer.core.checkpoint import Encoder, load_encoder
 from napari_strainer.core.fit import PlateauStop
 from napari_strainer.io import read_scan, sample_path
+from napari_strainer.io.intensity import Intensity
 from napari_strainer.io.scan import Scan
-from napari_strainer.routes import holdout_mask
-from napari_strainer.tasks import Intensity, describe_estimate, estimate_seconds, restore
+from napari_strainer.restore.routes import holdout_mask
+from napari_strainer.restore.slices import describe_estimate, estimate_seconds, restore
 
 CFG = SirenConfig(width=32, layers=4, shared_layers=3)
 
@@ -139,7 +140,7 @@ def test_cli_reports_route_and_history(tiny_encoder, samples, tmp_path, capsys):
 
 
 def test_self_encoder_pretrains_on_the_scan(tmp_path):
-    from napari_strainer.tasks import self_encoder
+    from napari_strainer.pretrain.encoders import self_encoder
 
     scan = Scan(brain_slices(4))
     enc = self_encoder(scan, steps=3, device="cpu")

@@ -24,7 +24,7 @@ from napari_strainer.core.volume import (
 )
 from napari_strainer.io import read_scan, write_scan
 from napari_strainer.io.scan import Scan, upsampled_affine
-from napari_strainer.volume import output_grid
+from napari_strainer.restore.volume import output_grid
 
 OBLIQUE = np.array([[0.0, 1.2, 1.6, -30], [0.0, 1.6, -1.2, 12], [2.5, 0, 0, 7], [0, 0, 0, 1]])
 
@@ -218,7 +218,7 @@ def test_superres_slice_and_inplane_dicom_series(samples, tmp_path):
 
 
 def test_superres_thickness_from_dicom(samples):
-    from napari_strainer.volume import scan_thickness
+    from napari_strainer.restore.volume import scan_thickness
 
     assert scan_thickness(read_scan(samples / "mr_series")) == pytest.approx(2.2, rel=1e-3)
     scan = read_scan(samples / "mr_anatomical.nii")

@@ -16,7 +16,7 @@ from napari_strainer.bundle import (
     run_training,
     to_scan,
 )
-from napari_strainer.distributed import pretrain_distributed
+from napari_strainer.pretrain.distributed import pretrain_distributed
 
 __all__ = [
     "ScanReader", "StrainerNet", "bundle_root", "datalist", "export_checkpoint", "list_scans",

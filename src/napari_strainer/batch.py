@@ -98,7 +98,7 @@ class TaskOptions:
     format: str = "nifti"
 
     def __post_init__(self) -> None:
-        from .tasks import TASKS
+        from .restore.slices import TASKS
 
         if self.task not in TASKS:
             raise BadArgumentError(f"unknown task {self.task!r}; choose one of "
@@ -110,7 +110,7 @@ class TaskOptions:
         if self.slice_scale is None:
             self.slice_profile, self.slice_thickness = "box", None
         else:
-            from .volume import check_encoder, check_slice_options
+            from .restore.volume import check_encoder, check_slice_options
 
             self.slice_scale = check_slice_options(self.slice_scale, self.slice_profile,
                                                    self.slice_thickness)
@@ -126,7 +126,7 @@ class TaskOptions:
         if self.mode not in ("auto", "slices", "volume"):
             raise BadArgumentError(f"--mode must be auto, slices or volume, got {self.mode!r}")
         if self.mode == "volume":
-            from .volume import check_encoder
+            from .restore.volume import check_encoder
 
             check_encoder(self.encoder)
             self.encoder = "none"  # a 3D SIREN from scratch (2D scans: SIREN per slice)
@@ -383,9 +383,11 @@ def run_items(items: Sequence[dict], options: TaskOptions, out_dir: str | os.Pat
     """
     from tqdm import tqdm
 
-    from .denoise import make_stop_rule
+    from .core.device import resolve_device
     from .io import write_scan
-    from .tasks import get_encoder, resolve_device, restore
+    from .pretrain.encoders import get_encoder
+    from .restore.noise import make_stop_rule
+    from .restore.slices import restore
 
     d_rank, d_world = _dist()
     rank = d_rank if rank is None else rank
@@ -449,7 +451,7 @@ def _one(item, options, params, out_dir, load, encoder, overwrite, run_id, rank,
                                     "(pass --overwrite to replace it)")
         _write_json(mpath, record)
         output.parent.mkdir(parents=True, exist_ok=True)
-        from .volume import denoise_mode, denoise_volume, superres_volume
+        from .restore.volume import denoise_mode, denoise_volume, superres_volume
 
         scan = load(item)
         stop = make_stop_rule(options.sigma) if options.task == "denoise" else None
@@ -510,7 +512,7 @@ def run_batch(a) -> list[str]:
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) it joins the process group and takes its share.
     """
-    from .distributed import finish_distributed, init_distributed
+    from .pretrain.distributed import finish_distributed, init_distributed
 
     options = TaskOptions(task=a.task, encoder=a.encoder, init=a.init, holdout=a.holdout,
                           head=a.head, steps=a.steps, lr=a.lr,
@@ -523,7 +525,7 @@ def run_batch(a) -> list[str]:
                           log_every=a.log_every, batch_size=a.batch_size, format=a.format)
     started = init_distributed()
     try:
-        from .distributed import local_device
+        from .pretrain.distributed import local_device
 
         options.device = local_device(options.device)
         items = datalist(a.in_dir, a.out_dir, a.format)

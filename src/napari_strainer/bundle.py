@@ -215,7 +215,7 @@ def run_inference(dataset_dir: str, output_dir: str, *, task: str = "fit",
     ``fail_on_error``, so ``python -m monai.bundle run`` (and torchrun) exit non-zero, after
     every other scan was processed.
     """
-    from .distributed import local_device
+    from .pretrain.distributed import local_device
 
     overwrite, quiet = _flag(overwrite), _flag(quiet)
     if scale is None:
@@ -236,7 +236,7 @@ def run_inference(dataset_dir: str, output_dir: str, *, task: str = "fit",
                  for it in items]
     summary = run_items(items, options, output_dir, load=load_item, overwrite=overwrite,
                         quiet=quiet)
-    from .distributed import world
+    from .pretrain.distributed import world
 
     if world()[0] == 0:
         for line in summary.text().splitlines():
@@ -265,10 +265,10 @@ def run_training(dataset_dir: str, output: str, *, steps: int | None = None,
     read are reported and left out."""
     from tqdm import tqdm
 
-    from .distributed import pretrain_distributed, world
+    from .pretrain.distributed import pretrain_distributed, world
 
     resume, quiet = _flag(resume), _flag(quiet)
-    from .tasks import PRETRAIN_STEPS, training_slices
+    from .pretrain.train import PRETRAIN_STEPS, training_slices
 
     steps = PRETRAIN_STEPS if steps is None else steps  # lr, schedule: pretrain's defaults
 

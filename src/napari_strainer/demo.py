@@ -30,14 +30,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .classical import bicubic, bm4d_denoise, interpolate_slices, tv_denoise
 from .core.siren import SirenConfig
-from .denoise import make_stop_rule
 from .io import read_scan, sample_path, write_scan
+from .io.intensity import Intensity, pick_slices
 from .io.scan import Scan
-from .tasks import Intensity, pick_slices, pretrain, restore, training_slices
-from .volume import DEFAULT_STEPS as VOLUME_STEPS
-from .volume import superres_volume
+from .pretrain.train import pretrain, training_slices
+from .restore.classical import bicubic, bm4d_denoise, interpolate_slices, tv_denoise
+from .restore.noise import make_stop_rule
+from .restore.slices import restore
+from .restore.volume import DEFAULT_STEPS as VOLUME_STEPS
+from .restore.volume import superres_volume
 
 RUNS = (("default", "default", "auto"), ("STRAINER", "default", "fixed"),
         ("SIREN", "none", "fixed"))  # (name, encoder, init)

@@ -8,10 +8,10 @@ import time
 import napari
 from magicgui.widgets import ComboBox, Container, Label, LineEdit, Select, SpinBox
 
-from .. import volume
 from ..core.volume import PROFILES
 from ..errors import BadArgumentError, StrainerError
 from ..io.scan import Scan
+from ..restore import volume
 from ._common import JobWidget, collapsible, image_layers, parse_float
 from ._jobs import notify
 from ._layers import image_layer_scan

@@ -1,6 +1,6 @@
 """Run a long job off the main thread with live progress, Stop, and errors as notifications.
 
-The job (``tasks.pretrain`` / ``tasks.restore``) reports through a callback in the worker
+The job (``pretrain.train.pretrain`` / ``restore.slices.restore``) reports through a callback in the worker
 thread; :class:`Job` relays each report to the main thread with a queued Qt signal, where the
 widget updates its curve, preview layer and the napari progress bar. The job runs in a napari
 ``FunctionWorker`` (not a generator worker, which silently swallows a ``RuntimeError`` such as

@@ -11,7 +11,7 @@ from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, LineEdit, 
 from ..core.fit import SCHEDULES
 from ..core.siren import SirenConfig
 from ..errors import BadArgumentError
-from ..tasks import PRETRAIN_LR, PRETRAIN_SCHEDULE, PRETRAIN_STEPS
+from ..pretrain.train import PRETRAIN_LR, PRETRAIN_SCHEDULE, PRETRAIN_STEPS
 from ._common import JobWidget, collapsible, image_layers, parse_float
 from ._jobs import notify
 from ._layers import image_layer_scan
@@ -94,8 +94,8 @@ class PretrainWidget(JobWidget):
 
     # ------------------------------------------------------------------ job
     def prepare(self):
-        from .. import cards, tasks
         from ..io import find_scans, read_scan
+        from ..pretrain import cards, train
 
         config = self.config()
         lr = parse_float(self.lr.value, "learning rate")
@@ -132,14 +132,14 @@ class PretrainWidget(JobWidget):
                 report({"status": f"reading {len(paths)} scans..."})
                 scans = [read_scan(p) for p in paths]
                 names = [str(p) for p in paths]
-            images = tasks.training_slices(scans, size=size, max_slices=max_slices)
+            images = train.training_slices(scans, size=size, max_slices=max_slices)
             report({"status": f"training on {images.shape[0]} slices of "
                                f"{images.shape[1]}x{images.shape[2]}"})
 
             def callback(p):
                 report({"step": p.step, "total": p.total, "loss": p.loss})
 
-            encoder = tasks.pretrain(images, output, config=config, steps=steps, lr=lr,
+            encoder = train.pretrain(images, output, config=config, steps=steps, lr=lr,
                                      schedule=schedule,
                                      batch_coords=batch_coords, device=device, seed=seed,
                                      resume=resume, callback=callback, cancel=cancel,

@@ -15,10 +15,13 @@ from magicgui.widgets import ComboBox, Container, FileEdit, Label, LineEdit, Pus
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_warning
 
-from .. import cards, tasks, volume
 from ..core.volume import PROFILES
 from ..errors import BadArgumentError
+from ..io.intensity import Intensity
 from ..io.scan import upsampled_affine
+from ..pretrain import cards, encoders
+from ..restore import slices, volume
+from ..restore.base import MAX_OUTPUT_VOXELS
 from ._common import JobWidget, collapsible, image_layers, parse_float
 from ._jobs import notify
 from ._layers import KEY, geometry, image_layer_scan
@@ -42,7 +45,7 @@ ENCODER_LABELS = [("shipped default (MRI)", "default"), ("file...", "file"),
 
 
 class RestoreWidget(JobWidget):
-    """Restore an image layer slice by slice (see :func:`napari_strainer.tasks.restore`).
+    """Restore an image layer slice by slice (see :func:`napari_strainer.slices.restore`).
 
     While it runs, a ``[live preview]`` layer shows the current best fit every few
     iterations (normalised intensities) and the curve shows the loss, and the PSNR against
@@ -62,7 +65,7 @@ class RestoreWidget(JobWidget):
         viewer = napari_viewer
         self.layer = ComboBox(label="scan", choices=lambda _w: image_layers(viewer))
         self.encoder = ComboBox(label="encoder", choices=ENCODER_LABELS,
-                                value="default" if tasks.DEFAULT_ENCODER.is_file() else "none")
+                                value="default" if encoders.DEFAULT_ENCODER.is_file() else "none")
         self.encoder_file = FileEdit(label="encoder file", mode="r", filter="*.safetensors",
                                      visible=False)
         self.task = ComboBox(label="task", choices=TASK_LABELS, value="fit")
@@ -91,7 +94,7 @@ class RestoreWidget(JobWidget):
         self.sigma = LineEdit(label="noise sigma", value="auto", visible=False,
                               tooltip="'auto' (estimated per slice), 'none' (run all steps) "
                                       "or the noise standard deviation in the scan's units")
-        self.steps = SpinBox(label="steps", value=tasks.DEFAULT_STEPS["fit"], min=0,
+        self.steps = SpinBox(label="steps", value=slices.DEFAULT_STEPS["fit"], min=0,
                              max=10_000_000)
         self.reference = ComboBox(label="PSNR reference",
                                   choices=lambda _w: [("(none)", None), *image_layers(viewer)],
@@ -109,7 +112,7 @@ class RestoreWidget(JobWidget):
                              tooltip="how the last layer starts, for fitting with an encoder: "
                                      "solved = a ridge-regression head on the encoder features "
                                      "before the first step; random = the paper's")
-        self.freeze = SpinBox(label="frozen layers", value=tasks.DEFAULT_FREEZE["fit"], min=0,
+        self.freeze = SpinBox(label="frozen layers", value=slices.DEFAULT_FREEZE["fit"], min=0,
                               max=31, tooltip="encoder layers kept fixed (benchmark defaults "
                                               "per task)")
         self.lr = LineEdit(label="learning rate", value="1e-4")
@@ -195,7 +198,7 @@ class RestoreWidget(JobWidget):
         if (task, path) != self._steps_for:
             self._steps_for = (task, path)
             self.steps.value = (volume.DEFAULT_STEPS[path] if path is not None
-                                else tasks.DEFAULT_STEPS[task])
+                                else slices.DEFAULT_STEPS[task])
         # initialisation, head, freezing and slice batches are for the slice path only
         self.init.enabled = self.batch.enabled = path is None
         self._encoder_changed()
@@ -211,10 +214,10 @@ class RestoreWidget(JobWidget):
         if choice == "none":
             text = "SIREN baseline: random initialisation, nothing frozen"
         elif choice == "self":
-            text = (f"an encoder pretrained for {tasks.SELF_STEPS} steps on up to 10 of this "
+            text = (f"an encoder pretrained for {encoders.SELF_STEPS} steps on up to 10 of this "
                     f"scan's own slices, then used as any encoder")
         else:
-            path = tasks.DEFAULT_ENCODER if choice == "default" else Path(
+            path = encoders.DEFAULT_ENCODER if choice == "default" else Path(
                 str(self.encoder_file.value))
             enc = _peek_encoder(path)
             if isinstance(enc, str):
@@ -244,7 +247,7 @@ class RestoreWidget(JobWidget):
             return
         limit = self._shared_layers if self._shared_layers is not None else 31
         self.freeze.max = limit
-        self.freeze.value = tasks.default_freeze(self.task.value, limit)
+        self.freeze.value = slices.default_freeze(self.task.value, limit)
 
     def update_estimate(self) -> None:
         """Time a short probe of the current options in the background and show the bound
@@ -269,14 +272,14 @@ class RestoreWidget(JobWidget):
 
         def probe() -> float | None:
             try:
-                return tasks.estimate_seconds(scan, **options)
+                return slices.estimate_seconds(scan, **options)
             except Exception:  # noqa: BLE001 - a bad option is reported when Run is pressed
                 return None
 
         def show(seconds: float | None) -> None:
             if gen == self._estimate_gen:
                 self.estimate.value = "" if seconds is None else (
-                    f"~ {tasks.describe_estimate(seconds, device)}")
+                    f"~ {slices.describe_estimate(seconds, device)}")
 
         worker = create_worker(probe, _start_thread=False)
         worker.returned.connect(show)
@@ -289,7 +292,7 @@ class RestoreWidget(JobWidget):
         a notification: napari's ``FunctionWorker`` does not relay warnings from its thread."""
         if encoder == "none":
             return
-        enc = _peek_encoder(tasks.DEFAULT_ENCODER if encoder == "default" else Path(encoder))
+        enc = _peek_encoder(encoders.DEFAULT_ENCODER if encoder == "default" else Path(encoder))
         message = None if isinstance(enc, str) else cards.modality_warning(enc, scan)
         if message is not None:
             show_warning(message)
@@ -301,7 +304,7 @@ class RestoreWidget(JobWidget):
 
     # ------------------------------------------------------------------ job
     def prepare(self):
-        from ..denoise import make_stop_rule
+        from ..restore.noise import make_stop_rule
 
         layer = self.layer.value
         if layer is None:
@@ -357,17 +360,17 @@ class RestoreWidget(JobWidget):
         if reference is not None and reference.shape != out_shape:
             raise BadArgumentError(f"PSNR reference {ref_layer.name!r} has shape "
                                    f"{reference.shape}; the output will be {out_shape}")
-        if int(np.prod(out_shape)) > tasks.MAX_OUTPUT_VOXELS:
+        if int(np.prod(out_shape)) > MAX_OUTPUT_VOXELS:
             raise BadArgumentError(f"the output would be {out_shape} voxels "
                                    f"({np.prod(out_shape) * 4 / 2**30:.1f} GiB); the limit is "
-                                   f"{tasks.MAX_OUTPUT_VOXELS * 4 / 2**30:.0f} GiB")
+                                   f"{MAX_OUTPUT_VOXELS * 4 / 2**30:.0f} GiB")
 
         # the live preview layer, on the output grid, in normalised intensities (those of the
         # path: the volume paths normalise by the scan's percentiles, CT included)
         if path is None:
-            norm = tasks.Intensity.for_scan(scan).forward(np.nan_to_num(scan.data))
+            norm = Intensity.for_scan(scan).forward(np.nan_to_num(scan.data))
         else:
-            inten = tasks.Intensity.of(scan.data)
+            inten = Intensity.of(scan.data)
             norm = inten.forward(np.nan_to_num(scan.data, nan=inten.low))
         if slice_scale > 1:
             norm = norm.repeat(slice_scale, axis=0)
@@ -407,7 +410,7 @@ class RestoreWidget(JobWidget):
                     item["preview"] = (first, p.preview()[..., 0].float().cpu().numpy())
                 report(item)
 
-            return tasks.restore(scan, task=task, encoder=encoder, init=init, head=head,
+            return slices.restore(scan, task=task, encoder=encoder, init=init, head=head,
                                  steps=steps,
                                  lr=lr, scale=scale, freeze=freeze, stop=stop,
                                  reference=reference, device=device, seed=seed,

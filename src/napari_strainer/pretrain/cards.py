@@ -20,13 +20,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .core.checkpoint import Encoder, weights_sha256
-from .core.fit import fit, warmup_lr
-from .core.head import WARMUP_STEPS, solve_head
-from .core.operators import Identity
-from .core.siren import BatchedSiren
-from .errors import BadArgumentError, BadInputError
-from .io.scan import Scan
+from ..core.checkpoint import Encoder, weights_sha256
+from ..core.device import resolve_device
+from ..core.fit import fit, warmup_lr
+from ..core.head import WARMUP_STEPS, solve_head
+from ..core.operators import Identity
+from ..core.siren import BatchedSiren
+from ..errors import BadArgumentError, BadInputError
+from ..io.intensity import Intensity, busy_slices, pick_slices
+from ..io.scan import Scan
+from .train import training_slices
 
 UNKNOWN = "unknown"
 # The image-producing defined terms of DICOM Modality (0008,0060), PS3.3 section C.7.3.1.1.1.
@@ -200,7 +203,7 @@ def _resized(img: np.ndarray, size: int | None) -> torch.Tensor:
 
 def evaluation_split(scans: Sequence[Scan], *, size: int | None = None, max_slices: int = 10,
                      count: int = EVAL_SLICES) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training slices as :func:`~napari_strainer.tasks.training_slices` picks them, and
+    """Training slices as :func:`~napari_strainer.pretrain.train.training_slices` picks them, and
     ``count`` held-out slices for :func:`measure_gain`.
 
     Held-out slices are non-empty slices that were not picked for training, evenly spaced;
@@ -209,7 +212,7 @@ def evaluation_split(scans: Sequence[Scan], *, size: int | None = None, max_slic
 
     Returns ``(train [N, H, W], held_out [M, H, W])`` float32.
     """
-    from .tasks import Intensity, busy_slices, pick_slices, training_slices
+
 
     train = list(training_slices(scans, size=size, max_slices=max_slices))
     spare = []
@@ -247,7 +250,7 @@ def measure_gain(encoder: Encoder, images: torch.Tensor, *, steps: Sequence[int]
     gain_db, psnr_strainer_solved, gain_db_solved`` (PSNR of the current iterate on the
     [0, 1] range, mean over the slices).
     """
-    from .tasks import resolve_device
+
 
     dev = resolve_device(device)
     m, h, w = images.shape

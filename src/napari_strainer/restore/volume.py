@@ -19,11 +19,11 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from .classical import interpolate_slices
-from .core.fit import Progress
-from .core.metrics import psnr
-from .core.siren import BatchedSiren, SirenConfig
-from .core.volume import (
+from ..core.device import resolve_device
+from ..core.fit import Progress
+from ..core.metrics import psnr
+from ..core.siren import BatchedSiren, SirenConfig
+from ..core.volume import (
     PROFILES,
     Grid,
     GridBase,
@@ -35,9 +35,11 @@ from .core.volume import (
     grid_omega,
     render_grid,
 )
-from .errors import BadArgumentError, BadInputError
-from .io.scan import Scan, upsampled_affine
-from .tasks import MAX_OUTPUT_VOXELS, Intensity, Restoration, resolve_device
+from ..errors import BadArgumentError, BadInputError
+from ..io.intensity import Intensity
+from ..io.scan import Scan, upsampled_affine
+from .base import Restoration, check_output_size
+from .classical import interpolate_slices
 
 # Defaults chosen by benchmarks/volume.py (see benchmarks/README.md).
 OMEGA_VOXEL = {"superres": 0.5, "fuse": 1.0, "denoise": 1.0}
@@ -149,14 +151,6 @@ def _check_3d(scan: Scan, what: str) -> None:
     if scan.shape[0] < 2:
         raise BadInputError(f"{scan.source or 'input'}: a 2D image ({scan.shape[1]} x "
                             f"{scan.shape[2]}); {what} needs a 3D scan")
-
-
-def _check_size(shape: tuple[int, ...], what: str) -> None:
-    n = int(np.prod(shape))
-    if n > MAX_OUTPUT_VOXELS:
-        raise BadArgumentError(f"{what} would make a {tuple(shape)} output needing "
-                               f"{n * 4 / 2**30:.1f} GiB; the limit is "
-                               f"{MAX_OUTPUT_VOXELS * 4 / 2**30:.0f} GiB")
 
 
 def scan_thickness(scan: Scan) -> float:
@@ -281,7 +275,7 @@ def superres_volume(scan: Scan, *, slice_scale: int = 2, scale: int = 1,
             :data:`TV_WEIGHT`; 0 = none).
         base: ``bspline`` or ``none`` (a plain 3D SIREN).
         reference: clean scan on the output grid, for a PSNR history.
-        device, seed, log_every, callback, cancel: as in :func:`napari_strainer.tasks.restore`.
+        device, seed, log_every, callback, cancel: as in :func:`napari_strainer.restore.slices.restore`.
     """
     slice_scale = check_slice_options(slice_scale, profile, thickness)
     if int(scale) != scale or scale < 1:
@@ -295,7 +289,7 @@ def superres_volume(scan: Scan, *, slice_scale: int = 2, scale: int = 1,
     _check_3d(scan, "through-plane super-resolution")
     z, h, w = scan.shape
     shape = (z * slice_scale, h * scale, w * scale)
-    _check_size(shape, f"--slice-scale {slice_scale} --scale {scale}")
+    check_output_size(shape, f"--slice-scale {slice_scale} --scale {scale}")
     thick = float(thickness) if thickness is not None else scan_thickness(scan)
     if not thick > 0:
         raise BadArgumentError(f"{scan.source or 'input'}: slice thickness {thick:g} mm; "
@@ -430,7 +424,7 @@ def fuse(scans: Sequence[Scan], *, spacing: float | None = None, profile: str = 
     if not spacing > 0:
         raise BadArgumentError(f"--spacing must be positive, got {spacing}")
     grid = output_grid(scans[0], float(spacing))
-    _check_size(grid.shape, f"--spacing {spacing:g}")
+    check_output_size(grid.shape, f"--spacing {spacing:g}")
     probe = grid.corners_mm().mean(0) + (np.random.default_rng(0).random((4096, 3)) - 0.5) \
         @ (grid.affine[:3, :3] * np.array(grid.shape)).T
     for i, s in enumerate(scans[1:], 2):
@@ -501,12 +495,12 @@ def denoise_volume(scan: Scan, *, sigma="auto", steps: int | None = None, lr: fl
             volume's finest 3D wavelet band), a value in the scan's units, or ``"none"`` (the
             estimate, and no early end: all ``steps`` run, the best step is still kept).
     """
-    from .denoise import estimate_sigma
+    from .noise import estimate_sigma
 
     steps = DEFAULT_STEPS["denoise"] if steps is None else steps
     _check_common(steps, lr)
     _check_3d(scan, "volume denoising")
-    _check_size(scan.shape, "denoising")
+    check_output_size(scan.shape, "denoising")
     dev = resolve_device(device)
     grid = Grid(scan.shape, scan.affine)
     frame = WorldFrame(grid.corners_mm())

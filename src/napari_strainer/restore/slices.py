@@ -1,45 +1,45 @@
-"""Scan-level jobs built on the core: pretrain an encoder, restore (fit / super-resolve / denoise)
-a scan slice by slice. Every front end (CLI, napari widgets, MONAI bundle) calls these.
+"""The slice path: one 2D INR per slice, in batches, for fitting, in-plane super-resolution and
+denoising; the route (SIREN, encoder, warm start) chosen on held-out pixels (:mod:`.routes`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import tempfile
 import time
 import weakref
 from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .cards import warn_modality
-from .core.checkpoint import Encoder, load_encoder, load_state, save_encoder, save_state
-from .core.fit import (
+from ..core.checkpoint import Encoder
+from ..core.device import resolve_device
+from ..core.fit import (
     PlateauStop,
     Progress,
     activation_bytes,
     available_bytes,
     fit,
-    lr_schedule,
     render,
     warmup_lr,
 )
-from .core.head import WARMUP_STEPS, solve_head
-from .core.operators import AreaDownsample, Identity
-from .core.siren import BatchedSiren, SirenConfig
-from .errors import BadArgumentError, BadInputError, CheckpointError
-from .io.scan import Scan, upsampled_affine
+from ..core.head import WARMUP_STEPS, solve_head
+from ..core.operators import AreaDownsample, Identity
+from ..core.siren import BatchedSiren, SirenConfig
+from ..errors import BadArgumentError
+from ..io.intensity import Intensity, busy_slices
+from ..io.scan import Scan, upsampled_affine
+from ..pretrain.cards import warn_modality
+from ..pretrain.encoders import SELF_STEPS, get_encoder, self_encoder
+from .base import MAX_OUTPUT_VOXELS, Restoration
 from .routes import PROBE_STEPS, Route, candidates, holdout_mask, member_params, race
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ENCODER = Path(__file__).parent / "encoders" / "mri_default.safetensors"
 TASKS = ("fit", "superres", "denoise")
 # Layers kept fixed at test time, per task (chosen by benchmarks/inverse on brain MRI; the
 # paper fine-tunes everything, i.e. 0). Capped at the encoder's shared layers minus one.
@@ -63,14 +63,6 @@ PATIENCE = {"fit": (50, 0.01)}  # benchmarks/defaults.py
 # (for super-resolution it wins the short race, then ends 4 dB below SIREN on 96 x 96 T1
 # slices: benchmarks/README.md#defaults)
 WARM_TASKS = ("fit", "denoise")
-PRETRAIN_STEPS = 500  # pretraining defaults: benchmarks/paper.py (issue 12)
-PRETRAIN_LR = 3e-4
-PRETRAIN_SCHEDULE = "cosine"
-SELF_STEPS = 300  # --encoder self: pretraining steps on the scan's own slices
-SELF_MIN_SLICES = 3
-MAX_OUTPUT_VOXELS = 2**31 // 4  # a float32 output above 2 GiB is refused
-LOW_PCT, HIGH_PCT = 0.5, 99.5
-HU_WINDOW = (-1024.0, 3071.0)  # CT: the 12-bit CT range in Hounsfield units maps to [0, 1]
 CPU_BATCH_PIXELS = 16384
 
 
@@ -91,222 +83,6 @@ def coarse_phase(scale: int, steps: int, coarse_steps: int | None = None) -> int
         return min(COARSE_STEPS, steps * 5 // 6)
     return min(coarse_steps, steps)
 
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` is CUDA when present, else CPU; ``cuda``/``cuda:N``/``cpu`` are checked."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise BadArgumentError(f"--device: unknown device {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BadArgumentError(f"--device {device}: CUDA is not available on this machine")
-    return dev
-
-
-@dataclass
-class Intensity:
-    """Intensity normalisation to [0, 1]: robust per-scan percentiles (``[p0.5, p99.5]`` maps
-    to [0, 1]) for every scan but CT; CT (DICOM modality CT, read in Hounsfield units) uses the
-    fixed window ``HU_WINDOW`` instead, with which CT encoders transfer better to unseen CT
-    slices (benchmarks/ct_normalization.py)."""
-
-    low: float
-    high: float
-    method: str = "robust_percentile"
-
-    @classmethod
-    def for_scan(cls, scan: Scan) -> Intensity:
-        """The normalisation of ``scan``: ``HU_WINDOW`` for CT, :meth:`of` its data otherwise."""
-        if scan.modality.upper() == "CT":
-            return cls(*HU_WINDOW, method="hu_window")
-        return cls.of(scan.data)
-
-    @staticmethod
-    def rule() -> dict:
-        """The normalisation rule as an encoder records it (what :meth:`for_scan` does)."""
-        return {**Intensity(0.0, 1.0).to_dict(), "CT": Intensity(*HU_WINDOW, "hu_window")
-                .to_dict()}
-
-    @classmethod
-    def of(cls, data: np.ndarray) -> Intensity:
-        """Robust per-scan percentiles of ``data``."""
-        finite = data[np.isfinite(data)]
-        if finite.size == 0:
-            raise BadInputError("scan has no finite voxel values")
-        lo, hi = np.percentile(finite, [LOW_PCT, HIGH_PCT])
-        if hi <= lo:
-            lo, hi = float(finite.min()), float(finite.max())
-        return cls(float(lo), float(hi) if hi > lo else float(lo) + 1.0)
-
-    def forward(self, data: np.ndarray) -> np.ndarray:
-        return ((np.asarray(data, np.float32) - self.low) / (self.high - self.low)).astype(
-            np.float32)
-
-    def inverse(self, norm: np.ndarray, dtype: np.dtype) -> np.ndarray:
-        out = norm.astype(np.float64) * (self.high - self.low) + self.low
-        if np.issubdtype(dtype, np.integer):
-            info = np.iinfo(dtype)
-            out = np.clip(np.rint(out), info.min, info.max)
-        return out.astype(dtype)
-
-    def to_dict(self) -> dict:
-        if self.method == "hu_window":
-            return {"method": "fixed_window", "window": list(HU_WINDOW), "units": "HU",
-                    "target_range": [0.0, 1.0]}
-        return {"method": "robust_percentile", "low_percentile": LOW_PCT,
-                "high_percentile": HIGH_PCT, "target_range": [0.0, 1.0]}
-
-
-# ----------------------------------------------------------------------------- pretraining
-def busy_slices(norm: np.ndarray) -> list[int]:
-    """Non-empty slices of a normalised scan: > 5% of pixels above 10% of the range."""
-    return [z for z in range(norm.shape[0]) if (norm[z] > 0.1).mean() > 0.05]
-
-
-def pick_slices(norm: np.ndarray, max_slices: int) -> list[int]:
-    """Up to ``max_slices`` evenly spaced non-empty slices (indices into axis 0)."""
-    busy = busy_slices(norm)
-    if not busy:
-        return []
-    pick = np.unique(np.linspace(0, len(busy) - 1, min(max_slices, len(busy))).round())
-    return [busy[int(i)] for i in pick]
-
-
-def training_slices(scans: Sequence[Scan], *, size: int | None = None,
-                    max_slices: int = 10) -> torch.Tensor:
-    """Up to ``max_slices`` evenly spaced non-empty slices per scan, normalised per scan
-    (:meth:`Intensity.for_scan`) and
-    resampled to ``size`` x ``size`` (``None`` keeps the slice size, which must then agree).
-
-    Returns ``[N, H, W]`` float32.
-    """
-    if max_slices < 1:
-        raise BadArgumentError(f"--max-slices must be at least 1, got {max_slices}")
-    if size is not None and size < 2:
-        raise BadArgumentError(f"--size must be at least 2, got {size}")
-    out = []
-    for scan in scans:
-        norm = Intensity.for_scan(scan).forward(np.nan_to_num(scan.data))
-        picked = pick_slices(norm, max_slices)
-        if not picked:
-            raise BadInputError(f"{scan.source or 'a scan'}: no non-empty slice to train on")
-        for z in picked:
-            t = torch.from_numpy(norm[z])[None, None]
-            if size is not None and tuple(t.shape[-2:]) != (size, size):
-                t = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True,
-                                  align_corners=False)
-            out.append(t[0, 0])
-    shapes = {tuple(t.shape) for t in out}
-    if len(shapes) > 1:
-        raise BadArgumentError(f"training slices differ in size {sorted(shapes)}; pass --size N")
-    return torch.stack(out)
-
-
-def pretrain(images: torch.Tensor, output: str | Path, *, config: SirenConfig | None = None,
-             steps: int = PRETRAIN_STEPS, lr: float = PRETRAIN_LR,
-             schedule: str = PRETRAIN_SCHEDULE, batch_coords: int | None = None,
-             device: str = "auto", seed: int = 0, resume: bool = False,
-             checkpoint_every: int = 100, callback: Callable[[Progress], None] | None = None,
-             cancel=None, info: dict | None = None) -> Encoder:
-    """Pretrain a shared encoder on ``images`` ``[N, H, W]`` (one head each) and save it.
-
-    Adam at ``lr`` under ``schedule`` (:data:`~.core.fit.SCHEDULES`; the default cosine decay
-    at 3e-4 reaches in 500 steps about the gain the paper's constant 1e-4 reaches in 2000:
-    ``benchmarks/paper/README.md``).
-
-    Training state is saved every ``checkpoint_every`` steps next to ``output`` (suffix
-    ``.state.safetensors``); ``resume=True`` continues from it and ends with the same encoder
-    as an uninterrupted run. A cancelled run still writes a usable encoder (and keeps the
-    state for resuming).
-    """
-    config = config or SirenConfig()
-    if steps < 1:
-        raise BadArgumentError(f"--steps must be at least 1, got {steps}")
-    if lr <= 0:
-        raise BadArgumentError(f"--lr must be positive, got {lr}")
-    lr_at = lr_schedule(schedule, lr, steps)
-    output = Path(output)
-    state_path = output.with_name(output.name + ".state.safetensors")
-    dev = resolve_device(device)
-    n, h, w = images.shape
-    target = images.reshape(n, h * w, 1).to(dev)
-    torch.manual_seed(seed)
-    net = BatchedSiren(config, batch=n, shared=config.shared_layers, seed=seed).to(dev)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    run = {"config": config.to_dict(), "images": [n, h, w], "lr": lr, "seed": seed,
-           "batch_coords": batch_coords, "schedule": schedule, "steps": steps,
-           "data_sha256": hashlib.sha256(images.numpy().tobytes()).hexdigest()}
-    start = 0
-    if resume and state_path.exists():
-        start = load_state(state_path, net, opt, run)
-        log.info("resuming from step %d of %s", start, state_path)
-        if start > steps:
-            raise BadArgumentError(f"{state_path}: already at step {start} > --steps {steps}")
-    elif resume:
-        log.warning("%s: no saved state, starting from step 0", state_path)
-
-    result = fit(net, target, steps=steps, operator=Identity((h, w)), lr=lr,
-                 batch_coords=batch_coords, keep_best=False, callback=callback, cancel=cancel,
-                 seed=seed, optimizer=opt, start_step=start,
-                 checkpoint=lambda step: save_state(state_path, net, opt, step, run),
-                 checkpoint_every=checkpoint_every, lr_at=lr_at)
-    loss = result.history["loss"][-1] if result.history["loss"] else None
-    encoder = Encoder(config, [(a.cpu(), b.cpu()) for a, b in net.encoder_weights()], {
-        "normalization": Intensity.rule(),
-        "trained_on": {"images": n, "shape": [h, w], **(info or {})},
-        "steps": result.steps_done, "requested_steps": steps, "final_loss": loss,
-        "lr": lr, "schedule": schedule, "seed": seed, "batch_coords": batch_coords,
-        "complete": not result.cancelled})
-    save_encoder(encoder, output)
-    if result.cancelled:
-        save_state(state_path, net, opt, result.steps_done, run)
-    else:
-        state_path.unlink(missing_ok=True)
-    return encoder
-
-
-# ----------------------------------------------------------------------------- restoration
-def get_encoder(encoder: str | Path | Encoder | None) -> Encoder | None:
-    """``"default"`` is the shipped MRI encoder, ``"none"``/None the SIREN baseline
-    (``"self"`` is resolved by :func:`restore`, see :func:`self_encoder`)."""
-    if encoder is None or isinstance(encoder, Encoder):
-        return encoder
-    if str(encoder).lower() == "none":
-        return None
-    if str(encoder).lower() == "default":
-        if not DEFAULT_ENCODER.is_file():
-            raise CheckpointError(f"{DEFAULT_ENCODER}: the shipped encoder is missing from "
-                                  "this installation")
-        return load_encoder(DEFAULT_ENCODER)
-    return load_encoder(encoder)
-
-
-def self_encoder(scan: Scan, *, steps: int = SELF_STEPS, device: str = "auto", seed: int = 0,
-                 callback: Callable[[Progress], None] | None = None, cancel=None) -> Encoder:
-    """``--encoder self``: a STRAINER encoder pretrained for ``steps`` on up to 10 evenly
-    spaced non-empty slices of ``scan`` itself (in-domain by construction; the paper's
-    architecture). Needs :data:`SELF_MIN_SLICES` non-empty slices."""
-    norm = Intensity.for_scan(scan).forward(np.nan_to_num(scan.data))  # as restore will
-    picked = pick_slices(norm, 10)
-    if len(picked) < SELF_MIN_SLICES:
-        raise BadArgumentError(
-            f"{scan.source or 'the scan'}: --encoder self pretrains on the scan's own slices "
-            f"and needs at least {SELF_MIN_SLICES} non-empty ones; it has {len(picked)}")
-    with tempfile.TemporaryDirectory() as tmp:
-        return pretrain(torch.from_numpy(norm[picked]), Path(tmp) / "self.safetensors",
-                        steps=steps, device=device, seed=seed, callback=callback,
-                        cancel=cancel, info={"files": ["the restored scan itself"],
-                                             "modality": scan.modality})
-
-
-@dataclass
-class Restoration:
-    """The output of :func:`restore`: the restored scan and the fitting history."""
-
-    scan: Scan
-    history: dict = field(default_factory=dict)
 
 
 def auto_batch(pixels: int, config: SirenConfig, device: torch.device) -> int:

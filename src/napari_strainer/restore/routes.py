@@ -9,7 +9,7 @@ first batch of slices, and the lowest held-out loss wins (the winner goes on; fo
 super-resolution it starts again on every pixel, its probes having run on the observed grid).
 The warm start races against that winner on the next batch (fitting and denoising; for
 super-resolution a warm start wins the short race and then ends several dB lower).
-Everything here works on tensors; :func:`napari_strainer.tasks.restore` drives it.
+Everything here works on tensors; :func:`napari_strainer.restore.slices.restore` drives it.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .core.checkpoint import Encoder
-from .core.fit import FitResult
-from .core.siren import BatchedSiren, SirenConfig
+from ..core.checkpoint import Encoder
+from ..core.fit import FitResult
+from ..core.siren import BatchedSiren, SirenConfig
 
 PROBE_STEPS = 25  # steps each route runs in a race (benchmarks/defaults.py)
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli import number
-from .core.volume import PROFILES
-from .errors import BadArgumentError
+from ..core.volume import PROFILES
+from ..errors import BadArgumentError
+from . import number
 
 _slice_scale = number(int, lambda v: v >= 2, "an integer >= 2")
 _mm = number(float, lambda v: v > 0, "a positive length in mm")
@@ -63,13 +63,13 @@ def add_fuse_parser(sub, common, bar_help: str = "") -> argparse.ArgumentParser:
 
 
 def _check_encoder(a) -> None:
-    from .volume import check_encoder
+    from ..restore.volume import check_encoder
 
     check_encoder(getattr(a, "encoder", "none"))
 
 
 def _finish(a, res, written, what: str) -> None:
-    from .cli import _write_json
+    from . import _write_json
 
     if a.history:
         _write_json(a.history, res.history)
@@ -82,9 +82,9 @@ def _finish(a, res, written, what: str) -> None:
 
 def cmd_superres_volume(a) -> None:
     """``strainer superres --slice-scale F``."""
-    from .cli import _Bar, _check_output
-    from .io import read_scan, write_scan
-    from .volume import superres_volume
+    from ..io import read_scan, write_scan
+    from ..restore.volume import superres_volume
+    from . import _Bar, _check_output
 
     _check_encoder(a)
     _check_output(a.output, a.overwrite, [a.input])
@@ -105,9 +105,9 @@ def cmd_superres_volume(a) -> None:
 
 def cmd_fuse(a) -> None:
     """``strainer fuse``."""
-    from .cli import _Bar, _check_output
-    from .io import read_scan, write_scan
-    from .volume import fuse
+    from ..io import read_scan, write_scan
+    from ..restore.volume import fuse
+    from . import _Bar, _check_output
 
     _check_encoder(a)
     if a.steps is not None and a.steps < 0:
@@ -130,9 +130,9 @@ def cmd_fuse(a) -> None:
 def cmd_denoise_volume(a) -> bool:
     """``strainer denoise --mode volume|auto``; False (nothing done) when the scan takes the
     slice path (:func:`napari_strainer.volume.denoise_mode`)."""
-    from .cli import PROG, _Bar, _check_output
-    from .io import read_scan, write_scan
-    from .volume import denoise_mode, denoise_volume, is_2d_encoder
+    from ..io import read_scan, write_scan
+    from ..restore.volume import denoise_mode, denoise_volume, is_2d_encoder
+    from . import PROG, _Bar, _check_output
 
     _check_output(a.output, a.overwrite, [a.input])
     scan = read_scan(a.input, series=a.series, volume=a.volume)

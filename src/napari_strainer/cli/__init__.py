@@ -13,8 +13,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from . import __version__
-from .errors import BadArgumentError, StrainerError
+from .. import __version__
+from ..errors import BadArgumentError, StrainerError
 
 PROG = "strainer"
 LONG_JOB_SECONDS = 30  # restorations estimated longer than this print the estimate first
@@ -59,7 +59,7 @@ def _sigma(text: str):
 
 
 def _modality(text: str) -> str:
-    from .cards import check_modality
+    from ..pretrain.cards import check_modality
 
     try:
         return check_modality(text)
@@ -112,7 +112,7 @@ def _restore_args(p: argparse.ArgumentParser, task: str, *, batch: bool = False)
                            help="in-plane: first steps fitting the observed pixels at their "
                                 "centres, 1/S^2 the cost (default: 200, at most 5/6 of "
                                 "--steps; 0: every step through the exact operator)")
-        from .cli_volume import add_superres_args
+        from .volume import add_superres_args
 
         add_superres_args(p, batch=batch)
     if task == "denoise":
@@ -137,8 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
 
-    from .core.fit import SCHEDULES
-    from .tasks import PRETRAIN_LR, PRETRAIN_SCHEDULE, PRETRAIN_STEPS
+    from ..core.fit import SCHEDULES
+    from ..pretrain.train import PRETRAIN_LR, PRETRAIN_SCHEDULE, PRETRAIN_STEPS
 
     p = sub.add_parser("pretrain", help="pretrain a shared encoder on scans")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="scans or folders of scans")
@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("denoise", "denoise a scan")):
         _restore_args(sub.add_parser(task, help=text), task)
 
-    from .cli_volume import add_fuse_parser
+    from .volume import add_fuse_parser
 
     add_fuse_parser(sub, _common)
 
@@ -254,12 +254,12 @@ def _write_json(path: str | Path, data: dict) -> None:
 
 
 def cmd_pretrain(a) -> None:
-    from .batch import list_scans
-    from .cards import evaluation_split, measure_gain, scans_modality
-    from .core.checkpoint import save_encoder
-    from .core.siren import SirenConfig
-    from .io import read_scan
-    from .tasks import pretrain, training_slices
+    from ..batch import list_scans
+    from ..core.checkpoint import save_encoder
+    from ..core.siren import SirenConfig
+    from ..io import read_scan
+    from ..pretrain.cards import evaluation_split, measure_gain, scans_modality
+    from ..pretrain.train import pretrain, training_slices
 
     out = Path(a.output)
     if not a.resume:
@@ -309,15 +309,15 @@ def cmd_pretrain(a) -> None:
 def _stop_rule(a):
     if getattr(a, "sigma", None) is None:
         return None
-    from .denoise import make_stop_rule
+    from ..restore.noise import make_stop_rule
 
     return make_stop_rule(a.sigma)
 
 
 def cmd_restore(a) -> None:
-    from .cli_volume import cmd_denoise_volume, cmd_superres_volume
-    from .io import read_scan, write_scan
-    from .tasks import describe_estimate, restore
+    from ..io import read_scan, write_scan
+    from ..restore.slices import describe_estimate, restore
+    from .volume import cmd_denoise_volume, cmd_superres_volume
 
     if a.verb == "superres" and a.slice_scale:
         return cmd_superres_volume(a)
@@ -368,7 +368,7 @@ def _steps_text(h: dict) -> str:
 
 
 def cmd_batch(a) -> None:
-    from .batch import run_batch
+    from ..batch import run_batch
 
     failed = run_batch(a)
     if failed:
@@ -376,11 +376,11 @@ def cmd_batch(a) -> None:
 
 
 def cmd_info(a) -> None:
-    from .io import describe
+    from ..io import describe
 
     if Path(a.input).suffix == ".safetensors":  # an encoder: its card
-        from .cards import card, format_card
-        from .core.checkpoint import load_encoder
+        from ..core.checkpoint import load_encoder
+        from ..pretrain.cards import card, format_card
 
         c = card(load_encoder(a.input))
         print(json.dumps(c, indent=1) if a.json else f"encoder: {a.input}\n{format_card(c)}")
@@ -403,7 +403,7 @@ def cmd_info(a) -> None:
 
 
 def cmd_convert(a) -> None:
-    from .io import convert
+    from ..io import convert
 
     _check_output(a.output, a.overwrite, [a.input])
     written = convert(a.input, a.output, series=a.series, volume=a.volume,
@@ -413,14 +413,14 @@ def cmd_convert(a) -> None:
 
 
 def cmd_demo(a) -> None:
-    from .demo import run_demo
+    from ..demo import run_demo
 
     run_demo(a.output, steps=a.steps, pretrain_steps=a.pretrain_steps, device=a.device,
              seed=a.seed, quiet=a.quiet)
 
 
 def cmd_fuse(a) -> None:
-    from .cli_volume import cmd_fuse as run
+    from .volume import cmd_fuse as run
 
     run(a)
 

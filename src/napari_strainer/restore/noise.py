@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .core.fit import StopRule
-from .errors import BadArgumentError
+from ..core.fit import StopRule
+from ..errors import BadArgumentError
 
 STOP_FACTOR = 0.85
 MAD_TO_SIGMA = 1 / 0.6745

@@ -26,11 +26,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .core.checkpoint import Encoder, load_state, save_encoder, save_state
-from .core.fit import Progress, fit, lr_schedule
-from .core.operators import Identity
-from .core.siren import BatchedSiren, SirenConfig
-from .errors import BadArgumentError
+from ..core.checkpoint import Encoder, load_state, save_encoder, save_state
+from ..core.device import resolve_device
+from ..core.fit import Progress, fit, lr_schedule
+from ..core.operators import Identity
+from ..core.siren import BatchedSiren, SirenConfig
+from ..errors import BadArgumentError
+from ..io.intensity import Intensity
+from .train import PRETRAIN_LR, PRETRAIN_SCHEDULE, PRETRAIN_STEPS, pretrain
 
 log = logging.getLogger(__name__)
 
@@ -112,22 +115,14 @@ def pretrain_distributed(images: torch.Tensor, output: str | Path, *,
                          checkpoint_every: int = 100,
                          callback: Callable[[Progress], None] | None = None,
                          info: dict | None = None) -> Encoder:
-    """:func:`napari_strainer.tasks.pretrain` with the heads sharded over the process group.
+    """:func:`napari_strainer.pretrain.train.pretrain` with the heads sharded over the process group.
 
     Every rank passes the same ``images`` ``[N, H, W]`` (N >= world size). Rank 0 writes the
     encoder; every rank returns it. Without an initialised process group (or with one process)
-    this is exactly :func:`~napari_strainer.tasks.pretrain`. Resumable per rank (state files
+    this is exactly :func:`~napari_strainer.pretrain.train.pretrain`. Resumable per rank (state files
     ``<output>.state.rank<R>of<W>.safetensors``, same world size required). ``callback`` is
     used on rank 0 only; its loss is rank 0's share.
     """
-    from .tasks import (
-        PRETRAIN_LR,
-        PRETRAIN_SCHEDULE,
-        PRETRAIN_STEPS,
-        Intensity,
-        pretrain,
-        resolve_device,
-    )
 
     config = config or SirenConfig()
     steps = PRETRAIN_STEPS if steps is None else steps

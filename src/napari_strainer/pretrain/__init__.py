@@ -1,0 +1,1 @@
+"""Encoders: STRAINER pretraining (one process or torchrun), where encoders come from, cards."""

@@ -1,0 +1,1 @@
+"""Restoration of scans: the planner, the slice and volume paths, noise, classical methods."""
