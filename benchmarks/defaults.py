@@ -13,8 +13,8 @@ Cases (ground truth known; a slab of neighbouring slices each, restored as one s
 Tasks: fit, super-resolution x2 / x4 (area-downsampled observation), denoising (Gaussian noise,
 sigma 0.1 of the range, ``--sigma auto`` stop). Methods: ``auto`` (the default: held-out route
 race, warm starts, convergence stop, super-resolution's coarse phase), ``auto-none`` (the
-same with ``--encoder none``), ``auto-exact`` (session 6's default: the race, then 500 steps
-through the exact operator), ``siren`` (``--init fixed --encoder none``; for
+same with ``--encoder none``), ``auto-exact`` (the race, then 500 steps
+through the exact operator, no coarse phase), ``siren`` (``--init fixed --encoder none``; for
 super-resolution the paper's loop: 500 steps through the exact operator, no coarse phase),
 ``encoder`` (``--init fixed``, the shipped encoder at the task's default freeze) and
 ``encoder-f0`` (fine-tune everything, the paper). Reported: PSNR against the truth, wall
@@ -49,7 +49,7 @@ TASKS = {"fit": ("fit", 1), "superres2": ("superres", 2), "superres4": ("superre
          "denoise": ("denoise", 1)}
 METHODS = {"auto": {"init": "auto"},
            "auto-none": {"init": "auto", "encoder": "none"},
-           # the default before the coarse phase (session 6): 500 exact steps after the race
+           # no coarse phase: 500 exact steps after the race (--coarse-steps 0 --steps 500)
            "auto-exact": {"init": "auto", "steps": 500, "coarse_steps": 0},
            "siren": {"init": "fixed", "encoder": "none", "paper_sr": True},
            "encoder": {"init": "fixed"},

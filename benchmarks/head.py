@@ -36,6 +36,7 @@ from napari_strainer.core import (
     load_encoder,
 )
 from napari_strainer.core.head import DEFAULT_RIDGE, solve_head
+from napari_strainer.core.problems import ImageProblem
 from napari_strainer.io import read_scan, sample_path
 from napari_strainer.io.intensity import Intensity
 
@@ -63,8 +64,8 @@ def run(cfg, encoder, target, size, steps, head, ridge=DEFAULT_RIDGE, seed=1, op
     net.freeze(freeze)
     if head == "solved":
         solve_head(net, target, op, ridge=ridge)
-    res = fit(net, target, steps=steps, operator=op, log_every=10, seed=0,
-              reference=target if reference is None else reference)
+    res = fit(net, ImageProblem(target, op, reference=target if reference is None else reference),
+              steps=steps, log_every=10, seed=0)
     return res.history["iterations"], res.history["psnr"]
 
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from _common import RESULTS, save, table
 
 from napari_strainer.core import AreaDownsample, BatchedSiren, Identity, fit, load_encoder, render
+from napari_strainer.core.problems import ImageProblem
 from napari_strainer.io import read_scan, sample_path
 from napari_strainer.io.intensity import Intensity, pick_slices
 from napari_strainer.pretrain.encoders import DEFAULT_ENCODER
@@ -157,7 +158,7 @@ def _inr(obs, clean, task, enc, cfg, freeze, steps, checks, seed) -> dict:
     # Run in segments ending at the checkpoints: the iterate itself is measured there
     # (keep_best is off: this measures the trajectory, not the product's safeguard).
     for c in checks + ([steps] if steps not in checks else []):
-        res = fit(net, target, steps=c, operator=op, reference=ref, data_range=rng_range,
+        res = fit(net, ImageProblem(target, op, reference=ref, data_range=rng_range), steps=c,
                   log_every=1, keep_best=False, optimizer=opt, start_step=start, seed=seed)
         opt, start = res.optimizer, c
         hist = res.history

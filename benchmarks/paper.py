@@ -63,6 +63,7 @@ from napari_strainer.core import BatchedSiren, Identity, SirenConfig, fit, solve
 from napari_strainer.core.coords import grid
 from napari_strainer.core.fit import make_adam, warmup_lr
 from napari_strainer.core.head import WARMUP_STEPS, _features
+from napari_strainer.core.problems import ImageProblem
 from napari_strainer.io import read_scan, sample_path
 from napari_strainer.io.intensity import Intensity, busy_slices
 from napari_strainer.pretrain.train import PRETRAIN_LR, PRETRAIN_SCHEDULE, PRETRAIN_STEPS, pretrain
@@ -214,7 +215,7 @@ def run(init: Init | None, cfg: SirenConfig, target: torch.Tensor, steps: int,
             mse = (pred - y.reshape(n, -1)).pow(2).mean(1)
             per_image.append((p.step, (10 * torch.log10(1 / mse.clamp_min(1e-20))).tolist()))
 
-    fit(net, y, steps=steps, operator=op, keep_best=False, log_every=10, callback=log, seed=0,
+    fit(net, ImageProblem(y, op), steps=steps, keep_best=False, log_every=10, callback=log, seed=0,
         lr_at=lr_at)
     its = [s for s, _ in per_image]
     psnr = np.array([v for _, v in per_image])  # [logged, n]

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from napari_strainer.core import BatchedSiren, Identity, SirenConfig, fit, load_encoder, solve_head
 from napari_strainer.core.head import DEFAULT_RIDGE
+from napari_strainer.core.problems import ImageProblem
 from napari_strainer.io import read_scan, sample_path
 from napari_strainer.io.intensity import Intensity, pick_slices
 from napari_strainer.pretrain.train import pretrain
@@ -95,8 +96,8 @@ def main():
         if a.reuse and donor_path.exists():
             donor.load_state_dict(load_file(str(donor_path)))
         else:
-            fit(donor, imgs[[one]].reshape(1, -1, 1), steps=a.pretrain_steps,
-                operator=Identity((a.size, a.size)), keep_best=True)
+            fit(donor, ImageProblem(imgs[[one]].reshape(1, -1, 1), Identity((a.size, a.size))),
+                steps=a.pretrain_steps, keep_best=True)
             tmp.mkdir(parents=True, exist_ok=True)
             save_file({k: v.detach().contiguous() for k, v in donor.state_dict().items()},
                       str(donor_path))
@@ -115,8 +116,8 @@ def main():
             solve_head(net, target, Identity((a.size, a.size)), ridge=a.ridge)
         elif init is not None:
             net.load_encoder(init)
-        res = fit(net, target, steps=a.steps, operator=Identity((a.size, a.size)),
-                  reference=target, log_every=10, seed=a.seed)
+        res = fit(net, ImageProblem(target, Identity((a.size, a.size)), reference=target),
+                  steps=a.steps, log_every=10, seed=a.seed)
         it, ps = res.history["iterations"], res.history["psnr"]
         curves[name] = {"iterations": it, "psnr": ps}
         run_max = np.maximum.accumulate(ps)

@@ -18,6 +18,7 @@ from paper import OUT, SIZE, test_sets
 
 from napari_strainer.core import BatchedSiren, Identity, fit, solve_head
 from napari_strainer.core.fit import warmup_lr
+from napari_strainer.core.problems import ImageProblem
 from napari_strainer.pretrain.encoders import get_encoder
 
 STARTS = (("solved", 0), ("solved", 10), ("solved", 25), ("random", 0), ("random", 10))
@@ -43,7 +44,7 @@ def curve(enc, target: torch.Tensor, head: str | None, warm: int, steps: int) ->
             mse = (p.preview().reshape(n, -1) - y.reshape(n, -1)).pow(2).mean(1)
             out[p.step] = float((10 * torch.log10(1 / mse.clamp_min(1e-20))).mean())
 
-    fit(net, y, steps=steps, operator=op, keep_best=False, log_every=1, callback=log, seed=0,
+    fit(net, ImageProblem(y, op), steps=steps, keep_best=False, log_every=1, callback=log, seed=0,
         lr_at=warmup_lr(1e-4, warm) if warm else None)
     return out
 

@@ -45,7 +45,7 @@ from torch import nn
 
 from napari_strainer.core import BatchedSiren, Identity, SirenConfig, fit, siren
 from napari_strainer.core.coords import grid
-from napari_strainer.core.fit import render
+from napari_strainer.core.problems import ImageProblem, render
 from napari_strainer.io.intensity import Intensity
 from napari_strainer.restore.slices import CPU_BATCH_PIXELS
 
@@ -120,7 +120,7 @@ def our_stepper(variant, shape, members, shared, device):
     def run(k):
         default, siren.CHUNK_ELEMENTS = siren.CHUNK_ELEMENTS, chunk
         try:
-            fit(net, target, steps=k, optimizer=opt, **kw)
+            fit(net, ImageProblem(target), steps=k, optimizer=opt, **kw)
         finally:
             siren.CHUNK_ELEMENTS = default
     return run
@@ -177,7 +177,7 @@ def psnr_check(steps: int, size: int, device, variants) -> dict:
     out = {}
     for v in variants:
         net = make_net(v, 1, 0, device)
-        res = fit(net, target, steps=steps, operator=Identity((size, size)), reference=target,
+        res = fit(net, ImageProblem(target, Identity((size, size)), reference=target), steps=steps,
                   log_every=steps, seed=0)
         out[v] = res.history["psnr"][-1]
     return out

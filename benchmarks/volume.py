@@ -16,9 +16,9 @@ super-resolution reconstruction (L-BFGS on the box/Gaussian operators with a sma
 penalty, or with total variation; weight tuned on a different volume), 3D total variation
 (skimage, weight tuned on a different volume), BM4D with the true sigma (``pip install bm4d``,
 licence restricts commercial use: benchmark-only). INR methods: a 3D SIREN in world
-coordinates (napari_strainer.core.volume) with the first-layer omega scaled to the grid,
+coordinates (napari_strainer.core.world) with the first-layer omega scaled to the grid,
 with and without a total-variation term (along the slice normals, or in 3D for denoising);
-for denoising also the issue's shared-encoder slice denoiser (:func:`shared_slices`).
+for denoising also a shared-encoder slice denoiser (:func:`shared_slices`).
 
     python benchmarks/volume.py [--quick] [--tasks sr,fuse,dn] [--threads 2]
 """
@@ -36,17 +36,11 @@ import torch.nn.functional as F
 from _common import RESULTS, save, table
 
 from napari_strainer.core.coords import grid as grid2d
+from napari_strainer.core.fit import fit
+from napari_strainer.core.operators import GridBase, Stack, TVPrior
+from napari_strainer.core.problems import StackProblem
 from napari_strainer.core.siren import BatchedSiren, SirenConfig
-from napari_strainer.core.volume import (
-    Grid,
-    GridBase,
-    Stack,
-    TVPrior,
-    WorldFrame,
-    fit_volume,
-    grid_omega,
-    render_grid,
-)
+from napari_strainer.core.world import Grid, WorldFrame, grid_omega, render_grid
 from napari_strainer.io.intensity import Intensity
 
 NIB_DATA = os.path.join(os.path.dirname(nib.__file__), "tests", "data")
@@ -223,18 +217,18 @@ def inr(stacks: list[tuple[np.ndarray, np.ndarray, float, str]], grid: Grid, tru
     def monitor(params):
         return psnr(render_grid(net, grid, frame, params=params, base=gb).numpy(), truth)
 
-    res = fit_volume(net, ops, frame, grid, steps=steps, lr=lr, batch=batch, prior=prior,
-                     base=gb, monitor=monitor, monitor_every=monitor_every,
-                     log_every=monitor_every, seed=seed)
+    res = fit(net,
+              StackProblem(ops, frame, grid, batch=batch, prior=prior, base=gb, monitor=monitor, monitor_every=monitor_every),
+              steps=steps, lr=lr, log_every=monitor_every, seed=seed)
     return render_grid(net, grid, frame, base=gb).numpy(), res.history
 
 
 def shared_slices(noisy: np.ndarray, truth: np.ndarray, *, tv: float, steps: int,
                   sigma: float, lr: float = 1e-4, factor: float = 0.85, seed: int = 0,
                   monitor_every: int = 25) -> tuple[np.ndarray, np.ndarray, dict]:
-    """The issue's denoiser: one 2D SIREN per slice, all sine layers shared across the slices
-    (a linear head each, so the encoder runs once per step), fitted to the noisy slices plus
-    ``tv`` x the mean 3D total variation (Charbonnier) of the rendered volume.
+    """A shared-encoder slice denoiser: one 2D SIREN per slice, all sine layers shared across
+    the slices (a linear head each, so the encoder runs once per step), fitted to the noisy
+    slices plus ``tv`` x the mean 3D total variation (Charbonnier) of the rendered volume.
 
     Returns the rendering at the best PSNR against ``truth`` (an oracle stop), the rendering
     when the data RMSE first reaches ``factor * sigma`` (the product's discrepancy stop; the
@@ -486,11 +480,11 @@ def main():
     p.add_argument("--cases", type=int, default=None, help="only the first N through-plane cases")
     p.add_argument("--dn-shared", type=lambda v: [float(x) for x in v.split(",") if x],
                    default=[], help="TV weights of the shared-encoder slice denoiser "
-                   "(session 7: 0.08; empty: skip it)")
+                   "(0.08 measured; empty: skip it)")
     p.add_argument("--dn-product", type=int, default=1,
                    help="1: run the product's denoise_volume (its defaults, sigma auto)")
     p.add_argument("--dn-inr", type=int, default=0,
-                   help="1: also session 5's 3D INR (width 128) through this script's inr()")
+                   help="1: also a width-128 3D INR through this script's inr()")
     p.add_argument("--dn-shared-steps", type=int, default=1500)
     p.add_argument("--dn-slices", type=int, default=1,
                    help="1: also the product's 2D path (denoise --mode slices, sigma auto)")

@@ -7,6 +7,7 @@ import torch
 
 from napari_strainer.core import AreaDownsample, BatchedSiren, Identity, SirenConfig, fit, render
 from napari_strainer.core.coords import axis, grid
+from napari_strainer.core.problems import ImageProblem
 from napari_strainer.errors import BadArgumentError
 
 SMALL = SirenConfig(width=32, layers=4, shared_layers=3)
@@ -65,14 +66,14 @@ def test_batched_members_are_independent():
     targets = torch.cat([image(phase=p) for p in (0.0, 1.0)])
     together = BatchedSiren(SMALL, batch=2, seed=0)
     together.kernel = "fused"  # float32: bfloat16 rounding depends on the pixel chunking
-    fit(together, targets, steps=30, operator=Identity((16, 16)), lr=1e-3)
+    fit(together, ImageProblem(targets, Identity((16, 16))), steps=30, lr=1e-3)
     alone = BatchedSiren(SMALL, batch=2, seed=0)
     with torch.no_grad():  # keep only member 1's initial weights, fitted alone
         one = BatchedSiren(SMALL, batch=1, seed=0)
         for p1, p2 in zip(one.parameters(), alone.parameters()):
             p1.copy_(p2[1:2])
     one.kernel = "fused"
-    fit(one, targets[1:2], steps=30, operator=Identity((16, 16)), lr=1e-3)
+    fit(one, ImageProblem(targets[1:2], Identity((16, 16))), steps=30, lr=1e-3)
     g = grid((16, 16))
     assert torch.allclose(together(g)[1], one(g)[0], atol=1e-4)
 
@@ -81,7 +82,7 @@ def test_fit_is_deterministic_and_converges():
     runs = []
     for _ in range(2):
         net = BatchedSiren(SMALL, batch=1, seed=3)
-        res = fit(net, image(), steps=60, operator=Identity((16, 16)), lr=1e-3)
+        res = fit(net, ImageProblem(image(), Identity((16, 16))), steps=60, lr=1e-3)
         runs.append((net(grid((16, 16))), res.history["loss"]))
     assert torch.equal(runs[0][0], runs[1][0])
     assert runs[0][1][-1] < 0.05 * runs[0][1][0]
@@ -90,7 +91,7 @@ def test_fit_is_deterministic_and_converges():
 def test_keep_best_never_returns_a_worse_iterate():
     """With a huge learning rate the loss jumps around; the result is the best seen."""
     net = BatchedSiren(SMALL, batch=1, seed=0)
-    res = fit(net, image(), steps=40, operator=Identity((16, 16)), lr=5e-2, log_every=1)
+    res = fit(net, ImageProblem(image(), Identity((16, 16))), steps=40, lr=5e-2, log_every=1)
     final = ((net(grid((16, 16))) - image()) ** 2).mean().item()
     assert final == pytest.approx(min(res.history["loss"]), rel=1e-4)
     assert res.history["loss"][-1] > final  # the last iterate was worse: the guard mattered
@@ -100,7 +101,7 @@ def test_superres_operator_and_render():
     net = BatchedSiren(SMALL, batch=2, seed=0)
     op = AreaDownsample((8, 8), 2)
     target = torch.cat([image(8), image(8, 1.0)])
-    res = fit(net, target, steps=20, operator=op, lr=1e-3)
+    res = fit(net, ImageProblem(target, op), steps=20, lr=1e-3)
     assert res.history["loss"][-1] < res.history["loss"][0]
     out = render(net, (16, 16))
     assert out.shape == (2, 16, 16, 1)
@@ -123,7 +124,7 @@ def test_minibatch_mode_and_cancel():
             return self.calls > 5
 
     net = BatchedSiren(SMALL, batch=1, seed=0)
-    res = fit(net, image(), steps=100, operator=Identity((16, 16)), batch_coords=64,
+    res = fit(net, ImageProblem(image(), Identity((16, 16)), batch_coords=64), steps=100,
               cancel=Cancel(), lr=1e-3)
     assert res.cancelled and res.steps_done == 5
 
@@ -132,7 +133,7 @@ def test_freeze_keeps_layers_fixed():
     net = BatchedSiren(SMALL, batch=2, shared=2, seed=0)
     net.freeze(2)
     before = [w.detach().clone() for w in net.weights]
-    fit(net, torch.cat([image(), image()]), steps=5, operator=Identity((16, 16)), lr=1e-3)
+    fit(net, ImageProblem(torch.cat([image(), image()]), Identity((16, 16))), steps=5, lr=1e-3)
     assert torch.equal(before[0], net.weights[0]) and torch.equal(before[1], net.weights[1])
     assert not torch.equal(before[2], net.weights[2])
     with pytest.raises(BadArgumentError):

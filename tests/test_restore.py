@@ -10,6 +10,7 @@ import torch
 
 from napari_strainer.cli import main
 from napari_strainer.core import BatchedSiren, Identity, SirenConfig, fit
+from napari_strainer.core.problems import ImageProblem
 from napari_strainer.io import read_scan
 from napari_strainer.io.scan import Scan
 from napari_strainer.restore.noise import DiscrepancyStop, estimate_sigma
@@ -80,7 +81,7 @@ def test_stop_rule_stops_each_member_and_keeps_its_snapshot():
     target = torch.rand(2, 64, 1, generator=g)
     net = BatchedSiren(cfg, batch=2)
     rule = DiscrepancyStop(np.array([0.25, 0.01]), factor=1.0)  # member 0 stops much earlier
-    res = fit(net, target, steps=300, operator=Identity((8, 8)), lr=1e-3, stop=rule,
+    res = fit(net, ImageProblem(target, Identity((8, 8))), steps=300, lr=1e-3, stop=rule,
               log_every=1)
     assert res.stop_step[0] is not None
     assert res.stop_step[1] is None or res.stop_step[1] > res.stop_step[0]

@@ -10,6 +10,7 @@ from napari_strainer.cli import main
 from napari_strainer.core import BatchedSiren, Identity, SirenConfig, fit
 from napari_strainer.core.checkpoint import Encoder, load_encoder
 from napari_strainer.core.fit import PlateauStop
+from napari_strainer.core.problems import ImageProblem
 from napari_strainer.io import read_scan, sample_path
 from napari_strainer.io.intensity import Intensity
 from napari_strainer.io.scan import Scan
@@ -38,7 +39,7 @@ def test_holdout_pixels_are_not_trained_and_monitor_keep_best():
     nets = []
     for t in (target, target_changed):
         net = BatchedSiren(CFG, batch=1, seed=0)
-        res = fit(net, t, steps=20, operator=Identity((8, 8)), lr=1e-3, holdout=mask,
+        res = fit(net, ImageProblem(t, Identity((8, 8)), holdout=mask), steps=20, lr=1e-3,
                   keep_best=False, log_every=5)
         nets.append(net)
         assert len(res.history["val_loss"]) == len(res.history["loss"])

@@ -5,6 +5,7 @@ import torch
 
 from napari_strainer.core import BatchedSiren, Identity, SirenConfig, fit, siren
 from napari_strainer.core.fit import activation_bytes, check_memory
+from napari_strainer.core.problems import ImageProblem
 from napari_strainer.errors import BadArgumentError, StrainerError
 
 
@@ -82,8 +83,8 @@ def test_standard_fit_psnr_matches_eager(kernel, tol):
     for k in ("eager", kernel):
         net = BatchedSiren(SirenConfig(width=64, layers=4, shared_layers=3), batch=1, seed=0)
         net.kernel = k
-        res = fit(net, target, steps=150, operator=Identity((24, 24)), lr=1e-3,
-                  reference=target, log_every=150)
+        res = fit(net, ImageProblem(target, Identity((24, 24)), reference=target), steps=150,
+                  lr=1e-3, log_every=150)
         psnr[k] = res.history["psnr"][-1]
     assert psnr["eager"] > 25
     assert psnr[kernel] > psnr["eager"] - tol
@@ -102,5 +103,6 @@ def test_slice_too_big_for_memory_is_refused_before_allocating():
     with pytest.raises(StrainerError, match="batch_coords"):
         check_memory(net, 10**9, torch.device("cpu"))  # 1e9 pixels: terabytes
     with pytest.raises(BadArgumentError):  # fit checks before its first step
-        fit(net, torch.zeros(1, 1, 1).expand(1, 50_000**2, 1), steps=1,
-            operator=Identity((50_000, 50_000)))
+        fit(net,
+            ImageProblem(torch.zeros(1, 1, 1).expand(1, 50_000**2, 1), Identity((50_000, 50_000))),
+            steps=1)

@@ -11,17 +11,12 @@ import pytest
 import torch
 
 from napari_strainer.cli import main
+from napari_strainer.core.fit import PlateauStop, fit
+from napari_strainer.core.operators import Stack, TVPrior, profile_quadrature
+from napari_strainer.core.problems import StackProblem
 from napari_strainer.core.siren import BatchedSiren, SirenConfig
-from napari_strainer.core.volume import (
-    Grid,
-    Stack,
-    TVPrior,
-    WorldFrame,
-    fit_grid,
-    fit_volume,
-    profile_quadrature,
-    render_grid,
-)
+from napari_strainer.core.solvers import fit_grid
+from napari_strainer.core.world import Grid, WorldFrame, render_grid
 from napari_strainer.io import read_scan, write_scan
 from napari_strainer.io.scan import Scan, upsampled_affine
 from napari_strainer.restore.volume import output_grid
@@ -75,7 +70,7 @@ def test_fit_volume_learns_a_thick_slice_stack():
     net = BatchedSiren(SirenConfig(in_features=3, width=32, layers=3, shared_layers=2,
                                    omega_first=8), batch=1)
     prior = TVPrior(fine, [[1.0, 0, 0]], 1e-4, points=64)
-    res = fit_volume(net, [stack], frame, fine, steps=60, lr=3e-3, batch=128, prior=prior)
+    res = fit(net, StackProblem([stack], frame, fine, batch=128, prior=prior), steps=60, lr=3e-3)
     assert res.history["loss"][-1] < 0.05 * res.history["loss"][0]
     out = render_grid(net, fine, frame, chunk=100)
     assert out.shape == (8, 8, 8)
@@ -102,20 +97,20 @@ def test_fit_volume_weight_average_removes_minibatch_jitter():
                 out = render_grid(net, grid, frame, params=params).numpy()
                 return float(((out - truth) ** 2).mean())
 
-            res = fit_volume(net, [stack], frame, grid, steps=150, lr=3e-3, batch=128,
-                             average=average, keep_best=False, monitor=mse, monitor_every=50,
-                             seed=seed)
+            res = fit(net,
+                      StackProblem([stack], frame, grid, batch=128, monitor=mse, monitor_every=50),
+                      steps=150, lr=3e-3, average=average, keep_best=False, seed=seed)
             assert res.history["psnr"][-1] == pytest.approx(mse(), rel=1e-5)
             errors.setdefault(average, []).append(mse())
     assert sum(errors[0.9]) < 0.7 * sum(errors[0.0])
     with pytest.raises(ValueError, match="average"):
-        fit_volume(net, [stack], frame, grid, steps=1, average=1.0)
+        fit(net, StackProblem([stack], frame, grid), steps=1, average=1.0)
 
 
 def test_fit_volume_holdout_is_never_trained_and_chooses_the_kept_weights():
     """Held-out voxels (here corrupted) never pull the fit; their error picks the kept step,
     and the fit ends ``patience`` steps after it stopped improving."""
-    from napari_strainer.core.volume import _split
+    from napari_strainer.core.problems import _split
 
     z, y, x = np.mgrid[:12, :12, :12]
     truth = (np.sin(z / 3.0) + np.cos(y / 4.0) * x / 12).astype(np.float32)
@@ -127,12 +122,12 @@ def test_fit_volume_holdout_is_never_trained_and_chooses_the_kept_weights():
     stack = Stack(values, np.eye(4), frame, 1.0)
     net = BatchedSiren(SirenConfig(in_features=3, width=32, layers=3, shared_layers=2,
                                    omega_first=4), batch=1, seed=0)
-    res = fit_volume(net, [stack], frame, grid, steps=400, lr=3e-3, batch=128, holdout=0.2,
-                     holdout_every=10, patience=30, seed=0)
+    res = fit(net, StackProblem([stack], frame, grid, batch=128, holdout=0.2), steps=400, lr=3e-3,
+              seed=0, stop=PlateauStop(30, 0.0), validate_every=10)
     out = render_grid(net, grid, frame).numpy()
     assert np.abs(out - truth).mean() < 0.1
     h = res.history
-    assert len(h["holdout_loss"]) == len(h["iterations"]) and min(h["holdout_loss"]) > 1000
+    assert len(h["val_loss"]) == len(h["iterations"]) and min(h["val_loss"]) > 1000
     stop, best = res.stop_step[0], res.best_step[0]
     assert stop is not None and stop < 400 and stop - best >= 30 and best % 10 == 0
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..core.volume import PROFILES
+from ..core.operators import PROFILES
 from ..errors import BadArgumentError
 from . import number
 

@@ -1,15 +1,17 @@
-"""The one fitting loop: pretraining (N heads), test-time fitting, super-resolution, denoising.
+"""The one fitting loop: pretraining (N heads), slices, volumes, every task.
 
-It minimises ``sum_b mean ||A(f_b(x)) - y_b||^2`` over the members ``b`` of a
+:func:`fit` minimises a problem's loss (:mod:`.problems`: images through an image operator,
+or a volume through stack operators, plus priors) over the members ``b`` of a
 :class:`~napari_strainer.core.siren.BatchedSiren` with Adam. Each member's loss only reaches
 its own (batched) weights, so B slices fitted together behave as B independent fits.
 
 Safeguards: the loop keeps, per member, a snapshot of the weights with the lowest monitored
 loss seen so far (``keep_best``), and hands back that snapshot, never a worse iterate; an
-optional stopping rule freezes a member's snapshot once it fires (denoising, convergence).
-The monitored loss is the data loss, or, with a ``holdout`` mask, the loss on held-out
-observed pixels that the fit never trains on (self-validation). Progress, preview,
-cancel and checkpoints are hooks, so the CLI, napari and the MONAI bundle share this code.
+optional stopping rule freezes a member's snapshot once it fires (denoising, convergence,
+patience on held-out data). The monitored loss is the data loss, or the loss on held-out
+observations the fit never trains on (self-validation). Weight averaging, progress, preview,
+cancel and checkpoints are options and hooks, so the CLI, napari and the MONAI bundle share
+this code.
 """
 
 from __future__ import annotations
@@ -21,12 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch.func import functional_call
 
 from ..errors import BadArgumentError
-from .coords import grid
-from .metrics import psnr
-from .operators import Identity
 from .siren import BatchedSiren, SirenConfig
 
 
@@ -92,101 +90,79 @@ class PlateauStop(StopRule):
         return step - self._since >= self.patience
 
 
-def render(net: BatchedSiren, shape: tuple[int, ...], params: dict | None = None,
-           budget_bytes: int = 256 << 20) -> torch.Tensor:
-    """Evaluate ``net`` on the pixel grid of ``shape`` in chunks; returns ``[batch, *shape, out]``.
-
-    Peak activation memory stays near ``budget_bytes`` whatever the grid size.
-    """
-    device = net.weights[-1].device
-    coords = grid(shape, device)
-    per_pixel = 4 * net.batch * net.config.width * 3
-    chunk = max(256, budget_bytes // per_pixel)
-    out = torch.empty(net.batch, coords.shape[0], net.config.out_features, device=device)
-    with torch.no_grad():
-        for s in range(0, coords.shape[0], chunk):
-            c = coords[s:s + chunk]
-            out[:, s:s + chunk] = net(c) if params is None else functional_call(net, params, (c,))
-    return out.reshape(net.batch, *shape, -1)
-
-
-def fit(net: BatchedSiren, target: torch.Tensor, *, steps: int, operator=None,
-        lr: float = 1e-4, batch_coords: int | None = None, keep_best: bool = True,
-        stop: StopRule | None = None, reference: torch.Tensor | None = None,
-        data_range: float | torch.Tensor = 1.0, log_every: int = 10,
+def fit(net: BatchedSiren, problem, *, steps: int, lr: float = 1e-4, keep_best: bool = True,
+        average: float = 0.0, smooth: float | None = None, validate_every: int = 25,
+        stop: StopRule | None = None, log_every: int = 10,
         callback: Callable[[Progress], None] | None = None, cancel=None, seed: int = 0,
         optimizer: torch.optim.Optimizer | None = None, start_step: int = 0,
         checkpoint: Callable[[int], None] | None = None, checkpoint_every: int = 0,
-        holdout: torch.Tensor | None = None,
-        lr_at: Callable[[int], float] | None = None,
-        view: tuple[int, ...] | None = None) -> FitResult:
-    """Fit ``net`` so that ``operator(net(grid)) ~ target``.
+        lr_at: Callable[[int], float] | None = None) -> FitResult:
+    """Fit ``net`` to ``problem`` (:class:`~.problems.ImageProblem` or
+    :class:`~.problems.StackProblem`) with Adam.
+
+    The monitored loss that picks the kept weights and feeds ``stop`` is, per member: the
+    held-out loss when the problem validates held-out observations (every
+    ``validate_every`` steps and at the end, under the averaged weights when ``average`` is
+    on) or scores them at every step, else the data loss (smoothed by ``smooth``).
 
     Args:
         net: the members to fit (its frozen layers have ``requires_grad=False``).
-        target: observations ``[batch, pixels, channels]`` on the operator's observation grid.
+        problem: observations, operator, minibatches, priors (:mod:`.problems`).
         steps: number of Adam updates (the loss is also evaluated after the last one).
-        operator: forward operator (default identity on ``target``'s grid, which must then be
-            passed through ``operator``; see :mod:`.operators`).
         lr: Adam learning rate.
-        batch_coords: random coordinates per step (identity operator only); None = all.
         keep_best: keep and return each member's weights with the lowest monitored loss.
-        stop: optional per-member stopping rule (sees the monitored loss).
-        reference: clean image ``[batch, pixels, channels]`` on the render grid, for PSNR.
-        data_range: PSNR data range (scalar or per member).
+        average: decay of an exponential moving average of the weights (Polyak averaging,
+            0 = off). Minibatch steps jitter the weights; their average renders without that
+            jitter. When on, the averaged weights are what the preview, the validation,
+            ``keep_best`` and the result hold.
+        smooth: decay of the exponential moving average of the data loss that is logged and,
+            without held-out data, monitored (0 = off; default: the problem's ``smooth``,
+            0.9 for the minibatches of a :class:`~.problems.StackProblem`).
+        validate_every: steps between validations of a validating problem.
+        stop: optional per-member stopping rule (sees the monitored loss when it is fresh).
         log_every: updates between history entries and callbacks.
         callback: receives a :class:`Progress`.
         cancel: object with ``is_set()``; checked every step, the kept weights are returned.
-        seed: seeds the coordinate sampling (step-indexed, so resuming is exact).
+        seed: seeds the minibatches (step-indexed, so resuming is exact).
         optimizer: an Adam to continue (resume); a new one otherwise.
         start_step: the number of updates already done (resume).
         checkpoint: called with the step every ``checkpoint_every`` updates.
-        holdout: bool mask ``[batch or 1, observed pixels]`` of observations left out of the
-            training loss; their loss (history ``val_loss``) is then the monitored loss.
         lr_at: learning rate of the update at each step (e.g. :func:`cosine_lr`); step-indexed,
             so resuming is exact. None: ``lr`` throughout.
-        view: the grid of previews and of ``reference`` (default: the operator's render grid;
-            another grid, e.g. the fine one while fitting the coarse pixels, is rendered).
 
     Returns:
         A :class:`FitResult`; ``net`` holds the kept weights.
     """
-    device = target.device
-    operator = operator or Identity(())
-    pixels = math.prod(operator.render_shape)
-    check_memory(net, min(batch_coords or pixels, pixels), device)
-    coords = grid(operator.render_shape, device)
-    if batch_coords and not isinstance(operator, Identity):
-        raise ValueError("random-coordinate minibatches need the identity operator")
-    if batch_coords and batch_coords >= coords.shape[0]:
-        batch_coords = None
+    device = net.weights[-1].device
+    check_memory(net, problem.points_per_step, device)
+    problem.prepare(net)
+    smooth = problem.smooth if smooth is None else smooth
+    if not 0.0 <= average < 1.0:
+        raise ValueError(f"average must be in [0, 1), got {average}")
     params = [p for p in net.parameters() if p.requires_grad]
     if optimizer is None:
         optimizer = make_adam(params, lr)
     b = net.batch
     named = dict(net.named_parameters())
+    avg = {n: p.detach().clone() for n, p in named.items()} if average else None
+    out = avg if avg is not None else {n: p.detach() for n, p in named.items()}
     # Snapshots of the trainable per-member weights (shared ones are frozen, or pretraining).
     snap_names = [n for n, p in named.items() if p.requires_grad and not _is_shared(net, n)]
-    snap = {n: named[n].detach().clone() for n in snap_names} if keep_best else {}
-    best_loss = torch.full((b,), float("inf"), device=device)
+    snap = {n: out[n].clone() for n in snap_names} if keep_best else {}
+    best_loss = torch.full((b,), float("inf"), dtype=torch.float64, device=device)
     best_step = torch.zeros(b, dtype=torch.long, device=device)
     active = torch.ones(b, dtype=torch.bool, device=device)
     stop_step = torch.full((b,), -1, dtype=torch.long, device=device)
     hist = {"iterations": [], "loss": [], "psnr": [], "seconds": []}
-    keep = None
-    if holdout is not None:
-        keep = (~holdout.to(device)).to(target.dtype).expand(b, -1).unsqueeze(-1)
-        hist["val_loss"] = []
     t0 = time.perf_counter()
     result = FitResult(history=hist)
+    ema = monitored = None
 
-    def kept_params() -> dict:
-        return {**{n: p.detach() for n, p in named.items()}, **snap}
-
-    view = tuple(view or operator.render_shape)
+    def kept() -> dict:
+        return {**out, **snap}
 
     def preview() -> torch.Tensor:
-        return render(net, view, kept_params() if keep_best else None)
+        return problem.preview(net, kept())
 
     step = start_step
     tf32 = _allow_tf32(device)
@@ -194,76 +170,71 @@ def fit(net: BatchedSiren, target: torch.Tensor, *, steps: int, operator=None,
         if checkpoint is not None and checkpoint_every and step > start_step \
                 and step % checkpoint_every == 0:
             checkpoint(step)
+        last = step == steps
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
         # The loss after the last update only picks the kept weights: no graph for it.
-        with torch.set_grad_enabled(step < steps and torch.is_grad_enabled()):
-            if batch_coords:
-                g = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + step)
-                idx = torch.randint(coords.shape[0], (batch_coords,), generator=g).to(device)
-                pred = net(coords[idx])
-                err = pred - target[:, idx]
-                w = None if keep is None else keep[:, idx]
-            else:
-                pred = net(coords)
-                err = operator(pred) - target
-                w = keep
-            if w is None:
-                loss_per = monitor = err.pow(2).mean(dim=(1, 2))
-            else:
-                sq = err.pow(2).mean(dim=2, keepdim=True)
-                loss_per = (sq * w).sum(dim=(1, 2)) / w.sum(dim=(1, 2)).clamp_min(1)
-                with torch.no_grad():
-                    monitor = (sq * (1 - w)).sum(dim=(1, 2)) / (1 - w).sum(
-                        dim=(1, 2)).clamp_min(1)
+        with torch.set_grad_enabled(not last and torch.is_grad_enabled()):
+            st = problem.step(net, step, g, last)
+        data = st.data.detach().double()
+        ema = data if ema is None or not smooth else smooth * ema + (1 - smooth) * data
+        fresh = not problem.validates or step % validate_every == 0 or last
+        if problem.validates and fresh:
+            monitored = problem.validate(net, out).to(device)
+        elif st.held is not None:
+            monitored = st.held.detach().double()
+        elif not problem.validates:
+            monitored = ema
+        stopped_now = False
         with torch.no_grad():
-            if keep_best:
-                improved = (monitor < best_loss) & active
-                best_loss = torch.where(improved, monitor, best_loss)
+            if fresh:
+                improved = (monitored < best_loss) & active
+                best_loss = torch.where(improved, monitored, best_loss)
                 best_step = torch.where(improved, step, best_step)
-                for n in snap_names:
-                    mask = improved.view(-1, *([1] * (named[n].dim() - 1)))
-                    torch.where(mask, named[n], snap[n], out=snap[n])
-            if stop is not None:
-                now = stop(step, monitor.detach()) & active
+                if keep_best:
+                    for n in snap_names:
+                        mask = improved.view(-1, *([1] * (named[n].dim() - 1)))
+                        torch.where(mask, out[n], snap[n], out=snap[n])
+            if stop is not None and fresh:
+                now = stop(step, monitored) & active
                 stop_step = torch.where(now, step, stop_step)
                 active = active & ~now
-        log_now = step % log_every == 0 or step == steps
-        if log_now:
-            entry_psnr = None
-            if reference is not None:
-                full = pred.detach() if not batch_coords and view == tuple(
-                    operator.render_shape) else render(net, view).reshape(b, -1, pred.shape[-1])
-                entry_psnr = psnr(full, reference, data_range, dims=(1, 2)).mean().item()
+                stopped_now = bool(now.any()) and not bool(active.any())
+        if step % log_every == 0 or last or stopped_now:
             hist["iterations"].append(step)
-            hist["loss"].append(loss_per.detach().mean().item())
-            if keep is not None:
-                hist["val_loss"].append(monitor.mean().item())
-            hist["psnr"].append(entry_psnr)
+            hist["loss"].append(ema.mean().item())
+            if st.held is not None or problem.validates:
+                hist.setdefault("val_loss", []).append(monitored.mean().item())
+            hist["psnr"].append(problem.score(net, out, step, last or stopped_now))
             hist["seconds"].append(time.perf_counter() - t0)
             if callback is not None:
-                callback(Progress(step, steps, hist["loss"][-1], entry_psnr,
+                callback(Progress(step, steps, hist["loss"][-1], hist["psnr"][-1],
                                   hist["seconds"][-1], preview))
-        if step == steps:
+        if last or (stop is not None and not bool(active.any())):
             break
         if cancel is not None and cancel.is_set():
             result.cancelled = True
             break
-        if stop is not None and not bool(active.any()):
-            break
         optimizer.zero_grad(set_to_none=True)
-        loss_per.sum().backward()
+        st.loss.backward()
         if lr_at is not None:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step)
         optimizer.step()
+        if avg is not None:
+            with torch.no_grad():
+                for n, p in named.items():
+                    avg[n].lerp_(p, 1.0 - average)
     if tf32 is not None:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     result.steps_done = step
     net.buffers.clear()
-    if keep_best:
+    problem.finish()
+    if keep_best or avg is not None:
+        final = kept()
         with torch.no_grad():
-            for n in snap_names:
-                named[n].copy_(snap[n])
-    if not any(hist["psnr"]):
+            for n in (named if avg is not None else snap_names):
+                named[n].copy_(final[n])
+    if not any(v is not None for v in hist["psnr"]):
         hist.pop("psnr")
     result.best_step = best_step.tolist()
     result.stop_step = [None if s < 0 else int(s) for s in stop_step.tolist()]

@@ -8,7 +8,7 @@ import time
 import napari
 from magicgui.widgets import ComboBox, Container, Label, LineEdit, Select, SpinBox
 
-from ..core.volume import PROFILES
+from ..core.operators import PROFILES
 from ..errors import BadArgumentError, StrainerError
 from ..io.scan import Scan
 from ..restore import volume

@@ -15,7 +15,7 @@ from magicgui.widgets import ComboBox, Container, FileEdit, Label, LineEdit, Pus
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_warning
 
-from ..core.volume import PROFILES
+from ..core.operators import PROFILES
 from ..errors import BadArgumentError
 from ..io.intensity import Intensity
 from ..io.scan import upsampled_affine

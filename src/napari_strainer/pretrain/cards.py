@@ -25,6 +25,7 @@ from ..core.device import resolve_device
 from ..core.fit import fit, warmup_lr
 from ..core.head import WARMUP_STEPS, solve_head
 from ..core.operators import Identity
+from ..core.problems import ImageProblem
 from ..core.siren import BatchedSiren
 from ..errors import BadArgumentError, BadInputError
 from ..io.intensity import Intensity, busy_slices, pick_slices
@@ -266,8 +267,8 @@ def measure_gain(encoder: Encoder, images: torch.Tensor, *, steps: Sequence[int]
         if name == "strainer_solved":  # as fitting does: solved head, then a warm-up
             solve_head(net, target, Identity((h, w)))
             lr_at = warmup_lr(lr, WARMUP_STEPS)
-        hist = fit(net, target, steps=last, operator=Identity((h, w)), lr=lr, keep_best=False,
-                   reference=target, log_every=1, seed=seed, lr_at=lr_at).history
+        hist = fit(net, ImageProblem(target, Identity((h, w)), reference=target), steps=last, lr=lr,
+                   keep_best=False, log_every=1, seed=seed, lr_at=lr_at).history
         at = dict(zip(hist["iterations"], hist["psnr"]))
         curves[name] = [round(float(at[s]), 2) for s in steps]
     return {"held_out": m, "shape": [h, w], "steps": list(steps),

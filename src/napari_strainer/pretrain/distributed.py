@@ -30,6 +30,7 @@ from ..core.checkpoint import Encoder, load_state, save_encoder, save_state
 from ..core.device import resolve_device
 from ..core.fit import Progress, fit, lr_schedule
 from ..core.operators import Identity
+from ..core.problems import ImageProblem
 from ..core.siren import BatchedSiren, SirenConfig
 from ..errors import BadArgumentError
 from ..io.intensity import Intensity
@@ -171,10 +172,9 @@ def pretrain_distributed(images: torch.Tensor, output: str | Path, *,
     if int(steps_at.item()) != first:
         raise BadArgumentError(f"{state_path}: the ranks' saved states are at different steps; "
                                "delete the state files to start again")
-    result = fit(net, target, steps=steps, operator=Identity((h, w)), lr=lr,
-                 batch_coords=batch_coords, keep_best=False,
-                 callback=callback if rank == 0 else None, seed=seed, optimizer=opt,
-                 start_step=first,
+    result = fit(net, ImageProblem(target, Identity((h, w)), batch_coords=batch_coords),
+                 steps=steps, lr=lr, keep_best=False, callback=callback if rank == 0 else None,
+                 seed=seed, optimizer=opt, start_step=first,
                  checkpoint=lambda step: save_state(state_path, net, opt, step, run),
                  checkpoint_every=checkpoint_every, lr_at=lr_at)
     local = result.history["loss"][-1] * (stop - start) if result.history["loss"] else 0.0

@@ -15,6 +15,7 @@ from ..core.checkpoint import Encoder, load_state, save_encoder, save_state
 from ..core.device import resolve_device
 from ..core.fit import Progress, fit, lr_schedule
 from ..core.operators import Identity
+from ..core.problems import ImageProblem
 from ..core.siren import BatchedSiren, SirenConfig
 from ..errors import BadArgumentError, BadInputError
 from ..io.intensity import Intensity, pick_slices
@@ -100,8 +101,8 @@ def pretrain(images: torch.Tensor, output: str | Path, *, config: SirenConfig | 
     elif resume:
         log.warning("%s: no saved state, starting from step 0", state_path)
 
-    result = fit(net, target, steps=steps, operator=Identity((h, w)), lr=lr,
-                 batch_coords=batch_coords, keep_best=False, callback=callback, cancel=cancel,
+    result = fit(net, ImageProblem(target, Identity((h, w)), batch_coords=batch_coords),
+                 steps=steps, lr=lr, keep_best=False, callback=callback, cancel=cancel,
                  seed=seed, optimizer=opt, start_step=start,
                  checkpoint=lambda step: save_state(state_path, net, opt, step, run),
                  checkpoint_every=checkpoint_every, lr_at=lr_at)

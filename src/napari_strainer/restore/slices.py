@@ -24,11 +24,11 @@ from ..core.fit import (
     activation_bytes,
     available_bytes,
     fit,
-    render,
     warmup_lr,
 )
 from ..core.head import WARMUP_STEPS, solve_head
 from ..core.operators import AreaDownsample, Identity
+from ..core.problems import ImageProblem, render
 from ..core.siren import BatchedSiren, SirenConfig
 from ..errors import BadArgumentError
 from ..io.intensity import Intensity, busy_slices
@@ -236,11 +236,10 @@ def restore(scan: Scan, *, task: str = "fit", encoder: str | Path | Encoder | No
                     callback(Progress(base + p.step, max(bound, base + p.step), p.loss,
                                       p.psnr, p.seconds, p.preview, where, phase))
 
-            res = fit(net, target, steps=last, operator=op, lr=lr, stop=rule,
-                      reference=ref_t, data_range=ref_range if ref_t is not None else 1.0,
-                      log_every=log_every, callback=progress, cancel=cancel, seed=seed,
-                      optimizer=opt, start_step=first, holdout=mask if val else None,
-                      lr_at=lr_at, view=operator.render_shape)
+            res = fit(net,
+                      ImageProblem(target, op, holdout=mask if val else None, reference=ref_t, data_range=ref_range if ref_t is not None else 1.0, view=operator.render_shape),
+                      steps=last, lr=lr, stop=rule, log_every=log_every, callback=progress,
+                      cancel=cancel, seed=seed, optimizer=opt, start_step=first, lr_at=lr_at)
             done_steps += res.steps_done - first
             return res
 
@@ -355,9 +354,9 @@ def estimate_seconds(scan: Scan, *, task: str = "fit", encoder="default", init: 
     target = torch.zeros(bs, h * w, 1, device=dev)
 
     def seconds_per_step(operator) -> float:
-        fit(net, target, steps=1, operator=operator, keep_best=False)  # warm-up
+        fit(net, ImageProblem(target, operator), steps=1, keep_best=False)  # warm-up
         t0 = time.perf_counter()
-        fit(net, target, steps=probe_steps, operator=operator, keep_best=False)
+        fit(net, ImageProblem(target, operator), steps=probe_steps, keep_best=False)
         return (time.perf_counter() - t0) / probe_steps
 
     per_step = seconds_per_step(AreaDownsample((h, w), scale) if scale > 1 else Identity((h, w)))

@@ -1,7 +1,7 @@
 """Scan-level volume jobs: through-plane super-resolution, fusion of stacks, volume denoising.
 
 Each input stack is a forward operator placed by its affine, with its slice profile along its
-own normal (:mod:`napari_strainer.core.volume`); one 3D INR in world (scanner) coordinates is
+own normal (:mod:`napari_strainer.core.operators`); one 3D INR in world (scanner) coordinates is
 fitted through those operators (for super-resolution and fusion, followed by a least-squares
 data-consistency step through the same operators). The CLI calls these.
 
@@ -20,21 +20,13 @@ import numpy as np
 import torch
 
 from ..core.device import resolve_device
-from ..core.fit import Progress
+from ..core.fit import PlateauStop, Progress, fit
 from ..core.metrics import psnr
+from ..core.operators import PROFILES, GridBase, Stack, TVPrior
+from ..core.problems import StackProblem
 from ..core.siren import BatchedSiren, SirenConfig
-from ..core.volume import (
-    PROFILES,
-    Grid,
-    GridBase,
-    Stack,
-    TVPrior,
-    WorldFrame,
-    fit_grid,
-    fit_volume,
-    grid_omega,
-    render_grid,
-)
+from ..core.solvers import fit_grid
+from ..core.world import Grid, WorldFrame, grid_omega, render_grid
 from ..errors import BadArgumentError, BadInputError
 from ..io.intensity import Intensity
 from ..io.scan import Scan, upsampled_affine
@@ -81,7 +73,7 @@ million voxels); larger scans keep the slice path until the volume path is measu
 (one network and a fixed number of steps for any size)."""
 HOLDOUT = 0.1
 """Share of the voxels volume denoising leaves out of training: their error chooses the
-weights that are kept and when to stop (:func:`~napari_strainer.core.volume.fit_volume`). The
+weights that are kept and when to stop (:func:`~napari_strainer.core.fit.fit`). The
 noise-level (discrepancy) stop it replaces stopped far too early on scans with fine detail,
 whose wavelet noise estimate runs high (T1, sigma 0.1: 23.9 dB against 3D TV's 26.4)."""
 PATIENCE = 200
@@ -194,10 +186,12 @@ def _run(stacks: list[Stack], grid: Grid, frame: WorldFrame, net: BatchedSiren, 
             return _psnr(render_grid(net, grid, frame, params=params, base=base).numpy(),
                          reference)
 
-    res = fit_volume(net, stacks, frame, grid, steps=steps, lr=lr, batch=batch, prior=prior,
-                     base=base, average=average, holdout=holdout, patience=patience,
-                     log_every=log_every, callback=callback, cancel=cancel, monitor=monitor,
-                     monitor_every=max(100, log_every), seed=seed)
+    problem = StackProblem(stacks, frame, grid, batch=batch, prior=prior, base=base,
+                           holdout=holdout, monitor=monitor, monitor_every=max(100, log_every),
+                           seed=seed)
+    res = fit(net, problem, steps=steps, lr=lr, average=average,
+              stop=PlateauStop(patience, 0.0) if holdout and patience else None,
+              log_every=log_every, callback=callback, cancel=cancel, seed=seed)
     hist = dict(res.history)
     hist.update(best_step=res.best_step[0], stop_step=res.stop_step[0], steps=steps,
                 steps_done=res.steps_done, cancelled=res.cancelled, frame=frame.to_dict(),
@@ -218,7 +212,7 @@ def _offset(callback, start: int, total: int):
 def _least_squares(stacks: list[Stack], grid: Grid, frame: WorldFrame, init: torch.Tensor, *,
                    steps: int, smooth: float, anchor: float, start: int, total: int,
                    ref: np.ndarray | None, hist: dict, callback, cancel) -> np.ndarray:
-    """:func:`~napari_strainer.core.volume.fit_grid` as the job's last stage (steps
+    """:func:`~napari_strainer.core.solvers.fit_grid` as the job's last stage (steps
     ``start..total``); records the final PSNR against ``ref`` and whether a Stop came."""
     out = fit_grid(stacks, grid, frame, init, steps=steps, smooth=smooth, anchor=anchor,
                    callback=_offset(callback, start, total), cancel=cancel)
@@ -391,7 +385,7 @@ def fuse(scans: Sequence[Scan], *, spacing: float | None = None, profile: str = 
     at once (``steps`` Adam steps, default :data:`DEFAULT_STEPS`), rendered on the output grid,
     and then made consistent with the data: ``ls_steps`` conjugate-gradient steps of least
     squares through the same operators, anchored to the rendering
-    (:func:`~napari_strainer.core.volume.fit_grid`), so that what the stacks measure is matched
+    (:func:`~napari_strainer.core.solvers.fit_grid`), so that what the stacks measure is matched
     and what they leave undetermined comes from the INR. ``steps=0`` is the classical
     least-squares super-resolution reconstruction instead (a small squared-gradient penalty,
     from the mean of the stacks' trilinear resamplings).
