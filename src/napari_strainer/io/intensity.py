@@ -30,11 +30,12 @@ class Intensity:
     method: str = "robust_percentile"
 
     @classmethod
-    def for_scan(cls, scan: Scan) -> Intensity:
-        """The normalisation of ``scan``: ``HU_WINDOW`` for CT, :meth:`of` its data otherwise."""
+    def for_scan(cls, scan: Scan, values: np.ndarray | None = None) -> Intensity:
+        """The normalisation of ``scan``: ``HU_WINDOW`` for CT, :meth:`of` its data (or of
+        ``values``, a subset of it) otherwise."""
         if scan.modality.upper() == "CT":
             return cls(*HU_WINDOW, method="hu_window")
-        return cls.of(scan.data)
+        return cls.of(scan.data if values is None else values)
 
     @staticmethod
     def rule() -> dict:

@@ -51,6 +51,21 @@ class DiscrepancyStop(StopRule):
         return loss <= self._threshold
 
 
+def parse_sigma(sigma) -> str | float:
+    """``--sigma`` as the one place reads it: ``"auto"``, ``"none"`` or a noise level >= 0 in
+    the scan's units (BadArgumentError otherwise)."""
+    if sigma is None or (isinstance(sigma, str) and sigma.lower() in ("auto", "none")):
+        return "none" if sigma is None else sigma.lower()
+    try:
+        value = float(sigma)
+    except (TypeError, ValueError):
+        raise BadArgumentError(f"--sigma must be auto, none or a noise level >= 0, got "
+                               f"{sigma!r}") from None
+    if not value >= 0:
+        raise BadArgumentError(f"--sigma must be >= 0, got {sigma}")
+    return value
+
+
 def make_stop_rule(sigma):
     """A factory ``rule(norm_slices, units_per_norm) -> StopRule`` for ``--sigma``, or None.
 
@@ -61,12 +76,9 @@ def make_stop_rule(sigma):
         sigma: ``"auto"`` (estimate per slice), ``"none"`` (no rule: run all steps) or a noise
             standard deviation in the scan's intensity units.
     """
-    if sigma in (None, "none"):
+    sigma = parse_sigma(sigma)
+    if sigma == "none":
         return None
-    if sigma != "auto":
-        sigma = float(sigma)
-        if sigma < 0:
-            raise BadArgumentError(f"--sigma must be >= 0, got {sigma}")
 
     def rule(norm_slices: np.ndarray, units_per_norm: float) -> DiscrepancyStop:
         if sigma == "auto":

@@ -35,7 +35,7 @@ from ..io.intensity import Intensity, busy_slices
 from ..io.scan import Scan, upsampled_affine
 from ..pretrain.cards import warn_modality
 from ..pretrain.encoders import SELF_STEPS, get_encoder, self_encoder
-from .base import MAX_OUTPUT_VOXELS, Restoration
+from .base import Restoration, check_output_size
 from .routes import PROBE_STEPS, Route, candidates, holdout_mask, member_params, race
 
 log = logging.getLogger(__name__)
@@ -165,11 +165,7 @@ def restore(scan: Scan, *, task: str = "fit", encoder: str | Path | Encoder | No
     task_freeze = default_freeze(task, None if enc is None else config.shared_layers)
     z, h, w = scan.shape
     out_shape = (z, h * scale, w * scale)
-    if int(np.prod(out_shape)) > MAX_OUTPUT_VOXELS:
-        need = np.prod(out_shape) * 4 / 2**30
-        raise BadArgumentError(f"--scale {scale} would make a {out_shape} output needing "
-                               f"{need:.1f} GiB; the limit is "
-                               f"{MAX_OUTPUT_VOXELS * 4 / 2**30:.0f} GiB")
+    check_output_size(out_shape, f"--scale {scale}")
     ref_norm = None
     if reference is not None and reference.shape != out_shape:
         raise BadArgumentError(f"--reference has shape {reference.shape}, the output will "

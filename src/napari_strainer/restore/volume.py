@@ -32,6 +32,7 @@ from ..io.intensity import Intensity
 from ..io.scan import Scan, upsampled_affine
 from .base import Restoration, check_output_size
 from .classical import interpolate_slices
+from .noise import estimate_sigma, parse_sigma
 
 # Defaults chosen by benchmarks/volume.py (see benchmarks/README.md).
 OMEGA_VOXEL = {"superres": 0.5, "fuse": 1.0, "denoise": 1.0}
@@ -139,7 +140,8 @@ def check_slice_options(slice_scale, profile: str = "box",
     return int(slice_scale)
 
 
-def _check_3d(scan: Scan, what: str) -> None:
+def check_volume(scan: Scan, what: str) -> None:
+    """Refuse a 2D input for a volume method (``what`` names it)."""
     if scan.shape[0] < 2:
         raise BadInputError(f"{scan.source or 'input'}: a 2D image ({scan.shape[1]} x "
                             f"{scan.shape[2]}); {what} needs a 3D scan")
@@ -280,18 +282,15 @@ def superres_volume(scan: Scan, *, slice_scale: int = 2, scale: int = 1,
     steps = DEFAULT_STEPS["superres"] if steps is None else steps
     ls_steps = GRID_STEPS if ls_steps is None else ls_steps
     _check_common(steps, lr, ls_steps)
-    _check_3d(scan, "through-plane super-resolution")
-    z, h, w = scan.shape
-    shape = (z * slice_scale, h * scale, w * scale)
-    check_output_size(shape, f"--slice-scale {slice_scale} --scale {scale}")
+    grid = superres_grid(scan, slice_scale, scale)
+    shape = grid.shape
     thick = float(thickness) if thickness is not None else scan_thickness(scan)
     if not thick > 0:
         raise BadArgumentError(f"{scan.source or 'input'}: slice thickness {thick:g} mm; "
                                "give --slice-thickness")
     dev = resolve_device(device)
-    grid = Grid(shape, upsampled_affine(scan.affine, (slice_scale, scale, scale)))
     frame = WorldFrame(grid.corners_mm())
-    inten = Intensity.of(scan.data)
+    inten = Intensity.for_scan(scan)
     norm = inten.forward(np.nan_to_num(scan.data, nan=inten.low))
     ref = _reference(reference, shape, inten)
     step = np.asarray(grid.spacing)
@@ -321,6 +320,46 @@ def superres_volume(scan: Scan, *, slice_scale: int = 2, scale: int = 1,
            f"steps of data consistency, seed {seed}")
     return Restoration(scan.derive(inten.inverse(out, scan.data.dtype), affine=grid.affine,
                                    description=desc, derivation=how), hist)
+
+
+def fuse_grid(scans: Sequence[Scan], spacing: float | None = None) -> Grid:
+    """The output grid of :func:`fuse` (:func:`output_grid` of the first stack at ``spacing``,
+    default the finest in-plane spacing), after checking that the stacks can be fused: at
+    least two 3D stacks, one frame of reference, each overlapping the first, an output within
+    the size limit."""
+    if len(scans) < 2:
+        raise BadArgumentError(f"fuse needs at least two stacks, got {len(scans)}")
+    for s in scans:
+        check_volume(s, "fusion")
+    uids = {u for u in map(_frame_of_reference, scans) if u}
+    if len(uids) > 1:
+        raise BadArgumentError("the stacks come from different frames of reference "
+                               f"(FrameOfReferenceUID {', '.join(sorted(uids))}); they cannot "
+                               "be placed in one space")
+    if spacing is None:
+        spacing = min(min(s.spacing[1:]) for s in scans)
+    if not spacing > 0:
+        raise BadArgumentError(f"--spacing must be positive, got {spacing}")
+    grid = output_grid(scans[0], float(spacing))
+    check_output_size(grid.shape, f"--spacing {spacing:g}")
+    probe = grid.corners_mm().mean(0) + (np.random.default_rng(0).random((4096, 3)) - 0.5) \
+        @ (grid.affine[:3, :3] * np.array(grid.shape)).T
+    for i, s in enumerate(scans[1:], 2):
+        if not _inside(s.shape, s.affine, probe).any():
+            raise BadArgumentError(f"stack {i} ({s.source or 'input'}) does not overlap the "
+                                   "first stack's field of view")
+    return grid
+
+
+def superres_grid(scan: Scan, slice_scale: int, scale: int = 1) -> Grid:
+    """The output grid of :func:`superres_volume`: ``slice_scale`` times the slices and
+    ``scale`` times the rows and columns over the same field of view (checked: a 3D scan, an
+    output within the size limit)."""
+    check_volume(scan, "through-plane super-resolution")
+    z, h, w = scan.shape
+    shape = (z * slice_scale, h * scale, w * scale)
+    check_output_size(shape, f"--slice-scale {slice_scale} --scale {scale}")
+    return Grid(shape, upsampled_affine(scan.affine, (slice_scale, scale, scale)))
 
 
 def output_grid(first: Scan, spacing: float) -> Grid:
@@ -362,14 +401,15 @@ def _frame_of_reference(scan: Scan) -> str | None:
 
 
 def _stack_intensity(scan: Scan, grid: Grid, most: int = 1 << 20) -> Intensity:
-    """Robust percentiles of the voxels of ``scan`` inside ``grid`` (all of them if few), from
-    an evenly strided subset of at most about ``most`` voxels."""
+    """:meth:`Intensity.for_scan` of ``scan``, its percentiles taken over the voxels inside
+    ``grid`` (all of them if few), from an evenly strided subset of at most about ``most``
+    voxels."""
     k = max(1, math.ceil((np.prod(scan.shape) / most) ** (1 / 3)))
     idx = np.stack(np.meshgrid(*[np.arange(0, n, k) for n in scan.shape], indexing="ij"), -1)
     mm = idx.reshape(-1, 3) @ scan.affine[:3, :3].T + scan.affine[:3, 3]
     inside = _inside(grid.shape, grid.affine, mm)
     data = scan.data[::k, ::k, ::k].reshape(-1)
-    return Intensity.of(data[inside] if inside.sum() >= 64 else data)
+    return Intensity.for_scan(scan, data[inside] if inside.sum() >= 64 else data)
 
 
 def fuse(scans: Sequence[Scan], *, spacing: float | None = None, profile: str = "box",
@@ -401,30 +441,11 @@ def fuse(scans: Sequence[Scan], *, spacing: float | None = None, profile: str = 
         BadInputError: a 2D input.
     """
     scans = list(scans)
-    if len(scans) < 2:
-        raise BadArgumentError(f"fuse needs at least two stacks, got {len(scans)}")
-    for s in scans:
-        _check_3d(s, "fusion")
     steps = DEFAULT_STEPS["fuse"] if steps is None else steps
     ls_steps = GRID_STEPS if ls_steps is None else ls_steps
     _check_common(steps, lr, ls_steps)
-    uids = {u for u in map(_frame_of_reference, scans) if u}
-    if len(uids) > 1:
-        raise BadArgumentError("the stacks come from different frames of reference "
-                               f"(FrameOfReferenceUID {', '.join(sorted(uids))}); they cannot "
-                               "be placed in one space")
-    if spacing is None:
-        spacing = min(min(s.spacing[1:]) for s in scans)
-    if not spacing > 0:
-        raise BadArgumentError(f"--spacing must be positive, got {spacing}")
-    grid = output_grid(scans[0], float(spacing))
-    check_output_size(grid.shape, f"--spacing {spacing:g}")
-    probe = grid.corners_mm().mean(0) + (np.random.default_rng(0).random((4096, 3)) - 0.5) \
-        @ (grid.affine[:3, :3] * np.array(grid.shape)).T
-    for i, s in enumerate(scans[1:], 2):
-        if not _inside(s.shape, s.affine, probe).any():
-            raise BadArgumentError(f"stack {i} ({s.source or 'input'}) does not overlap the "
-                                   "first stack's field of view")
+    grid = fuse_grid(scans, spacing)
+    spacing = grid.spacing[0]
     dev = resolve_device(device)
     frame = WorldFrame(grid.corners_mm())
     intens = [_stack_intensity(s, grid) for s in scans]
@@ -489,25 +510,19 @@ def denoise_volume(scan: Scan, *, sigma="auto", steps: int | None = None, lr: fl
             volume's finest 3D wavelet band), a value in the scan's units, or ``"none"`` (the
             estimate, and no early end: all ``steps`` run, the best step is still kept).
     """
-    from .noise import estimate_sigma
-
     steps = DEFAULT_STEPS["denoise"] if steps is None else steps
     _check_common(steps, lr)
-    _check_3d(scan, "volume denoising")
+    check_volume(scan, "volume denoising")
     check_output_size(scan.shape, "denoising")
     dev = resolve_device(device)
     grid = Grid(scan.shape, scan.affine)
     frame = WorldFrame(grid.corners_mm())
-    inten = Intensity.of(scan.data)
+    inten = Intensity.for_scan(scan)
     norm = inten.forward(np.nan_to_num(scan.data, nan=inten.low))
     ref = _reference(reference, scan.shape, inten)
-    if sigma in (None, "none", "auto"):
-        sig = estimate_sigma(norm)
-    else:
-        if float(sigma) < 0:
-            raise BadArgumentError(f"--sigma must be >= 0, got {sigma}")
-        sig = float(sigma) / (inten.high - inten.low)
-    patience = 0 if sigma in (None, "none") else PATIENCE
+    sigma = parse_sigma(sigma)
+    sig = estimate_sigma(norm) if sigma in ("none", "auto") else sigma / (inten.high - inten.low)
+    patience = 0 if sigma == "none" else PATIENCE
     stack = Stack(torch.from_numpy(norm), scan.affine, frame, grid.spacing).to(dev)
     weight = TV_PER_SIGMA * sig if tv is None else tv
     prior = None

@@ -1,0 +1,458 @@
+"""The planner: how a scan is restored, decided once for every front end.
+
+:func:`make_plan` takes the scan(s), the task and the user's :class:`Options`, checks them
+(noise level, output size, encoder and its modality, reference grid) and returns a
+:class:`Plan`: the path (``slices``: one 2D INR per slice; ``volume``: one 3D INR over the
+scan; ``fuse``: one 3D INR over several stacks), the route, the noise model and level, the
+step budget, the memory and time it will take, the output geometry, and the reason for each
+choice. :func:`run` carries a plan out. The CLI (``--plan`` prints it without fitting), the
+napari docks (shown before Run), :mod:`napari_strainer.batch` and the MONAI bundle only
+gather options, call these two functions and show the result.
+
+Example:
+    >>> plan = make_plan(scan, Options(task="denoise"))      # doctest: +SKIP
+    >>> print(plan.describe()); restored = run(plan).scan     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from ..core.checkpoint import Encoder
+from ..core.device import describe_device, resolve_device
+from ..core.fit import Progress, activation_bytes, fit
+from ..core.operators import Identity
+from ..core.problems import ImageProblem
+from ..core.siren import BatchedSiren, SirenConfig
+from ..errors import BadArgumentError
+from ..io.intensity import Intensity
+from ..io.scan import Scan, upsampled_affine
+from ..pretrain.cards import modality_warning
+from ..pretrain.encoders import get_encoder
+from . import slices, volume
+from .base import Restoration, check_output_size
+from .noise import estimate_sigma, make_stop_rule, parse_sigma
+
+TASKS = ("fit", "superres", "denoise", "fuse")
+MODES = ("auto", "volume", "slices")
+
+
+@dataclass
+class Options:
+    """What the user asked for; every front end fills one (defaults are the product's).
+
+    Args:
+        task: ``fit``, ``superres``, ``denoise`` or ``fuse``.
+        encoder: encoder file, ``"default"`` (the shipped MRI encoder), ``"none"`` (SIREN) or
+            ``"self"`` (pretrained on the scan's own slices first); slice path only.
+        init: ``auto`` (routes raced on held-out pixels) or ``fixed`` (the paper's recipe).
+        holdout: share of observed pixels held out by ``init="auto"``.
+        head: ``solved`` or ``random`` (how an encoder route's head starts when fitting).
+        steps: Adam steps (per batch of slices, or of the volume INR; None: the default).
+        coarse_steps: in-plane super-resolution's first steps on the observed grid.
+        lr: Adam learning rate.
+        scale: in-plane super-resolution factor (None with ``slice_scale``: 1).
+        slice_scale: through-plane factor (>= 2): the volume path.
+        slice_profile, slice_thickness: the through-plane acquisition (box or gaussian;
+            None: DICOM SliceThickness, else the spacing).
+        freeze: encoder layers kept fixed (None: the task's default).
+        sigma: noise level for ``denoise``: ``"auto"``, ``"none"`` or a value in scan units.
+        mode: ``denoise``: ``auto``, ``volume`` or ``slices``.
+        tv: weight of the 3D total-variation term (volume paths; None: the default).
+        ls_steps: conjugate-gradient steps of least squares (through-plane, fusion).
+        spacing: fusion's isotropic output spacing in mm (None: finest in-plane spacing).
+        device, seed, log_every, batch_size: where and how to run.
+    """
+
+    task: str = "fit"
+    encoder: str = "default"
+    init: str = "auto"
+    holdout: float = slices.DEFAULT_HOLDOUT
+    head: str = "solved"
+    steps: int | None = None
+    coarse_steps: int | None = None
+    lr: float = 1e-4
+    scale: int | None = 1
+    slice_scale: int | None = None
+    slice_profile: str = "box"
+    slice_thickness: float | None = None
+    freeze: int | None = None
+    sigma: str | float = "auto"
+    mode: str = volume.DENOISE_MODE
+    tv: float | None = None
+    ls_steps: int | None = None
+    spacing: float | None = None
+    device: str = "auto"
+    seed: int = 0
+    log_every: int = 10
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        """The checks that need no scan (one line each, :class:`BadArgumentError`)."""
+        if self.task not in TASKS:
+            raise BadArgumentError(f"unknown task {self.task!r}; choose one of "
+                                   f"{', '.join(TASKS)}")
+        _choice("--init", self.init, slices.INITS)
+        _choice("--head", self.head, slices.HEADS)
+        _choice("--mode", self.mode, MODES)
+        if not 0 < self.holdout <= 0.5:
+            raise BadArgumentError(f"--holdout must be in (0, 0.5], got {self.holdout}")
+        for name in ("steps", "coarse_steps", "ls_steps", "freeze"):
+            value = getattr(self, name)
+            if value is not None and (int(value) != value or value < 0):
+                raise BadArgumentError(f"--{name.replace('_', '-')} must be an integer >= 0, "
+                                       f"got {value}")
+        if not self.lr > 0:
+            raise BadArgumentError(f"--lr must be positive, got {self.lr}")
+        if self.tv is not None and not self.tv >= 0:
+            raise BadArgumentError(f"--tv must be >= 0, got {self.tv}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise BadArgumentError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.log_every < 1:
+            raise BadArgumentError(f"--log-every must be positive, got {self.log_every}")
+        self.sigma = parse_sigma(self.sigma)
+        self.encoder = str(self.encoder)
+        if self.task == "superres":
+            if self.slice_scale is not None:
+                self.slice_scale = volume.check_slice_options(
+                    self.slice_scale, self.slice_profile, self.slice_thickness)
+            elif self.scale is None:
+                raise BadArgumentError("superres needs --scale S (in-plane), --slice-scale F "
+                                       "(through-plane), or both")
+            self.scale = 1 if self.scale is None else self.scale
+            if int(self.scale) != self.scale or self.scale < 1:
+                raise BadArgumentError(f"--scale must be a positive integer, got {self.scale}")
+            self.scale = int(self.scale)
+        if self.slice_scale is not None or self.mode == "volume" or self.task == "fuse":
+            volume.check_encoder(self.encoder)
+
+
+@dataclass
+class Plan:
+    """How a restoration will run (see :func:`make_plan`); :meth:`describe` is what the
+    front ends show."""
+
+    task: str
+    path: str
+    """``slices``, ``volume`` or ``fuse``."""
+    options: Options
+    scans: list[Scan]
+    reference: Scan | None
+    encoder: Encoder | str | None
+    """The loaded encoder of the slice path (``"self"``: pretrained at run time)."""
+    route: str
+    steps: int
+    """Adam steps at most (per batch of slices on the slice path)."""
+    output_shape: tuple[int, ...]
+    output_affine: np.ndarray
+    memory_bytes: int
+    eta_seconds: float | None
+    noise: dict | None = None
+    reasons: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """Warnings the user should read (e.g. an encoder trained on another modality)."""
+
+    def describe(self) -> str:
+        """The plan in a few lines of text."""
+        scan = self.scans[0]
+        name = scan.source or "the scan"
+        what = (f"{len(self.scans)} stacks ({name}, ...)" if len(self.scans) > 1 else
+                f"{name} ({' x '.join(map(str, scan.shape))}, {scan.modality or 'unknown'})")
+        path = {"slices": "slices (one 2D INR per slice)",
+                "volume": "volume (one 3D INR over the whole scan)",
+                "fuse": "fuse (one 3D INR over every stack)"}[self.path]
+        spacing = np.linalg.norm(self.output_affine[:3, :3], axis=0)
+        lines = [f"plan: {self.task} {what}",
+                 f"  path: {path}",
+                 f"  route: {self.route}",
+                 (f"  steps: at most {self.steps} Adam steps"
+                  f"{' per batch of slices' if self.path == 'slices' else ''}")]
+        if self.noise is not None:
+            lines.append(f"  noise: {self.noise['text']}")
+        lines += [(f"  output: {' x '.join(map(str, self.output_shape))} voxels of "
+                   f"{' x '.join(f'{v:.3g}' for v in spacing)} mm"),
+                  f"  memory: about {_gib(self.memory_bytes)}",
+                  f"  ETA: {self.eta_text()}"]
+        lines += [f"  why: {r}" for r in self.reasons]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def eta_text(self) -> str:
+        """``"at most 3 min on cpu (2 threads)"`` (slices: an upper bound from timed probes;
+        volumes: an estimate), or ``"not estimated"``."""
+        if self.eta_seconds is None:
+            return "not estimated"
+        dev = resolve_device(self.options.device)
+        s = self.eta_seconds
+        amount = f"{s:.0f} s" if s < 90 else (f"{s / 60:.0f} min" if s < 5400 else
+                                              f"{s / 3600:.1f} h")
+        hint = "; a GPU is present: --device cuda" if dev.type == "cpu" and \
+            torch.cuda.is_available() else ""
+        bound = "at most" if self.path == "slices" else "about"
+        return f"{bound} {amount} on {describe_device(dev)}{hint}"
+
+    def to_dict(self) -> dict:
+        """JSON-friendly summary (histories and batch manifests record it)."""
+        return {"task": self.task, "path": self.path, "route": self.route,
+                "steps": self.steps, "noise": self.noise,
+                "output_shape": list(self.output_shape),
+                "memory_bytes": int(self.memory_bytes), "eta_seconds": self.eta_seconds,
+                "reasons": list(self.reasons), "notes": list(self.notes),
+                "options": asdict(self.options)}
+
+
+def make_plan(scans: Scan | Sequence[Scan], options: Options, *,
+              reference: Scan | None = None, eta: bool = True) -> Plan:
+    """Check ``options`` against the scan(s) and decide how to restore them.
+
+    Args:
+        scans: one scan, or the stacks to fuse (``task="fuse"``).
+        options: the user's options.
+        reference: clean scan on the output grid (PSNR in the history).
+        eta: time a few steps for the ETA (about a second); False leaves it ``None``.
+
+    Raises:
+        BadArgumentError, BadInputError, CheckpointError: one line each.
+    """
+    o = options
+    scans = [scans] if isinstance(scans, Scan) else list(scans)
+    if o.task != "fuse" and len(scans) != 1:
+        raise BadArgumentError(f"{o.task} restores one scan at a time, got {len(scans)}")
+    if o.task == "fuse":
+        plan = _plan_fuse(scans, o)
+    elif o.task == "superres" and o.slice_scale is not None:
+        plan = _plan_through_plane(scans[0], o)
+    elif o.task == "denoise" and volume.denoise_mode(scans[0].shape, o.mode) == "volume":
+        plan = _plan_denoise_volume(scans[0], o)
+    else:
+        plan = _plan_slices(scans[0], o)
+    if reference is not None and tuple(reference.shape) != tuple(plan.output_shape):
+        raise BadArgumentError(f"--reference has shape {reference.shape}, the output will "
+                               f"have {tuple(plan.output_shape)}")
+    plan.reference = reference
+    if eta:
+        plan.eta_seconds = _eta(plan)
+    return plan
+
+
+def run(plan: Plan, *, callback: Callable[[Progress], None] | None = None,
+        cancel=None) -> Restoration:
+    """Carry ``plan`` out; the result's history also records the plan (``history["plan"]``).
+
+    Args:
+        callback: receives :class:`~napari_strainer.core.fit.Progress` reports.
+        cancel: object with ``is_set()``; the result so far is returned when it is set.
+    """
+    o, scan, ref = plan.options, plan.scans[0], plan.reference
+    common = {"reference": ref, "device": o.device, "seed": o.seed, "log_every": o.log_every,
+              "callback": callback, "cancel": cancel}
+    if plan.path == "fuse":
+        res = volume.fuse(plan.scans, spacing=o.spacing, profile=o.slice_profile,
+                          steps=o.steps, ls_steps=o.ls_steps, lr=o.lr, tv=o.tv, **common)
+    elif plan.path == "volume" and plan.task == "superres":
+        res = volume.superres_volume(scan, slice_scale=o.slice_scale, scale=o.scale,
+                                     profile=o.slice_profile, thickness=o.slice_thickness,
+                                     steps=o.steps, ls_steps=o.ls_steps, lr=o.lr, tv=o.tv,
+                                     **common)
+    elif plan.path == "volume":
+        res = volume.denoise_volume(scan, sigma=o.sigma, steps=o.steps, lr=o.lr, tv=o.tv,
+                                    **common)
+    else:
+        stop = make_stop_rule(o.sigma) if plan.task == "denoise" else None
+        res = slices.restore(scan, task=plan.task, encoder=plan.encoder, init=o.init,
+                             holdout=o.holdout, head=o.head, steps=o.steps,
+                             coarse_steps=o.coarse_steps, lr=o.lr, scale=o.scale,
+                             freeze=o.freeze, stop=stop, batch_size=o.batch_size, **common)
+    res.history["plan"] = {k: v for k, v in plan.to_dict().items() if k != "options"}
+    return res
+
+
+# ----------------------------------------------------------------------------- per path
+def _plan_slices(scan: Scan, o: Options) -> Plan:
+    task = o.task
+    scale = o.scale if task == "superres" else 1
+    steps = slices.DEFAULT_STEPS[task] if o.steps is None else o.steps
+    reasons, notes = [], []
+    if task == "denoise":
+        reasons.append("a single 2D image: the slice path" if scan.shape[0] < 2 else
+                       "--mode slices" if o.mode == "slices" else
+                       f"mode auto: {math.prod(scan.shape):,} voxels is above "
+                       f"{volume.VOLUME_DENOISE_MAX_VOXELS:,}, where the volume path has been "
+                       f"measured")
+    own = o.encoder.lower() == "self"
+    enc = "self" if own else get_encoder(o.encoder)
+    encoder = enc if isinstance(enc, Encoder) else None
+    warning = modality_warning(encoder, scan)
+    if warning:
+        notes.append(warning)
+    config = encoder.config if encoder is not None else SirenConfig()
+    limit = config.shared_layers if encoder is not None else 0
+    if o.freeze is not None and not 0 <= o.freeze <= limit:
+        raise BadArgumentError(f"--freeze must be between 0 and {limit} (the encoder's layers"
+                               f"{'; --encoder none has none' if encoder is None and not own else ''}"
+                               f"), got {o.freeze}")
+    z, h, w = scan.shape
+    out_shape = (z, h * scale, w * scale)
+    check_output_size(out_shape, f"--scale {scale}")
+    freeze = o.freeze if o.freeze is not None else slices.default_freeze(
+        task, None if encoder is None and not own else config.shared_layers)
+    source = ("an encoder pretrained on this scan's own slices" if own else
+              "SIREN (no encoder)" if encoder is None else f"encoder {o.encoder}")
+    if o.init == "fixed" or steps == 0:
+        route = f"{source}, freeze {freeze}, every step (--init fixed)"
+    else:
+        route = (f"auto: SIREN and {source} (freeze {freeze}) raced on {o.holdout:.0%} "
+                 f"held-out pixels" if encoder is not None or own else
+                 f"auto: SIREN, {o.holdout:.0%} held-out pixels")
+        if task in slices.WARM_TASKS:
+            route += "; warm starts from the neighbouring slice race the winner"
+    coarse = slices.coarse_phase(scale, steps, o.coarse_steps)
+    if coarse:
+        reasons.append(f"super-resolution x{scale}: the first {coarse} steps fit the observed "
+                       f"pixels at their centres (1/{scale * scale} of the cost)")
+    noise = None
+    if task == "denoise":
+        noise = _noise(scan, o.sigma, per_slice=True)
+    dev = resolve_device(o.device)
+    bs = o.batch_size or min(z, slices.auto_batch(h * w * scale * scale, config, dev))
+    memory = activation_bytes(config, bs, h * w * scale * scale) + 8 * math.prod(out_shape)
+    reasons.append(f"{bs} slice(s) fitted at once, {-(-z // bs)} batch(es)")
+    affine = upsampled_affine(scan.affine, (1, scale, scale)) if scale > 1 else scan.affine
+    return Plan(task, "slices", o, [scan], None, enc, route, steps, out_shape, affine, memory,
+                None, noise, reasons, notes)
+
+
+def _plan_through_plane(scan: Scan, o: Options) -> Plan:
+    grid = volume.superres_grid(scan, o.slice_scale, o.scale)
+    thick = o.slice_thickness or volume.scan_thickness(scan)
+    width, layers = volume.NET["superres"]
+    steps = volume.DEFAULT_STEPS["superres"] if o.steps is None else o.steps
+    ls = volume.GRID_STEPS if o.ls_steps is None else o.ls_steps
+    reasons = [(f"--slice-scale {o.slice_scale}: the slice axis is refined through a "
+                f"{o.slice_profile} slice profile of {thick:g} mm"),
+               (f"the INR fits the residual over cubic B-spline interpolation, then {ls} "
+                f"conjugate-gradient steps make the output consistent with the input")]
+    route = f"3D SIREN (width {width}, {layers} layers) from scratch"
+    return Plan("superres", "volume", o, [scan], None, None, route, steps, grid.shape,
+                grid.affine, _volume_memory("superres", grid.size), None, None, reasons,
+                _encoder_note(o))
+
+
+def _plan_denoise_volume(scan: Scan, o: Options) -> Plan:
+    width, layers = volume.NET["denoise"]
+    steps = volume.DEFAULT_STEPS["denoise"] if o.steps is None else o.steps
+    volume.check_volume(scan, "volume denoising")
+    reasons = ["--mode volume" if o.mode == "volume" else
+               (f"mode auto: a 3D scan of {math.prod(scan.shape):,} voxels (at most "
+                f"{volume.VOLUME_DENOISE_MAX_VOXELS:,}): one 3D INR sees the neighbouring "
+                f"slices")]
+    stop = ("all steps (--sigma none); the step with the lowest held-out error is kept"
+            if o.sigma == "none" else
+            f"ends {volume.PATIENCE} steps after the error on {volume.HOLDOUT:.0%} held-out "
+            f"voxels stops improving; the best step is kept")
+    reasons.append(stop)
+    noise = _noise(scan, o.sigma, per_slice=False)
+    weight = o.tv if o.tv is not None else volume.TV_PER_SIGMA * noise["sigma_norm"]
+    noise["text"] += f"; 3D TV weight {weight:.3g}"
+    route = f"3D SIREN (width {width}, {layers} layers) from scratch, weights averaged"
+    return Plan("denoise", "volume", o, [scan], None, None, route, steps, scan.shape,
+                scan.affine, _volume_memory("denoise", math.prod(scan.shape)), None, noise,
+                reasons, _encoder_note(o))
+
+
+def _plan_fuse(scans: list[Scan], o: Options) -> Plan:
+    grid = volume.fuse_grid(scans, o.spacing)
+    steps = volume.DEFAULT_STEPS["fuse"] if o.steps is None else o.steps
+    ls = volume.GRID_STEPS if o.ls_steps is None else o.ls_steps
+    width, layers = volume.NET["fuse"]
+    route = (f"3D SIREN (width {width}, {layers} layers) over all {len(scans)} stacks, then "
+             f"{ls} conjugate-gradient steps of data consistency" if steps else
+             f"classical least-squares reconstruction ({ls} conjugate-gradient steps)")
+    reasons = [(f"the output grid is the first stack's orientation and field of view at "
+                f"{grid.spacing[0]:g} mm")]
+    return Plan("fuse", "fuse", o, scans, None, None, route, steps, grid.shape, grid.affine,
+                _volume_memory("fuse", grid.size), None, None, reasons, _encoder_note(o))
+
+
+def _encoder_note(o: Options) -> list[str]:
+    if volume.is_2d_encoder(o.encoder):
+        return [(f"this path fits a 3D INR from scratch and does not use the encoder "
+                 f"{o.encoder}; --mode slices uses it")]
+    return []
+
+
+def _noise(scan: Scan, sigma, *, per_slice: bool) -> dict:
+    """The noise model and level the denoiser will use (slices: the median of the per-slice
+    estimates; volume: the 3D estimate)."""
+    inten = Intensity.for_scan(scan)
+    units = inten.high - inten.low
+    if sigma in ("auto", "none"):
+        norm = inten.forward(np.nan_to_num(scan.data, nan=inten.low))
+        est = (float(np.median([estimate_sigma(s) for s in norm])) if per_slice
+               else estimate_sigma(norm))
+        how = "estimated per slice (median shown)" if per_slice else "estimated (3D wavelet)"
+    else:
+        est, how = float(sigma) / units, "given"
+    text = f"gaussian, sigma {est * units:.4g} in scan units ({how})"
+    if sigma == "none" and per_slice:
+        text += "; no noise stop (--sigma none)"
+    elif per_slice:
+        text += "; each slice stops when its residual reaches 0.85 sigma"
+    return {"model": "gaussian", "sigma": est * units, "sigma_norm": est, "source": how,
+            "text": text}
+
+
+def _volume_memory(task: str, voxels: int) -> int:
+    """Activations of one step of the task's 3D INR plus the output-grid volumes held at once
+    (rendering, interpolation base, least-squares vectors)."""
+    width, layers = volume.NET[task]
+    cfg = SirenConfig(in_features=3, width=width, layers=layers, shared_layers=layers - 1)
+    points = volume.BATCH[task] * 8  # quadrature points per observed voxel: a few
+    return activation_bytes(cfg, 1, points) + 4 * 8 * voxels
+
+
+def _eta(plan: Plan) -> float:
+    """Seconds the plan will take at most, from a few timed steps (about a second)."""
+    o = plan.options
+    if plan.path == "slices":
+        return slices.estimate_seconds(plan.scans[0], task=plan.task, encoder=plan.encoder
+                                       if plan.encoder is not None else "none", init=o.init,
+                                       steps=plan.steps, scale=o.scale if plan.task ==
+                                       "superres" else 1, device=o.device,
+                                       batch_size=o.batch_size, coarse_steps=o.coarse_steps)
+    task = "superres" if plan.task == "superres" else plan.task
+    width, layers = volume.NET[task]
+    cfg = SirenConfig(in_features=3, width=width, layers=layers, shared_layers=layers - 1)
+    dev = resolve_device(o.device)
+    side = round((volume.BATCH[task] * 2) ** (1 / 3))  # a cube of about two batches
+    net = BatchedSiren(cfg, batch=1).to(dev)
+    problem = ImageProblem(torch.zeros(1, side ** 3, 1, device=dev), Identity((side,) * 3))
+    fit(net, problem, steps=1, keep_best=False)  # warm-up
+    t0 = time.perf_counter()
+    fit(net, problem, steps=2, keep_best=False)
+    per_step = (time.perf_counter() - t0) / 3  # two updates and the closing evaluation
+    per_point = per_step / side ** 3 / 3  # a forward pass is about a third of a step
+    voxels = math.prod(plan.output_shape)
+    observed = sum(math.prod(s.shape) for s in plan.scans)
+    ls = volume.GRID_STEPS if o.ls_steps is None else o.ls_steps
+    seconds = per_step * plan.steps + per_point * voxels * 2  # fit, render (twice)
+    if plan.task == "denoise":  # held-out validation every 25 steps
+        seconds += per_point * volume.HOLDOUT * observed * plan.steps / 25
+    else:  # conjugate gradients: two trilinear passes over the observed footprints each
+        seconds += ls * observed * 8 * 2e-8 * 4
+    return seconds
+
+
+def _choice(flag: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise BadArgumentError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**29 else f"{n / 2**20:.0f} MiB"
