@@ -23,6 +23,7 @@ from napari_strainer.bundle import StrainerNet, export_checkpoint, load_item
 from napari_strainer.core.checkpoint import load_encoder
 from napari_strainer.core.coords import grid
 from napari_strainer.core.siren import BatchedSiren, SirenConfig
+from napari_strainer.errors import BadArgumentError, StrainerError
 from napari_strainer.io import read_scan, upsampled_affine
 from napari_strainer.pretrain.train import pretrain
 
@@ -98,6 +99,41 @@ def test_network_in_out_and_torchscript_export(tmp_path, encoder):
     expected = siren(coords)[0, :, 0].reshape(8, 8)
     torch.testing.assert_close(net(image)[0, 0], expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(StrainerNet.from_siren(siren)(image)[0, 0], expected)
+
+
+def test_network_def_is_a_member_of_the_package_siren(encoder):
+    """StrainerNet holds one BatchedSiren (no SIREN maths of its own): any member of a fitted
+    net, shared or batched layers, gives the same image, eagerly and as TorchScript."""
+    config = SirenConfig(width=16, layers=4, shared_layers=3)
+    fitted = BatchedSiren(config, batch=3, shared=1, seed=2)  # fewer shared than the config
+    image = torch.rand(2, 2, 5, 6, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    coords = image.permute(0, 2, 3, 1).reshape(-1, 2)
+    with torch.no_grad():
+        expected = fitted(coords)
+    for member in range(3):
+        net = StrainerNet.from_siren(fitted, member)
+        assert isinstance(net.siren, BatchedSiren) and net.siren.batch == 1
+        with torch.no_grad():
+            got = net(image)
+        torch.testing.assert_close(got, expected[member].reshape(2, 5, 6, 1).permute(0, 3, 1, 2))
+    with torch.no_grad():
+        scripted = torch.jit.script(net)  # what ckpt_export does
+        torch.testing.assert_close(scripted(image), got)
+        assert scripted(torch.zeros(1, 2, 3, 9)).shape == (1, 1, 3, 9)  # any pixel count
+    assert isinstance(net.siren, BatchedSiren)  # scripting left the module as it was
+    shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    assert shapes == {
+        "siren.weights.0": (2, 16), "siren.weights.1": (16, 16), "siren.weights.2": (16, 16),
+        "siren.weights.3": (1, 16, 1), "siren.biases.0": (16,), "siren.biases.1": (16,),
+        "siren.biases.2": (16,), "siren.biases.3": (1, 1)}
+    with pytest.raises(BadArgumentError, match="member"):
+        StrainerNet.from_siren(fitted, 3)
+    with pytest.raises(StrainerError, match="architecture"):
+        StrainerNet(width=8, layers=4, shared_layers=3).load_encoder(encoder)
+    loaded = StrainerNet(width=16, layers=4, shared_layers=3).load_encoder(encoder)
+    for i, (w, b) in enumerate(load_encoder(encoder).weights):
+        torch.testing.assert_close(loaded.siren.weights[i], w)
+        torch.testing.assert_close(loaded.siren.biases[i], b)
 
 
 def test_bundle_root_found_from_any_directory(tmp_path, monkeypatch):

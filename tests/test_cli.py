@@ -57,7 +57,7 @@ def test_bad_inputs_give_one_line(capsys, samples, tmp_path, tiny_encoder):
     bad_enc = tmp_path / "bad.safetensors"
     bad_enc.write_bytes(tiny_encoder.read_bytes()[:200])
     assert "bad.safetensors" in err(capsys, ["fit", src, "-o", out, "--encoder", str(bad_enc)])
-    assert "overwrite the input" in err(capsys, ["fit", src, "-o", src])
+    assert "overwrite an input" in err(capsys, ["fit", src, "-o", src])
     assert "--freeze" in err(capsys, ["fit", src, "-o", out, "--encoder", "none",
                                       "--freeze", "2"])
     assert "shape" in err(capsys, ["fit", src, "-o", out, "--reference",
@@ -76,7 +76,7 @@ def test_existing_output_refused_then_overwritten(samples, tmp_path, capsys):
     src = str(samples / "mr_anatomical.nii")
     out = tmp_path / "o.nii.gz"
     out.write_bytes(b"keep me")
-    assert "already exists" in err(capsys, ["fit", src, "-o", str(out), "--steps", "1"])
+    assert "output exists" in err(capsys, ["fit", src, "-o", str(out), "--steps", "1"])
     assert out.read_bytes() == b"keep me"
     assert main(["fit", src, "-o", str(out), "--steps", "1", "--overwrite", "--quiet"]) == 0
     assert nib.load(out).shape == nib.load(src).shape
@@ -103,7 +103,7 @@ def test_info_and_convert(samples, tmp_path, capsys):
     b = nib.load(out)
     np.testing.assert_array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
     np.testing.assert_allclose(a.affine, b.affine, atol=1e-4)
-    assert "already exists" in err(capsys, ["convert", str(samples / "mr_series"), "-o",
+    assert "output exists" in err(capsys, ["convert", str(samples / "mr_series"), "-o",
                                             str(out)])
 
 

@@ -163,9 +163,9 @@ def test_cli_self_encoder_needs_enough_slices(samples, tmp_path, capsys):
 
 
 def test_cli_prints_the_estimate_before_a_long_job(samples, tmp_path, capsys, monkeypatch):
-    from napari_strainer import cli
+    from napari_strainer.cli import restore as cli_restore
 
-    monkeypatch.setattr(cli, "LONG_JOB_SECONDS", -1)  # every job counts as long here
+    monkeypatch.setattr(cli_restore, "LONG_JOB_SECONDS", -1)  # every job counts as long here
     out = tmp_path / "o.nii.gz"
     assert main(["fit", str(samples / "mr_anatomical.nii"), "-o", str(out), "--encoder",
                  "none", "--steps", "2"]) == 0

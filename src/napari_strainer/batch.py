@@ -32,6 +32,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import BadArgumentError, BadInputError, StrainerError
+from .io import write_scan
+from .io.atomic import write_json
+from .restore.plan import Options, make_plan, run
+from .restore.volume import check_encoder
 
 log = logging.getLogger(__name__)
 
@@ -42,101 +46,31 @@ _SUFFIXES = (".nii.gz", ".nii", ".dcm", ".dicom", ".ima", ".png", ".tif", ".tiff
 
 
 @dataclass
-class TaskOptions:
-    """What to do to every scan (the ``strainer batch`` / bundle parameters).
+class TaskOptions(Options):
+    """What to do to every scan (the ``strainer batch`` / bundle parameters): the planner's
+    :class:`~napari_strainer.restore.plan.Options` plus the output ``format`` (``nifti``:
+    ``.nii.gz``; ``dicom``: a derived series folder). Options that do not apply to the task
+    are reset to their defaults, so that a manifest only records what shapes the output."""
 
-    Args:
-        task: ``fit``, ``superres`` or ``denoise``.
-        encoder: encoder file, ``"default"`` (shipped MRI encoder), ``"none"`` (SIREN) or
-            ``"self"`` (pretrained on each scan's own slices first).
-        init: ``auto`` (self-validated route, convergence stop) or ``fixed`` (the paper's).
-        holdout: share of observed pixels held out by ``init="auto"``.
-        head: ``solved`` (an encoder's head solved on the slice, fitting) or ``random``.
-        steps: Adam steps per batch of slices (None: the task's default).
-        lr: learning rate.
-        scale: in-plane factor (``superres`` only; None: 1 with ``slice_scale``, else an
-            error).
-        slice_scale: through-plane factor (``superres`` only): integer >= 2 sends every scan
-            through :func:`napari_strainer.volume.superres_volume` (a 3D SIREN through the
-            slice profile, no encoder: ``encoder`` must be ``default`` or ``none``, and
-            ``init``, ``head``, ``holdout``, ``freeze``, ``batch_size`` do not apply); a 2D
-            scan then fails on its own.
-        slice_profile: ``box`` or ``gaussian`` (with ``slice_scale``).
-        slice_thickness: slice thickness in mm (with ``slice_scale``; None: DICOM
-            SliceThickness, else the spacing).
-        freeze: encoder layers kept fixed (None: the task's default).
-        sigma: noise level for ``denoise``: ``"auto"``, ``"none"`` or a number.
-        mode: ``denoise`` only: ``slices`` (one 2D INR per slice), ``volume`` (every 3D
-            scan through :func:`napari_strainer.volume.denoise_volume`, a 3D SIREN that uses
-            no encoder, with the restrictions of ``slice_scale``; 2D scans take the slice
-            path) or ``auto`` (per scan, :func:`napari_strainer.volume.denoise_mode`).
-        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
-        seed: random seed.
-        log_every: steps between progress reports.
-        batch_size: slices fitted at once (None: from free memory).
-        format: ``nifti`` (``.nii.gz``) or ``dicom`` (derived series folder).
-    """
-
-    task: str = "fit"
-    encoder: str = "default"
-    init: str = "auto"
-    holdout: float = 0.1
-    head: str = "solved"
-    steps: int | None = None
-    lr: float = 1e-4
-    scale: int | None = 1
-    slice_scale: int | None = None
-    slice_profile: str = "box"
-    slice_thickness: float | None = None
-    freeze: int | None = None
-    sigma: str | float = "auto"
-    mode: str = "auto"
-    device: str = "auto"
-    seed: int = 0
-    log_every: int = 10
-    batch_size: int | None = None
     format: str = "nifti"
 
     def __post_init__(self) -> None:
-        from .restore.slices import TASKS
-
-        if self.task not in TASKS:
-            raise BadArgumentError(f"unknown task {self.task!r}; choose one of "
-                                   f"{', '.join(TASKS)}")
+        super().__post_init__()
+        if self.task == "fuse":
+            raise BadArgumentError("fuse takes several stacks of one anatomy; batch restores "
+                                   "scans one by one")
         if self.format not in FORMATS:
             raise BadArgumentError(f"--format must be nifti or dicom, got {self.format!r}")
         if self.task != "superres":
             self.scale, self.slice_scale = 1, None
         if self.slice_scale is None:
             self.slice_profile, self.slice_thickness = "box", None
-        else:
-            from .restore.volume import check_encoder, check_slice_options
-
-            self.slice_scale = check_slice_options(self.slice_scale, self.slice_profile,
-                                                   self.slice_thickness)
+        if self.mode == "volume":
             check_encoder(self.encoder)
+        if self.slice_scale is not None or self.mode == "volume":
             self.encoder = "none"  # a 3D SIREN from scratch
-        if self.scale is None:
-            if self.slice_scale is None:
-                raise BadArgumentError("superres needs --scale S (in-plane), --slice-scale F "
-                                       "(through-plane), or both")
-            self.scale = 1
         if self.task != "denoise":
             self.sigma, self.mode = "none", "slices"
-        if self.mode not in ("auto", "slices", "volume"):
-            raise BadArgumentError(f"--mode must be auto, slices or volume, got {self.mode!r}")
-        if self.mode == "volume":
-            from .restore.volume import check_encoder
-
-            check_encoder(self.encoder)
-            self.encoder = "none"  # a 3D SIREN from scratch (2D scans: SIREN per slice)
-        if isinstance(self.sigma, str) and self.sigma not in ("auto", "none"):
-            try:
-                self.sigma = float(self.sigma)
-            except ValueError:
-                raise BadArgumentError(f"--sigma must be auto, none or a number, got "
-                                       f"{self.sigma!r}") from None
-        self.encoder = str(self.encoder)
 
     def params(self) -> dict:
         """The options that change the output (a finished output is reused only if they match;
@@ -145,6 +79,9 @@ class TaskOptions:
         d = asdict(self)
         for k in ("device", "log_every"):
             d.pop(k)
+        for k in ("coarse_steps", "tv", "ls_steps", "spacing"):  # not batch options
+            if d[k] is None:
+                d.pop(k)
         if self.mode == "slices":
             d.pop("mode")
         if self.slice_scale is None:
@@ -259,16 +196,6 @@ def manifest_path(item: dict, out_dir: str | os.PathLike) -> Path:
     return out_dir / STATE_DIR / f"{rel.as_posix()}.json"
 
 
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def read_manifest(path: Path) -> dict | None:
     try:
         return json.loads(Path(path).read_text())
@@ -352,7 +279,8 @@ def read_item(item: dict):
     return read_scan(item["image"], series=item.get("series"))
 
 
-def _dist() -> tuple[int, int]:
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size (0 and 1 outside ``torch.distributed``)."""
     try:
         import torch.distributed as dist
     except ImportError:  # pragma: no cover
@@ -384,19 +312,16 @@ def run_items(items: Sequence[dict], options: TaskOptions, out_dir: str | os.Pat
     from tqdm import tqdm
 
     from .core.device import resolve_device
-    from .io import write_scan
     from .pretrain.encoders import get_encoder
-    from .restore.noise import make_stop_rule
-    from .restore.slices import restore
 
-    d_rank, d_world = _dist()
+    d_rank, d_world = rank_and_world()
     rank = d_rank if rank is None else rank
     world_size = d_world if world_size is None else world_size
     out_dir = Path(out_dir).expanduser()
     load = load or read_item
     resolve_device(options.device)
-    # once, and fail early for every scan ("self" is pretrained per scan by restore)
-    encoder = "self" if options.encoder.lower() == "self" else get_encoder(options.encoder)
+    if options.encoder.lower() != "self":  # fail early, once for every scan
+        get_encoder(options.encoder)
     params = options.params()
     mine = shard(list(items), rank, world_size)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -409,8 +334,8 @@ def run_items(items: Sequence[dict], options: TaskOptions, out_dir: str | os.Pat
                dynamic_ncols=True, mininterval=0.5)
     try:
         for item in mine:
-            results.append(_one(item, options, params, out_dir, load, encoder, overwrite,
-                                run_id, rank, bar, restore, write_scan, make_stop_rule))
+            results.append(_one(item, options, params, out_dir, load, overwrite, run_id, rank,
+                                bar))
             bar.update(1)
     finally:
         bar.close()
@@ -424,12 +349,11 @@ def run_items(items: Sequence[dict], options: TaskOptions, out_dir: str | os.Pat
         summary.seconds = max(s for _, s in gathered)
     summary.results.sort(key=lambda r: r.name)
     if rank == 0:
-        _write_json(out_dir / STATE_DIR / "summary.json", summary.to_dict())
+        write_json(out_dir / STATE_DIR / "summary.json", summary.to_dict())
     return summary
 
 
-def _one(item, options, params, out_dir, load, encoder, overwrite, run_id, rank, bar, restore,
-         write_scan, make_stop_rule) -> ScanResult:
+def _one(item, options, params, out_dir, load, overwrite, run_id, rank, bar) -> ScanResult:
     name, output = item["name"], Path(item["output"])
     mpath = manifest_path(item, out_dir)
     old = read_manifest(mpath)
@@ -449,35 +373,18 @@ def _one(item, options, params, out_dir, load, encoder, overwrite, run_id, rank,
 
             raise OutputExistsError(f"{output}: exists and was not written by this batch "
                                     "(pass --overwrite to replace it)")
-        _write_json(mpath, record)
+        write_json(mpath, record)
         output.parent.mkdir(parents=True, exist_ok=True)
-        from .restore.volume import denoise_mode, denoise_volume, superres_volume
-
         scan = load(item)
-        stop = make_stop_rule(options.sigma) if options.task == "denoise" else None
 
         def progress(p) -> None:
             bar.set_postfix({"scan": Path(name).name[:24], "step": f"{p.step}/{p.total}",
                              "loss": f"{p.loss:.2e}"}, refresh=False)
 
-        if options.slice_scale is not None:
-            res = superres_volume(scan, slice_scale=options.slice_scale, scale=options.scale,
-                                  profile=options.slice_profile,
-                                  thickness=options.slice_thickness, steps=options.steps,
-                                  lr=options.lr, device=options.device, seed=options.seed,
-                                  log_every=options.log_every, callback=progress)
-        elif options.task == "denoise" and denoise_mode(scan.shape, options.mode) == "volume":
-            res = denoise_volume(scan, sigma=options.sigma, steps=options.steps,
-                                 lr=options.lr, device=options.device, seed=options.seed,
-                                 log_every=options.log_every, callback=progress)
-        else:
-            res = restore(scan, task=options.task, encoder=encoder, steps=options.steps,
-                          init=options.init, holdout=options.holdout, head=options.head,
-                          lr=options.lr,
-                          scale=options.scale, freeze=options.freeze, stop=stop,
-                          device=options.device, seed=options.seed,
-                          log_every=options.log_every, batch_size=options.batch_size,
-                          callback=progress)
+        plan = make_plan(scan, options, eta=False)
+        for note in plan.notes:
+            log.warning("%s: %s", name, note)
+        res = run(plan, callback=progress)
         write_scan(res.scan, output, overwrite=replace, protect=[item["image"]])
         size, files = _size(output)
         seconds = time.perf_counter() - t0
@@ -486,7 +393,7 @@ def _one(item, options, params, out_dir, load, encoder, overwrite, run_id, rank,
                       output_files=files, shape=list(res.scan.shape),
                       final_loss=h["loss"][-1] if h.get("loss") else None,
                       stop_reason=h.get("stop_reason"))
-        _write_json(mpath, record)
+        write_json(mpath, record)
         log.info("%s -> %s (%.1f s)", name, output, seconds)
         return ScanResult(name, str(output), "done", seconds, rank=rank)
     except StrainerError as e:
@@ -501,46 +408,7 @@ def _one(item, options, params, out_dir, load, encoder, overwrite, run_id, rank,
     if old is None or old.get("status") != "done" or overwrite:
         record.update(status="failed", error=error, finished=time.time())
         try:
-            _write_json(mpath, record)
+            write_json(mpath, record)
         except OSError:
             pass
     return ScanResult(name, str(output), "failed", seconds, error, rank=rank)
-
-
-def run_batch(a) -> list[str]:
-    """``strainer batch``: process ``a.in_dir`` into ``a.out_dir``; returns the failed names.
-
-    Under ``torchrun`` (``WORLD_SIZE`` > 1) it joins the process group and takes its share.
-    """
-    from .pretrain.distributed import finish_distributed, init_distributed
-
-    options = TaskOptions(task=a.task, encoder=a.encoder, init=a.init, holdout=a.holdout,
-                          head=a.head, steps=a.steps, lr=a.lr,
-                          scale=getattr(a, "scale", 1),
-                          slice_scale=getattr(a, "slice_scale", None),
-                          slice_profile=getattr(a, "slice_profile", "box"),
-                          slice_thickness=getattr(a, "slice_thickness", None), freeze=a.freeze,
-                          sigma=getattr(a, "sigma", "none"),
-                          mode=getattr(a, "mode", "slices"), device=a.device, seed=a.seed,
-                          log_every=a.log_every, batch_size=a.batch_size, format=a.format)
-    started = init_distributed()
-    try:
-        from .pretrain.distributed import local_device
-
-        options.device = local_device(options.device)
-        items = datalist(a.in_dir, a.out_dir, a.format)
-        if a.series is not None:
-            for it in items:
-                if Path(it["image"]).is_dir() and it["series"] is None:
-                    it["series"] = a.series
-        summary = run_items(items, options, a.out_dir, overwrite=a.overwrite, quiet=a.quiet)
-        rank = _dist()[0]
-    finally:
-        if started:
-            finish_distributed()
-    if not a.quiet and rank == 0:
-        print(summary.text())
-    elif summary.failed and rank == 0:
-        for r in summary.failed:
-            log.error("FAILED %s: %s", r.name, r.error)
-    return [r.name for r in summary.failed]

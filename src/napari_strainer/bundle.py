@@ -312,30 +312,20 @@ def run_training(dataset_dir: str, output: str, *, steps: int | None = None,
 
 
 # ----------------------------------------------------------------------------- network
-class SineLayer(nn.Module):
-    """``sin(omega * (x @ weight + bias))`` (``linear=True``: no sine, omega 1)."""
-
-    def __init__(self, fan_in: int, fan_out: int, omega: float, linear: bool = False):
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(fan_in, fan_out))
-        self.bias = nn.Parameter(torch.zeros(fan_out))
-        self.omega = float(omega)
-        self.linear = linear
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.omega * (x @ self.weight + self.bias)
-        return z if self.linear else torch.sin(z)
-
-
 class StrainerNet(nn.Module):
-    """One STRAINER INR (shared encoder layers + a head) as a plain module, for
-    ``verify_net_in_out`` and TorchScript export.
+    """One STRAINER INR (shared encoder layers + a head) in image layout, for
+    ``verify_net_in_out`` and TorchScript export: a thin adapter over
+    :class:`~napari_strainer.core.siren.BatchedSiren` (one member), which does all the maths.
 
     Input: a coordinate image ``[B, in_features, H, W]`` (e.g. the ``[-1, 1]`` pixel-centre
     grid (row, column) of :func:`napari_strainer.core.coords.grid`); output: intensities
-    ``[B, out_features, H, W]``. The weights are the package's (``weight`` is ``[in, out]``),
-    so an encoder loads with :meth:`load_encoder`; :meth:`from_siren` takes one member of a
-    fitted :class:`~napari_strainer.core.siren.BatchedSiren`.
+    ``[B, out_features, H, W]``. The ``B * H * W`` pixels go through :attr:`siren` as one
+    coordinate list. An encoder loads with :meth:`load_encoder`; :meth:`from_siren` takes one
+    member of a fitted ``BatchedSiren``.
+
+    State dict: ``siren.weights.{i}`` and ``siren.biases.{i}`` for the ``layers`` layers,
+    as in ``BatchedSiren``: weights ``[in, out]`` for the first ``shared_layers`` (the
+    encoder), ``[1, in, out]`` (one member) for the rest, head included.
 
     Example:
         >>> net = StrainerNet(width=16, layers=4, shared_layers=3)
@@ -347,44 +337,57 @@ class StrainerNet(nn.Module):
                  layers: int = 6, shared_layers: int = 5, omega_first: float = 30.0,
                  omega_hidden: float = 30.0):
         super().__init__()
+        from .core.siren import BatchedSiren
+
         self.config = SirenConfig(in_features, out_features, width, layers, shared_layers,
                                   omega_first, omega_hidden)
-        self.layers = nn.ModuleList([
-            SineLayer(fi, fo, self.config.omega(i), linear=i == layers - 1)
-            for i, (fi, fo) in enumerate(self.config.dims())])
+        self.siren = BatchedSiren(self.config, batch=1, shared=self.config.shared_layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        z = x.permute(0, 2, 3, 1).reshape(b * h * w, c)
-        for layer in self.layers:
-            z = layer(z)
-        return z.reshape(b, h, w, -1).permute(0, 3, 1, 2)
+        out = self.siren(x.permute(0, 2, 3, 1).reshape(b * h * w, c))  # [1, B*H*W, out]
+        return out.reshape(b, h, w, -1).permute(0, 3, 1, 2)
+
+    def __prepare_scriptable__(self) -> StrainerNet:
+        """What ``torch.jit.script`` (``ckpt_export``) compiles: this module with
+        :attr:`siren` replaced by a trace of ``BatchedSiren``'s eager forward (its Python
+        kernel choice and autograd function do not script). The trace reads every size at
+        run time, so it holds for any number of pixels; it shares this module's parameters.
+        """
+        import copy
+
+        clone = copy.copy(self)
+        clone._modules = dict(self._modules)  # the copy's own child list; self is untouched
+        p = self.siren.weights[0]
+        example = torch.zeros(3, self.config.in_features, dtype=p.dtype, device=p.device)
+        with torch.no_grad():  # no grad: BatchedSiren takes its eager path
+            clone._modules["siren"] = torch.jit.trace(self.siren, example)
+        return clone
 
     def load_encoder(self, encoder) -> StrainerNet:
         """Copy an :class:`~napari_strainer.core.checkpoint.Encoder` (or a path to one) into
-        the first layers; the architecture must agree."""
+        the first layers; the architecture must agree (else :class:`StrainerError`)."""
         from .core.checkpoint import load_encoder
 
         enc = load_encoder(encoder) if isinstance(encoder, (str, os.PathLike)) else encoder
         if enc.config != self.config:
             raise StrainerError(f"encoder architecture {enc.config.to_dict()} differs from "
                                 f"the network's {self.config.to_dict()}")
-        with torch.no_grad():
-            for layer, (wt, bi) in zip(self.layers, enc.weights):
-                layer.weight.copy_(wt)
-                layer.bias.copy_(bi)
+        self.siren.load_encoder(enc.weights)
         return self
 
     @classmethod
     def from_siren(cls, net, member: int = 0) -> StrainerNet:
         """Member ``member`` of a ``BatchedSiren`` (shared or batched layers)."""
-        c = net.config
-        out = cls(c.in_features, c.out_features, c.width, c.layers, c.shared_layers,
-                  c.omega_first, c.omega_hidden)
+        if not 0 <= member < net.batch:
+            raise BadArgumentError(f"member must be in [0, {net.batch - 1}], got {member}")
+        out = cls(**net.config.to_dict())
         with torch.no_grad():
-            for layer, w, b in zip(out.layers, net.weights, net.biases):
-                layer.weight.copy_(w if w.dim() == 2 else w[member])
-                layer.bias.copy_(b if b.dim() == 1 else b[member])
+            for i, (w, b) in enumerate(zip(net.weights, net.biases)):
+                if w.dim() == 3:  # batched layer: the member's copy
+                    w, b = w[member], b[member]
+                out.siren.weights[i].copy_(w)  # [in, out] fills a shared or one-member layer
+                out.siren.biases[i].copy_(b)
         return out
 
 

@@ -7,6 +7,7 @@ half-written series folder) and an existing output is replaced in one ``os.repla
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -129,4 +130,18 @@ def atomic_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
             shutil.rmtree(old, ignore_errors=True)
         else:
             old.unlink()
+    return path
+
+
+def write_json(path: str | os.PathLike, data: dict) -> Path:
+    """Write ``data`` as JSON to ``path`` atomically (a temporary file, fsync, rename); parent
+    folders are created. Values JSON cannot hold are written as their ``str``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
     return path

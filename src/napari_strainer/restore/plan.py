@@ -129,7 +129,7 @@ class Options:
             if int(self.scale) != self.scale or self.scale < 1:
                 raise BadArgumentError(f"--scale must be a positive integer, got {self.scale}")
             self.scale = int(self.scale)
-        if self.slice_scale is not None or self.mode == "volume" or self.task == "fuse":
+        if self.slice_scale is not None or self.task == "fuse":
             volume.check_encoder(self.encoder)
 
 
@@ -348,6 +348,8 @@ def _plan_denoise_volume(scan: Scan, o: Options) -> Plan:
     width, layers = volume.NET["denoise"]
     steps = volume.DEFAULT_STEPS["denoise"] if o.steps is None else o.steps
     volume.check_volume(scan, "volume denoising")
+    if o.mode == "volume":
+        volume.check_encoder(o.encoder)
     reasons = ["--mode volume" if o.mode == "volume" else
                (f"mode auto: a 3D scan of {math.prod(scan.shape):,} voxels (at most "
                 f"{volume.VOLUME_DENOISE_MAX_VOXELS:,}): one 3D INR sees the neighbouring "
@@ -382,8 +384,8 @@ def _plan_fuse(scans: list[Scan], o: Options) -> Plan:
 
 def _encoder_note(o: Options) -> list[str]:
     if volume.is_2d_encoder(o.encoder):
-        return [(f"this path fits a 3D INR from scratch and does not use the encoder "
-                 f"{o.encoder}; --mode slices uses it")]
+        return [(f"--mode {o.mode} restores this 3D scan as one volume, which uses no "
+                 f"encoder; --mode slices uses {o.encoder}")]
     return []
 
 

@@ -33,7 +33,6 @@ from ..core.siren import BatchedSiren, SirenConfig
 from ..errors import BadArgumentError
 from ..io.intensity import Intensity, busy_slices
 from ..io.scan import Scan, upsampled_affine
-from ..pretrain.cards import warn_modality
 from ..pretrain.encoders import SELF_STEPS, get_encoder, self_encoder
 from .base import Restoration, check_output_size
 from .routes import PROBE_STEPS, Route, candidates, holdout_mask, member_params, race
@@ -155,7 +154,6 @@ def restore(scan: Scan, *, task: str = "fit", encoder: str | Path | Encoder | No
                                if callback is None else lambda p: callback(
                                    replace(p, phase="pretrain on this scan")))
     enc = get_encoder(encoder)
-    warn_modality(enc, scan)
     config = enc.config if enc is not None else SirenConfig()
     limit = config.shared_layers if enc is not None else 0
     if freeze is not None and not 0 <= freeze <= limit:

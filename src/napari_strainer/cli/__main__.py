@@ -1,0 +1,7 @@
+"""``python -m napari_strainer.cli``: the ``strainer`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
