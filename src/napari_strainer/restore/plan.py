@@ -27,7 +27,7 @@ import torch
 from ..core.checkpoint import Encoder
 from ..core.device import describe_device, resolve_device
 from ..core.fit import Progress, activation_bytes, fit
-from ..core.operators import Identity
+from ..core.operators import Identity, profile_quadrature
 from ..core.problems import ImageProblem
 from ..core.siren import BatchedSiren, SirenConfig
 from ..errors import BadArgumentError
@@ -428,27 +428,47 @@ def _eta(plan: Plan) -> float:
                                        steps=plan.steps, scale=o.scale if plan.task ==
                                        "superres" else 1, device=o.device,
                                        batch_size=o.batch_size, coarse_steps=o.coarse_steps)
-    task = "superres" if plan.task == "superres" else plan.task
-    width, layers = volume.NET[task]
+    width, layers = volume.NET[plan.task]
     cfg = SirenConfig(in_features=3, width=width, layers=layers, shared_layers=layers - 1)
     dev = resolve_device(o.device)
-    side = round((volume.BATCH[task] * 2) ** (1 / 3))  # a cube of about two batches
+    points = _points_per_step(plan)
+    side = max(2, round(points ** (1 / 3)))
     net = BatchedSiren(cfg, batch=1).to(dev)
     problem = ImageProblem(torch.zeros(1, side ** 3, 1, device=dev), Identity((side,) * 3))
     fit(net, problem, steps=1, keep_best=False)  # warm-up
     t0 = time.perf_counter()
     fit(net, problem, steps=2, keep_best=False)
-    per_step = (time.perf_counter() - t0) / 3  # two updates and the closing evaluation
-    per_point = per_step / side ** 3 / 3  # a forward pass is about a third of a step
+    # two updates and the closing evaluation (a forward pass is about a third of a step)
+    per_step = (time.perf_counter() - t0) / (2 + 1 / 3) * points / side ** 3
+    per_point = per_step / points / 3
     voxels = math.prod(plan.output_shape)
     observed = sum(math.prod(s.shape) for s in plan.scans)
     ls = volume.GRID_STEPS if o.ls_steps is None else o.ls_steps
     seconds = per_step * plan.steps + per_point * voxels * 2  # fit, render (twice)
     if plan.task == "denoise":  # held-out validation every 25 steps
         seconds += per_point * volume.HOLDOUT * observed * plan.steps / 25
-    else:  # conjugate gradients: two trilinear passes over the observed footprints each
-        seconds += ls * observed * 8 * 2e-8 * 4
+    else:  # conjugate gradients: trilinear passes over the observed footprints (~20 ns each)
+        seconds += ls * observed * points / volume.BATCH[plan.task] * 2e-8
     return seconds
+
+
+def _points_per_step(plan: Plan) -> int:
+    """Network evaluations per step of a volume path: each observed voxel of the minibatch at
+    its footprint's quadrature points, plus the total-variation prior's points."""
+    o = plan.options
+    spacing = np.linalg.norm(plan.output_affine[:3, :3], axis=0)
+    samples = []
+    for scan in plan.scans:
+        thick = o.slice_thickness or volume.scan_thickness(scan)
+        k = len(profile_quadrature(o.slice_profile, thick, spacing[0])[0])
+        for a in (1, 2):
+            k *= len(profile_quadrature("box", scan.spacing[a], spacing[a])[0])
+        samples.append(1 if plan.task == "denoise" else k)
+    points = volume.BATCH[plan.task] * float(np.mean(samples))
+    tv = o.tv if o.tv is not None else volume.TV_WEIGHT.get(plan.task, 1.0)
+    if tv > 0:
+        points += volume.BATCH[plan.task] // 2 * (4 if plan.task != "superres" else 2)
+    return int(points)
 
 
 def _choice(flag: str, value: str, allowed: Sequence[str]) -> None:
