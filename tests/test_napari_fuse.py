@@ -68,9 +68,10 @@ def test_fuse_three_orthogonal_stacks(make_napari_viewer, qtbot, stacks):
     assert w.ls_steps.value == 100
     w.layers.value = layers
     w.grid_of.value = layers[1]  # the coronal-thick stack's orientation
-    assert w.grid_info.value.startswith("output: 24 x 16 x 24 voxels of 2 mm")
+    assert "output: 24 x 16 x 24 voxels of 2 x 2 x 2 mm" in w.plan_text.value
     w.grid_of.value = layers[0]
-    assert w.grid_info.value.startswith("output: 16 x 24 x 24 voxels of 2 mm")
+    assert "output: 16 x 24 x 24 voxels of 2 x 2 x 2 mm" in w.plan_text.value
+    assert "path: fuse" in w.plan_text.value and "plan: fuse 3 stacks (stack0" in w.plan_text.value
     w.steps.value = 2  # a few INR steps, then the data-consistency step
     w.ls_steps.value = 50
     w.device.value = "cpu"
@@ -125,9 +126,9 @@ def _refused(viewer, qtbot, w, text: str) -> None:
     before = [layer.name for layer in viewer.layers]
     n = len(notification_manager.records)
     w.run()
-    if w.job is not None:
-        wait_done(qtbot, w)
+    assert w.job is None  # refused before any worker starts
     assert w.status.value.startswith("Error:") and text in w.status.value, w.status.value
+    assert text in w.plan_text.value  # and said before Run, where the plan goes
     assert "\n" not in w.status.value and "Traceback" not in w.status.value
     new = [r.message for r in notification_manager.records[n:]]
     assert any(text in m for m in new), new
@@ -143,13 +144,12 @@ def test_fuse_bad_selections_are_one_message(make_napari_viewer, qtbot, stacks, 
     w = dock(viewer, "Fuse stacks")
     w.device.value = "cpu"
     w.ls_steps.value = 5
-    _refused(viewer, qtbot, w, "select at least two")
+    _refused(viewer, qtbot, w, "at least two stacks")
     w.layers.value = layers[:1]
-    assert "at least two" in w.grid_info.value
-    _refused(viewer, qtbot, w, "select at least two")
+    _refused(viewer, qtbot, w, "at least two stacks, got 1")
     flat = viewer.add_image(np.zeros((24, 24), np.float32), name="flat")
     w.layers.value = [layers[0], flat]
-    _refused(viewer, qtbot, w, "layer 'flat' is 2D (24 x 24)")
+    _refused(viewer, qtbot, w, "flat: a 2D image (24 x 24)")
     w.layers.value = layers
     w.spacing.value = "thin"
     _refused(viewer, qtbot, w, "spacing")

@@ -25,7 +25,7 @@ from napari_strainer.gui._layers import KEY, geometry, scan_to_layer
 from napari_strainer.io import read_scan, sample_path
 from napari_strainer.io.scan import Scan, upsampled_affine
 from napari_strainer.pretrain import train
-from napari_strainer.restore import slices
+from napari_strainer.restore import slices, volume
 
 PLUGIN = "napari-strainer"
 MANIFEST = Path(__file__).resolve().parents[1] / "src" / "napari_strainer" / "napari.yaml"
@@ -294,7 +294,9 @@ def test_restore_denoise_with_reference_and_stop(make_napari_viewer, qtbot, tiny
     assert out.metadata["strainer_history"]["cancelled"]
 
 
-def test_restore_bad_encoder_file_is_a_notification(make_napari_viewer, qtbot, tmp_path):
+def test_restore_bad_encoder_file_is_a_notification(make_napari_viewer, tmp_path):
+    """The plan loads the encoder: a broken file is said in the plan text before Run, and Run
+    gives one notification and starts nothing."""
     from napari.utils.notifications import notification_manager
 
     viewer = make_napari_viewer()
@@ -306,16 +308,17 @@ def test_restore_bad_encoder_file_is_a_notification(make_napari_viewer, qtbot, t
     w.use_encoder_file(bad)
     w.steps.value = 5
     w.device.value = "cpu"
+    assert w.plan is None and "broken.safetensors" in w.plan_text.value
     n = len(notification_manager.records)
     w.run()
-    wait_done(qtbot, w)
-    assert w.job.error and "broken.safetensors" in w.job.error
+    assert w.job is None  # no worker
     new = [r.message for r in notification_manager.records[n:]]
     assert any("broken.safetensors" in m for m in new), new
     assert w.result_layer is None and w.preview_layer is None
     assert [layer.name for layer in viewer.layers] == ["small"]
     assert w.run_button.enabled and not w.stop_button.enabled
-    assert w.status.value.startswith("Error:")
+    assert w.status.value.startswith("Error:") and "broken.safetensors" in w.status.value
+    assert "\n" not in w.status.value
 
 
 def test_bad_form_values_are_notifications(make_napari_viewer):
@@ -383,22 +386,29 @@ def test_cuda_oom_in_worker_is_shown_not_swallowed(make_napari_viewer, qtbot, tm
     assert "Out of memory" in w.status.value
 
 
-def test_restore_auto_route_and_time_estimate_beside_run(make_napari_viewer, qtbot, tiny_encoder):
+def test_restore_plan_with_eta_beside_run_then_auto_route(make_napari_viewer, qtbot,
+                                                         tiny_encoder):
     viewer = make_napari_viewer()
     w = restore_dock(viewer, tiny_encoder)
     w.device.value = "cpu"
     w.steps.value = 30
-    w.estimate_button.clicked.emit()
-    qtbot.waitUntil(lambda: w.estimate.value.startswith("~ at most"), timeout=TIMEOUT)
-    assert w.estimate.native.parent() is w.run_button.native.parent()  # beside Run
+    assert "steps: at most 30 Adam steps" in w.plan_text.value
+    assert "ETA: press Plan" in w.plan_text.value  # timing is on request
+    w.plan_button.clicked.emit()
+    qtbot.waitUntil(lambda: "ETA: at most" in w.plan_text.value, timeout=TIMEOUT)
+    assert w.plan_button.native.parent() is w.run_button.native.parent()  # beside Run
+    assert w.job is None  # planning runs nothing
     w.run()
     wait_done(qtbot, w)
     assert w.job.error is None, w.job.error
     hist = w.result_layer.metadata["strainer_history"]
     assert hist["init"] == "auto" and hist["probes"]
+    # the ETA timed by Plan holds for these inputs: the run keeps it
+    assert hist["plan"]["path"] == "slices" and hist["plan"]["eta_seconds"] > 0
     assert f"route {hist['route']} chosen by held-out loss" in w.status.value
     enc = "SIREN" if hist["route"] == "siren" else "STRAINER tiny"
     assert w.result_layer.name == f"small fit ({enc})"
+    assert w.result_layer.metadata[KEY]["source"] == str(sample_path("mr_brain"))
 
 
 def test_restore_head_choice_reaches_the_history(make_napari_viewer, qtbot, tiny_encoder):
@@ -406,9 +416,9 @@ def test_restore_head_choice_reaches_the_history(make_napari_viewer, qtbot, tiny
     w = restore_dock(viewer, tiny_encoder)
     assert w.head.value == "solved" and w.head.enabled
     w.task.value = "superres"  # the head choice is for fitting only
-    assert not w.head.enabled and "every step" in w.estimate.tooltip
+    assert not w.head.enabled
     w.task.value = "fit"
-    assert w.head.enabled and "plateaued" in w.estimate.tooltip
+    assert w.head.enabled
     w.init.value = "fixed"  # the encoder route, whatever a race would pick
     w.steps.value = 2
     w.device.value = "cpu"
@@ -420,3 +430,68 @@ def test_restore_head_choice_reaches_the_history(make_napari_viewer, qtbot, tiny
         assert w.result_layer.metadata["strainer_history"]["head"] == head
     w.encoder.value = "none"
     assert not w.head.enabled
+
+
+# ----------------------------------------------------------------------------- the plan
+def test_restore_shows_the_plan_before_run(make_napari_viewer, qtbot, tiny_encoder):
+    """The dock shows the planner's plan as the form changes, before anything runs: path,
+    route, noise, steps, output, memory, ETA and the reasons; Plan times the ETA."""
+    viewer = make_napari_viewer()
+    w = restore_dock(viewer, tiny_encoder)
+    w.device.value = "cpu"
+    text = w.plan_text.value
+    for line in ("plan: fit small (2 x 48 x 64", "path: slices (one 2D INR per slice)",
+                 "route: auto: SIREN and encoder", "steps: at most 500 Adam steps",
+                 "output: 2 x 48 x 64 voxels", "memory: about", "ETA: press Plan",
+                 "why: "):
+        assert line in text, (line, text)
+    w.task.value = "superres"  # in-plane x2: the slice path, on the finer grid
+    assert "output: 2 x 96 x 128 voxels" in w.plan_text.value
+    assert "super-resolution x2: the first" in w.plan_text.value
+    w.task.value = "denoise"  # auto: this small 3D layer is denoised as one volume
+    text = w.plan_text.value
+    assert w.plan.path == "volume" and "path: volume (one 3D INR" in text
+    assert "noise: gaussian, sigma" in text and "mode auto: a 3D scan of 6,144 voxels" in text
+    note = [line for line in text.splitlines() if line.startswith("  note: ")]
+    assert note and "tiny.safetensors" in note[0]  # the encoder is not used on this path
+    assert w.steps.value == w.plan.steps == volume.DEFAULT_STEPS["denoise"]
+    w.steps.value = 5
+    assert "steps: at most 5 Adam steps" in w.plan_text.value
+    w.plan_button.clicked.emit()
+    qtbot.waitUntil(lambda: "ETA: about" in w.plan_text.value, timeout=TIMEOUT)
+    assert "on cpu" in w.plan_text.value and "path: volume" in w.plan_text.value
+    assert w.job is None and [layer.name for layer in viewer.layers] == ["small"]
+
+
+def test_restore_invalid_input_is_one_line_and_runs_nothing(make_napari_viewer, qtbot):
+    """A slice scale on a 2D layer, or an output above the size limit: the plan text says
+    why before Run; Run gives the same line as a notification and starts no worker."""
+    from napari.utils.notifications import notification_manager
+
+    viewer = make_napari_viewer()
+    flat = small_scan()
+    flat = flat.derive(flat.data[:1])
+    w = dock(viewer, "Restore scan")
+    w.layer.value = add_scan(viewer, flat, "flat")
+    w.encoder.value = "none"
+    w.task.value = "superres"
+    w.slice_scale.value = 2
+    huge = add_scan(viewer, Scan(np.zeros((1, 3000, 3000), np.float32)), "huge")
+    before = [layer.name for layer in viewer.layers]
+    flat_text = "flat: a 2D image (48 x 64); through-plane super-resolution needs a 3D scan"
+    cases = [(w.layer.value, flat_text), (huge, "--scale 8 would make a (1, 24000, 24000)")]
+    for layer, text in cases:
+        w.layer.value = layer
+        if layer is huge:
+            w.slice_scale.value = 0
+            w.scale.value = 8
+        assert w.plan is None and text in w.plan_text.value, w.plan_text.value
+        n = len(notification_manager.records)
+        w.run()
+        assert w.job is None and not w.running  # no worker started
+        assert w.status.value.startswith("Error:") and text in w.status.value, w.status.value
+        assert "\n" not in w.status.value and "Traceback" not in w.status.value
+        new = [r.message for r in notification_manager.records[n:]]
+        assert len(new) == 1 and text in new[0], new
+        assert [layer.name for layer in viewer.layers] == before
+        assert w.preview_layer is None and w.result_layer is None and w.run_button.enabled

@@ -55,9 +55,9 @@ def _refused(viewer, qtbot, w, text: str) -> None:
     n = len(notification_manager.records)
     w.job = None
     w.run()
-    if w.job is not None:
-        wait_done(qtbot, w)
+    assert w.job is None  # refused before any worker starts
     assert w.status.value.startswith("Error:") and text in w.status.value, w.status.value
+    assert text in w.plan_text.value  # and said before Run, where the plan goes
     assert "\n" not in w.status.value and "Traceback" not in w.status.value
     new = [r.message for r in notification_manager.records[n:]]
     assert any(text in m for m in new), new
@@ -143,7 +143,7 @@ def test_denoise_volume_with_reference_and_refusals(make_napari_viewer, qtbot, t
     w = volume_dock(viewer, src, "denoise")
     # auto (the default): this small 3D layer takes the volume path, with its steps
     assert w.denoise_mode.value == volume.DENOISE_MODE == "auto"
-    assert w.volume_path() == "denoise"
+    assert w.plan.path == "volume" and "path: volume" in w.plan_text.value
     assert w.steps.value == volume.DEFAULT_STEPS["denoise"]
     w.denoise_mode.value = "slices"
     assert w.steps.value == slices.DEFAULT_STEPS["denoise"]
@@ -185,17 +185,17 @@ def test_volume_form_refusals_and_2d_layer(make_napari_viewer, qtbot):
     src = open_sample(viewer)
     w = volume_dock(viewer, src, "superres")
     w.scale.value = 1  # neither in-plane nor through-plane
-    _refused(viewer, qtbot, w, "choose scale >= 2 or a slice scale")
+    _refused(viewer, qtbot, w, "superres needs --scale")
     flat_scan = read_scan(sample_path(SAMPLE))
     flat_scan = flat_scan.derive(flat_scan.data[12:13].astype(np.float32))
     flat = add_scan(viewer, flat_scan, "flat")
     w.layer.value = flat
     w.slice_scale.value = 2
-    _refused(viewer, qtbot, w, "layer 'flat' is 2D (41 x 33)")
+    _refused(viewer, qtbot, w, "flat: a 2D image (41 x 33)")
     # denoise mode volume on one slice takes the slice path, as the CLI does
     w.task.value = "denoise"
     w.denoise_mode.value = "auto"
-    assert w.volume_path() is None
+    assert w.plan.path == "slices"
     w.denoise_mode.value = "volume"
     w.sigma.value = "none"
     w.steps.value = 2

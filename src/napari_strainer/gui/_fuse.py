@@ -1,23 +1,23 @@
 """The "Fuse stacks" dock widget: fuse thick-slice stacks of one anatomy, in any orientations,
-into one isotropic volume (:func:`napari_strainer.volume.fuse`)."""
+into one isotropic volume (the planner's fuse path, :mod:`napari_strainer.restore.plan`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import napari
-from magicgui.widgets import ComboBox, Container, Label, LineEdit, Select, SpinBox
+from magicgui.widgets import ComboBox, Container, LineEdit, Select, SpinBox
 
 from ..core.operators import PROFILES
-from ..errors import BadArgumentError, StrainerError
-from ..io.scan import Scan
 from ..restore import volume
-from ._common import JobWidget, collapsible, image_layers, parse_float
+from ..restore.plan import Options, Plan
+from ._common import PlannedWidget, collapsible, image_layers, layer_scan, parse_float
 from ._jobs import notify
 from ._layers import image_layer_scan
 
 
-class FuseWidget(JobWidget):
+class FuseWidget(PlannedWidget):
     """Fuse two or more image layers showing stacks of one anatomy (axial, coronal, sagittal
     or oblique; each placed by its scan geometry) into one volume.
 
@@ -26,7 +26,8 @@ class FuseWidget(JobWidget):
     stacks). Fusion fits one 3D SIREN to all stacks through each stack's acquisition model (its
     slice profile along its own normal, "INR steps"), then makes its rendering agree with the
     data by least squares ("least-squares steps"; with 0 INR steps, the classical least-squares
-    reconstruction alone). Stop keeps the reconstruction so far. The result is a new layer aligned
+    reconstruction alone). The plan (output grid, route, memory; the ETA with the Plan button)
+    is shown above Run. Stop keeps the reconstruction so far. The result is a new layer aligned
     with the "output grid of" stack, ready to be saved with File > Save Selected Layers.
     """
 
@@ -60,91 +61,58 @@ class FuseWidget(JobWidget):
                            tooltip="Adam learning rate of the INR steps")
         self.seed = SpinBox(label="seed", value=0, min=0, max=2**31 - 1)
         self.advanced = Container(widgets=[self.lr, self.seed])
-        self.grid_info = Label(value="")
-        self.grid_info.native.setWordWrap(True)
-        super().__init__(viewer, [self.layers, self.grid_of, self.spacing, self.grid_info,
-                                  self.profile, self.steps, self.ls_steps],
-                         plot_title="fusion loss")
+        super().__init__(viewer, [self.layers, self.grid_of, self.spacing, self.profile,
+                                  self.steps, self.ls_steps], plot_title="fusion loss")
         self.advanced_fold = collapsible("Advanced", self.advanced)
         self.native.layout().insertWidget(self.index(self.device), self.advanced_fold)
         self.layers.native.setMaximumHeight(90)
-        self.layers.changed.connect(self._selection_changed)
-        self.grid_of.changed.connect(self._describe_grid)
-        self.spacing.changed.connect(self._describe_grid)
         self.result_layer = None
         self._t0 = 0.0
+        self.layers.changed.connect(self._selection_changed)
+        for widget in (self.grid_of, self.spacing, self.profile, self.steps, self.ls_steps,
+                       self.lr, self.device):
+            widget.changed.connect(self.refresh_plan)
         self._selection_changed()
 
     # ------------------------------------------------------------------ form logic
     def _selection_changed(self, *_) -> None:
         self.grid_of.reset_choices()
-        self._describe_grid()
+        self.refresh_plan()
 
-    def _describe_grid(self, *_) -> None:
-        """Show the output grid the current choices give, or what is wrong with them."""
-        try:
-            layers, scans = self.chosen()
-            spacing = self.output_spacing(scans)
-        except StrainerError as e:
-            self.grid_info.value = str(e)
-            return
-        shape = volume.output_grid(scans[0], spacing).shape
-        self.grid_info.value = (f"output: {' x '.join(map(str, shape))} voxels of "
-                                f"{spacing:g} mm, oriented like {layers[0].name!r}")
-
-    def chosen(self) -> tuple[list, list[Scan]]:
-        """The selected layers and their scans, the "output grid of" layer first.
-
-        Raises:
-            BadArgumentError: fewer than two layers, or a 2D layer.
-        """
+    def stacks(self) -> list:
+        """The selected layers, the "output grid of" layer first."""
         layers = list(self.layers.value)
-        if len(layers) < 2:
-            raise BadArgumentError("select at least two image layers (stacks of one anatomy) "
-                                   "to fuse")
         first = self.grid_of.value
         if first in layers:
             layers.remove(first)
             layers.insert(0, first)
-        scans = []
-        for layer in layers:
-            scan = image_layer_scan(layer)
-            if scan.shape[0] < 2:
-                raise BadArgumentError(f"layer {layer.name!r} is 2D ({scan.shape[1]} x "
-                                       f"{scan.shape[2]}); fusion needs 3D stacks")
-            scans.append(scan)
-        return layers, scans
+        return layers
 
-    def output_spacing(self, scans: list[Scan]) -> float:
-        """The spacing field in mm; ``auto``: the finest in-plane spacing of ``scans``."""
+    def gather(self):
         text = str(self.spacing.value).strip().lower()
-        if text in ("", "auto"):
-            return min(min(s.spacing[1:]) for s in scans)
-        return parse_float(text, "spacing")
+        options = Options(task="fuse", encoder="none",
+                          spacing=None if text in ("", "auto") else parse_float(text, "spacing"),
+                          slice_profile=self.profile.value, steps=self.steps.value,
+                          ls_steps=self.ls_steps.value,
+                          lr=parse_float(self.lr.value, "learning rate"),
+                          device=self.device.value, seed=self.seed.value)
+        return [layer_scan(layer) for layer in self.stacks()], options, None
 
     # ------------------------------------------------------------------ job
-    def prepare(self):
-        layers, scans = self.chosen()
-        spacing = self.output_spacing(scans)
-        lr = parse_float(self.lr.value, "learning rate")
-        steps, ls_steps, profile = self.steps.value, self.ls_steps.value, self.profile.value
-        device, seed = self.device.value, self.seed.value
-
-        def work(report, cancel):
-            def callback(p):
-                report({"step": p.step, "total": p.total, "loss": p.loss,
-                        "stage": "INR" if p.step < steps else "least squares"})
-
-            res = volume.fuse(scans, spacing=spacing, profile=profile, steps=steps,
-                              ls_steps=ls_steps, lr=lr, device=device, seed=seed,
-                              callback=callback, cancel=cancel)
-            return res
-
+    def start(self, plan: Plan):
+        layers = self.stacks()
         self._names = [layer.name for layer in layers]
         self._source_layer = layers[0]
+        self._source = image_layer_scan(layers[0]).source
         self.result_layer = None
         self._t0 = time.monotonic()
-        return work, ls_steps + steps, f"fusing {len(scans)} stacks"
+
+        def on_progress(p, report):
+            report({"step": p.step, "total": p.total, "loss": p.loss,
+                    "stage": "INR" if p.step < plan.steps else "least squares"})
+
+        total = plan.steps + plan.ls_steps
+        return on_progress, total, f"fusing {len(layers)} stacks"
 
     def on_report(self, item: dict) -> None:
         stage = item["stage"]
@@ -159,8 +127,9 @@ class FuseWidget(JobWidget):
         name = f"{self._names[0]} fused ({len(self._names)} stacks)"
         if hist.get("cancelled"):
             name += " [stopped]"
-        self.result_layer = self.add_result(restoration.scan, name, hist, self._source_layer)
-        shape = " x ".join(map(str, restoration.scan.shape))
+        scan = dataclasses.replace(restoration.scan, source=self._source)
+        self.result_layer = self.add_result(scan, name, hist, self._source_layer)
+        shape = " x ".join(map(str, scan.shape))
         msg = (f"{'Stopped' if hist.get('cancelled') else 'Done'}: {name}, {shape} voxels of "
                f"{hist['spacing_mm']:g} mm ({time.monotonic() - self._t0:.0f} s)")
         self.set_status(msg)

@@ -1,8 +1,8 @@
 """Run a long job off the main thread with live progress, Stop, and errors as notifications.
 
-The job (``pretrain.train.pretrain`` / ``restore.slices.restore``) reports through a callback in the worker
-thread; :class:`Job` relays each report to the main thread with a queued Qt signal, where the
-widget updates its curve, preview layer and the napari progress bar. The job runs in a napari
+The job (``pretrain.train.pretrain``, or ``restore.plan.run`` of a plan) reports through a
+callback in the worker thread; :class:`Job` relays each report to the main thread with a queued
+Qt signal, where the widget updates its curve, preview layer and the napari progress bar. The job runs in a napari
 ``FunctionWorker`` (not a generator worker, which silently swallows a ``RuntimeError`` such as
 CUDA out-of-memory); errors are translated to :class:`JobError` with a one-line message and
 shown as notifications.
@@ -107,12 +107,10 @@ class Job:
         """Ask the job to stop at its next step (it keeps what it has)."""
         self.cancel.set()
 
-    def progress(self, step: int, text: str | None = None) -> None:
+    def progress(self, step: int) -> None:
         if self._pbar is None:
             return
         self._pbar.n = min(int(step), self._pbar.total)
-        if text:
-            self._pbar.set_description(text)
         self._pbar.refresh()
 
     def _returned(self, value) -> None:

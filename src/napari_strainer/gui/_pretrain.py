@@ -76,7 +76,6 @@ class PretrainWidget(JobWidget):
         self.native.layout().insertWidget(self.index(self.device), self.arch_fold)
         self.layers.native.setMaximumHeight(90)
         self.source.changed.connect(self._source_changed)
-        self._last_step = 0
         self._t0 = 0.0
 
     def _source_changed(self, value: str) -> None:
@@ -148,14 +147,12 @@ class PretrainWidget(JobWidget):
             return output, encoder
 
         self._t0 = time.monotonic()
-        self._last_step = 0
         return work, steps, "Pretraining encoder"
 
     def on_report(self, item: dict) -> None:
         if "status" in item:
             self.set_status(item["status"])
             return
-        self._last_step = item["step"]
         self.plot.add(item["step"], item["loss"])
         if self.job is not None:
             self.job.progress(item["step"])
@@ -172,7 +169,6 @@ class PretrainWidget(JobWidget):
         self.set_status(f"Encoder saved to {output.name} ({how})")
         self.status.tooltip = str(output)
         notify(msg)
-        self.last_encoder = output
         from ._restore import RestoreWidget
 
         for w in list(JobWidget._instances):

@@ -1,41 +1,32 @@
-"""The "Restore scan" dock widget: fit, super-resolve or denoise an image layer with an INR
-initialised from a STRAINER encoder, with a live preview and loss/PSNR curve; and the volume
-paths of the CLI (``strainer superres --slice-scale F``, ``strainer denoise --mode volume``):
-one 3D SIREN for the whole scan (:mod:`napari_strainer.volume`)."""
+"""The "Restore scan" dock widget: fit, super-resolve or denoise an image layer, with the plan
+(:mod:`napari_strainer.restore.plan`: slice by slice from a STRAINER encoder, or one 3D INR
+over the whole scan) shown before Run, a live preview and a loss/PSNR curve."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from pathlib import Path
 
 import napari
 import numpy as np
-from magicgui.widgets import ComboBox, Container, FileEdit, Label, LineEdit, PushButton, SpinBox
-from napari.qt.threading import create_worker
-from napari.utils.notifications import show_warning
+from magicgui.widgets import ComboBox, Container, FileEdit, Label, LineEdit, SpinBox
 
 from ..core.operators import PROFILES
 from ..errors import BadArgumentError
 from ..io.intensity import Intensity
-from ..io.scan import upsampled_affine
 from ..pretrain import cards, encoders
 from ..restore import slices, volume
-from ..restore.base import MAX_OUTPUT_VOXELS
-from ._common import JobWidget, collapsible, image_layers, parse_float
+from ..restore.plan import Options, Plan, make_plan
+from ._common import PlannedWidget, collapsible, image_layers, layer_scan, parse_float
 from ._jobs import notify
-from ._layers import KEY, geometry, image_layer_scan
+from ._layers import geometry, image_layer_scan
 
 TASK_LABELS = [("fit (represent the scan)", "fit"), ("super-resolve", "superres"),
                ("denoise", "denoise")]
 INIT_LABELS = [("auto (self-validated)", "auto"), ("fixed (paper recipe)", "fixed")]
 HEAD_LABELS = [("solved (ridge regression)", "solved"), ("random (paper)", "random")]
-ESTIMATE_TIPS = {
-    "fit": "an upper bound: with initialisation auto, slices whose loss has plateaued stop "
-           "earlier",
-    "superres": "super-resolution trains every step after the route race",
-    "denoise": "an upper bound: slices that reach the noise level stop earlier",
-}
 DENOISE_MODE_LABELS = [("auto (volume for 3D scans up to 1.2 M voxels)", "auto"),
                        ("slices (2D INR per slice)", "slices"),
                        ("volume (3D INR, neighbouring slices)", "volume")]
@@ -44,21 +35,18 @@ ENCODER_LABELS = [("shipped default (MRI)", "default"), ("file...", "file"),
                   ("self (pretrain on this scan first)", "self")]
 
 
-class RestoreWidget(JobWidget):
-    """Restore an image layer slice by slice (see :func:`napari_strainer.slices.restore`).
+class RestoreWidget(PlannedWidget):
+    """Restore an image layer as the planner decides (:func:`napari_strainer.restore.plan.
+    make_plan`): slice by slice (one 2D INR per slice, from the encoder), or, with a slice
+    scale >= 2 or denoise mode volume (auto: small 3D scans), one 3D SIREN over the whole scan.
+    The plan (path, route, noise, steps, memory, reasons; the ETA with the Plan button) is
+    shown above Run and follows every change of the form.
 
-    While it runs, a ``[live preview]`` layer shows the current best fit every few
-    iterations (normalised intensities) and the curve shows the loss, and the PSNR against
-    the reference layer when one is chosen. Stop keeps the best result so far. The result
-    is a new layer on the output grid (super-resolution: finer, aligned to the input) with
-    the source geometry and metadata, ready to be saved with File > Save Selected Layers.
-
-    The volume paths of the CLI: super-resolve with a slice scale >= 2
-    (:func:`napari_strainer.volume.superres_volume`: through-plane, and in-plane by "scale",
-    which may then be 1) and denoise mode volume on a 3D layer
-    (:func:`napari_strainer.volume.denoise_volume`) fit one 3D SIREN from scratch to the
-    whole scan (no encoder: choosing a file is refused); the preview then shows the whole
-    output volume on the output grid, and the steps default is the volume default.
+    While it runs, a ``[live preview]`` layer on the output grid shows the current best fit
+    every few iterations (normalised intensities) and the curve shows the loss, and the PSNR
+    against the reference layer when one is chosen. Stop keeps the best result so far. The
+    result is a new layer on the output grid (super-resolution: finer, aligned to the input)
+    with the source geometry and metadata, ready to be saved with File > Save Selected Layers.
     """
 
     def __init__(self, napari_viewer: napari.Viewer):
@@ -95,7 +83,9 @@ class RestoreWidget(JobWidget):
                               tooltip="'auto' (estimated per slice), 'none' (run all steps) "
                                       "or the noise standard deviation in the scan's units")
         self.steps = SpinBox(label="steps", value=slices.DEFAULT_STEPS["fit"], min=0,
-                             max=10_000_000)
+                             max=10_000_000, tooltip="Adam steps at most (per batch of "
+                                                     "slices); set to the path's default "
+                                                     "when the path changes")
         self.reference = ComboBox(label="PSNR reference",
                                   choices=lambda _w: [("(none)", None), *image_layers(viewer)],
                                   tooltip="a clean layer on the output grid: the curve then "
@@ -133,49 +123,29 @@ class RestoreWidget(JobWidget):
         self.encoder_info = Label(value="")
         self.encoder_info.native.setWordWrap(True)
         self.insert(self.index(self.encoder_file) + 1, self.encoder_info)
-        self._steps_for = ("fit", None)  # the (task, volume path) the steps default is for
+        self._path = "slices"  # of the last plan (kept while the inputs cannot be planned)
+        self._steps_for = ("fit", "slices")  # the (task, path) the steps value is the default of
         self._slice_scale_was = 0
-        self.task.changed.connect(self._task_changed)
-        self.slice_scale.changed.connect(self._slice_scale_changed)
-        self.denoise_mode.changed.connect(self._form_changed)
-        self.layer.changed.connect(self._form_changed)
-        self.encoder.changed.connect(self._encoder_changed)
-        self.encoder_file.changed.connect(self._encoder_changed)
-        self.init.changed.connect(self._encoder_changed)
-        self._encoder_changed()
-        # time to result, beside Run: a short timed probe in the background, on request
-        self.estimate_button = PushButton(text="Estimate time", tooltip="time a 3-step probe "
-                                          "of these options and show an upper bound")
-        self.estimate = Label(value="", tooltip=ESTIMATE_TIPS[self.task.value])
-        self.buttons.extend([self.estimate_button, self.estimate])
-        self.estimate_button.changed.connect(self.update_estimate)
-        self._estimate_gen = 0
-        self._estimate_workers: set = set()
+        self._encoder_summary = ("", "")
+        self._shared_layers: int | None = None
         self.preview_layer = None
         self.result_layer = None
         self._preview_data: np.ndarray | None = None
         self._t0 = 0.0
+        self.task.changed.connect(self._task_changed)
+        self.slice_scale.changed.connect(self._slice_scale_changed)
+        self.encoder.changed.connect(self._encoder_changed)
+        self.encoder_file.changed.connect(self._encoder_changed)
+        for widget in (self.layer, self.scale, self.slice_profile, self.denoise_mode,
+                       self.sigma, self.steps, self.reference, self.init, self.head,
+                       self.freeze, self.lr, self.batch, self.device):
+            widget.changed.connect(self.refresh_plan)
+        self._encoder_changed()
 
     # ------------------------------------------------------------------ form logic
-    def volume_path(self) -> str | None:
-        """``"superres"`` / ``"denoise"`` when the form asks for a volume path (a slice scale,
-        denoise mode volume), else None. A 2D layer still denoises slice by slice."""
-        task = self.task.value
-        if task == "superres" and self.slice_scale.value >= 2:
-            return "superres"
-        if task == "denoise":
-            layer = self.layer.value
-            shape = (2, 1, 1) if layer is None else (  # no layer yet: as for a volume
-                tuple(layer.data.shape[-3:]) if layer.data.ndim >= 3 else (1, 1, 1))
-            if volume.denoise_mode(shape, self.denoise_mode.value) == "volume":
-                return "denoise"
-        return None
-
     def _task_changed(self, task: str) -> None:
-        self.scale.visible = self.slice_scale.visible = task == "superres"
-        self.sigma.visible = self.denoise_mode.visible = task == "denoise"
-        self.estimate.tooltip = ESTIMATE_TIPS[task]
-        self._form_changed()
+        self._set_default_freeze()
+        self.refresh_plan()
 
     def _slice_scale_changed(self, value: int) -> None:
         """Skip the meaningless 1 (0 is off, 2..8 on); turning it on makes the in-plane scale
@@ -188,27 +158,12 @@ class RestoreWidget(JobWidget):
             self.scale.value = 1
         elif value < 2 <= was and self.scale.value == 1:
             self.scale.value = 2
-        self._form_changed()
-
-    def _form_changed(self, *_) -> None:
-        """Show the options of the chosen path; the steps default follows the path (the
-        volume paths have their own, :data:`napari_strainer.volume.DEFAULT_STEPS`)."""
-        task, path = self.task.value, self.volume_path()
-        self.slice_profile.visible = path == "superres"
-        if (task, path) != self._steps_for:
-            self._steps_for = (task, path)
-            self.steps.value = (volume.DEFAULT_STEPS[path] if path is not None
-                                else slices.DEFAULT_STEPS[task])
-        # initialisation, head, freezing and slice batches are for the slice path only
-        self.init.enabled = self.batch.enabled = path is None
-        self._encoder_changed()
+        self.refresh_plan()
 
     def _encoder_changed(self, *_) -> None:
-        """Show what the chosen encoder is; limit the freeze depth to its shared layers."""
+        """Describe the chosen encoder (its card); limit the freeze depth to its layers."""
         choice = self.encoder.value
         self.encoder_file.visible = choice == "file"
-        self.freeze.enabled = (choice != "none" and self.init.value == "fixed"
-                               and self.volume_path() is None)
         self._shared_layers = None
         text, tooltip = "", ""
         if choice == "none":
@@ -228,18 +183,9 @@ class RestoreWidget(JobWidget):
                 text = (f"{cards.summary(enc)}; {c.shared_layers} shared of {c.layers} sine "
                         f"layers, width {c.width}")
                 tooltip = cards.format_card(cards.card(enc))
-        if self.volume_path() is not None:
-            text = ("not used: the volume path fits a 3D SIREN from scratch (no pretrained 3D "
-                    "encoder exists); choose 'none' or the shipped default")
-        self.encoder_info.value = text
-        self.encoder_info.tooltip = tooltip
+        self._encoder_summary = (text, tooltip)
         self._set_default_freeze()
-        self._update_head()
-
-    def _update_head(self) -> None:
-        """The head choice matters only when fitting from an encoder."""
-        self.head.enabled = (self.encoder.value != "none" and self.task.value == "fit"
-                             and self.volume_path() is None)
+        self.refresh_plan()
 
     def _set_default_freeze(self) -> None:
         if self.encoder.value == "none":
@@ -249,209 +195,123 @@ class RestoreWidget(JobWidget):
         self.freeze.max = limit
         self.freeze.value = slices.default_freeze(self.task.value, limit)
 
-    def update_estimate(self) -> None:
-        """Time a short probe of the current options in the background and show the bound
-        beside Run (blank when the options are incomplete or a job is running)."""
-        self._estimate_gen += 1
-        gen, layer = self._estimate_gen, self.layer.value
-        encoder = self.encoder.value
-        if encoder == "file":
-            encoder = str(self.encoder_file.value).strip()
-        if self.running or layer is None or not encoder or Path(encoder).is_dir():
-            self.estimate.value = ""
-            return
-        if self.volume_path() is not None:
-            self.estimate.value = "(no estimate for the volume path)"
-            return
-        device = self.device.value
-
-        options = {"task": self.task.value, "encoder": encoder, "init": self.init.value,
-                       "steps": self.steps.value, "scale": self.scale.value, "device": device,
-                       "batch_size": self.batch.value or None}
-        scan = image_layer_scan(layer)
-
-        def probe() -> float | None:
-            try:
-                return slices.estimate_seconds(scan, **options)
-            except Exception:  # noqa: BLE001 - a bad option is reported when Run is pressed
-                return None
-
-        def show(seconds: float | None) -> None:
-            if gen == self._estimate_gen:
-                self.estimate.value = "" if seconds is None else (
-                    f"~ {slices.describe_estimate(seconds, device)}")
-
-        worker = create_worker(probe, _start_thread=False)
-        worker.returned.connect(show)
-        self._estimate_workers.add(worker)  # referenced until finished
-        worker.finished.connect(lambda: self._estimate_workers.discard(worker))
-        worker.start()
-
-    def _warn_modality(self, encoder: str, scan) -> None:
-        """Show restore's modality warning (:func:`napari_strainer.cards.modality_warning`) as
-        a notification: napari's ``FunctionWorker`` does not relay warnings from its thread."""
-        if encoder == "none":
-            return
-        enc = _peek_encoder(encoders.DEFAULT_ENCODER if encoder == "default" else Path(encoder))
-        message = None if isinstance(enc, str) else cards.modality_warning(enc, scan)
-        if message is not None:
-            show_warning(message)
+    def on_plan(self, plan: Plan | None) -> None:
+        """Show the options of the planned path; the steps value follows the path's default
+        when the task or the path changes."""
+        if plan is not None:
+            self._path = plan.path
+            if (plan.task, plan.path) != self._steps_for:
+                self._steps_for = (plan.task, plan.path)
+                self.steps.value = _default_steps(plan)
+        task, encoder = self.task.value, self.encoder.value
+        self.scale.visible = self.slice_scale.visible = task == "superres"
+        self.slice_profile.visible = task == "superres" and self.slice_scale.value >= 2
+        self.sigma.visible = self.denoise_mode.visible = task == "denoise"
+        on_slices = self._path == "slices"
+        # initialisation, head, freezing and slice batches are for the slice path only
+        self.init.enabled = self.batch.enabled = on_slices
+        self.freeze.enabled = encoder != "none" and self.init.value == "fixed" and on_slices
+        self.head.enabled = encoder != "none" and task == "fit" and on_slices
+        text, tooltip = self._encoder_summary
+        if not on_slices:  # the volume path has no encoder
+            text = ("a 3D SIREN from scratch: the volume path (no pretrained 3D encoder exists)"
+                    if encoder == "none" else
+                    "not used: the volume path fits a 3D SIREN from scratch (no pretrained 3D "
+                    "encoder exists); choose 'none' or the shipped default")
+            tooltip = ""
+        self.encoder_info.value = text
+        self.encoder_info.tooltip = tooltip
 
     def use_encoder_file(self, path) -> None:
         """Select an encoder file (the Pretrain widget calls this when it has saved one)."""
         self.encoder_file.value = str(path)
         self.encoder.value = "file"
 
-    # ------------------------------------------------------------------ job
-    def prepare(self):
-        from ..restore.noise import make_stop_rule
-
+    def gather(self):
         layer = self.layer.value
         if layer is None:
             raise BadArgumentError("open a scan first (File > Open, or File > Open Sample > "
                                    "napari-strainer)")
-        scan = image_layer_scan(layer)
-        task = self.task.value
-        z, h, w = scan.shape
-        path = self.volume_path()
-        if path == "denoise" and z < 2:
-            path = None  # one slice: the slice path, as the CLI does
-        if path == "superres" and z < 2:
-            raise BadArgumentError(f"layer {layer.name!r} is 2D ({h} x {w}); a slice scale "
-                                   "needs a 3D scan")
-        scale = self.scale.value if task == "superres" else 1
-        slice_scale = self.slice_scale.value if path == "superres" else 1
-        if task == "superres" and path is None and scale < 2:
-            raise BadArgumentError("choose scale >= 2 or a slice scale")
-        profile = self.slice_profile.value
-        if path == "superres":
-            volume.check_slice_options(slice_scale, profile)
-        ref_layer = self.reference.value
-        reference = image_layer_scan(ref_layer) if ref_layer is not None else None
-        encoder = self.encoder.value
+        task, encoder = self.task.value, self.encoder.value
         if encoder == "file":
             encoder = str(self.encoder_file.value).strip()
-            if path is None and (not encoder or Path(encoder).is_dir()):
+            if not encoder or Path(encoder).is_dir():
                 raise BadArgumentError("choose an encoder file (*.safetensors)")
-        if path == "denoise" and self.denoise_mode.value == "auto":
-            if volume.is_2d_encoder(encoder):
-                show_warning("denoise mode auto denoises this 3D scan as one volume, which "
-                             "uses no encoder; mode slices uses the chosen encoder")
-        elif path is not None:
-            try:
-                volume.check_encoder(encoder or "file")
-            except BadArgumentError:
-                what = "a slice scale" if path == "superres" else "denoise mode volume"
-                raise BadArgumentError(f"encoder: {what} fits a 3D SIREN from scratch (no "
-                                       "pretrained 3D encoder exists); choose encoder 'none' "
-                                       "(or the shipped default, which it does not use)"
-                                       ) from None
-        init, head = self.init.value, self.head.value
-        freeze = None if init == "auto" else 0 if encoder == "none" else self.freeze.value
-        lr = parse_float(self.lr.value, "learning rate")
-        stop, sigma = None, "auto"
-        if task == "denoise":
-            text = self.sigma.value.strip().lower()
-            sigma = text if text in ("auto", "none") else parse_float(text, "noise sigma")
-            stop = make_stop_rule(sigma)
-        steps, device, seed = self.steps.value, self.device.value, self.seed.value
-        log_every, batch_size = self.log_every.value, self.batch.value
-        out_shape = (z * slice_scale, h * scale, w * scale)
-        if reference is not None and reference.shape != out_shape:
-            raise BadArgumentError(f"PSNR reference {ref_layer.name!r} has shape "
-                                   f"{reference.shape}; the output will be {out_shape}")
-        if int(np.prod(out_shape)) > MAX_OUTPUT_VOXELS:
-            raise BadArgumentError(f"the output would be {out_shape} voxels "
-                                   f"({np.prod(out_shape) * 4 / 2**30:.1f} GiB); the limit is "
-                                   f"{MAX_OUTPUT_VOXELS * 4 / 2**30:.0f} GiB")
+        superres, denoise = task == "superres", task == "denoise"
+        fixed = self.init.value == "fixed"
+        options = Options(
+            task=task, encoder=encoder, init=self.init.value, head=self.head.value,
+            steps=self.steps.value, lr=parse_float(self.lr.value, "learning rate"),
+            # in-plane 1 without a slice scale: no super-resolution asked (the planner says so)
+            scale=(self.scale.value if self.scale.value >= 2 else None) if superres else 1,
+            slice_scale=self.slice_scale.value if superres and self.slice_scale.value >= 2
+            else None, slice_profile=self.slice_profile.value,
+            freeze=self.freeze.value if fixed and self.encoder.value != "none" else None,
+            sigma=self.sigma.value.strip() if denoise else "auto",
+            mode=self.denoise_mode.value if denoise else "auto", device=self.device.value,
+            seed=self.seed.value, log_every=self.log_every.value,
+            batch_size=self.batch.value or None)
+        ref = self.reference.value
+        return [layer_scan(layer)], options, image_layer_scan(ref) if ref is not None else None
 
-        # the live preview layer, on the output grid, in normalised intensities (those of the
-        # path: the volume paths normalise by the scan's percentiles, CT included)
-        if path is None:
-            norm = Intensity.for_scan(scan).forward(np.nan_to_num(scan.data))
-        else:
-            inten = Intensity.of(scan.data)
-            norm = inten.forward(np.nan_to_num(scan.data, nan=inten.low))
-        if slice_scale > 1:
-            norm = norm.repeat(slice_scale, axis=0)
-        if scale > 1:
-            norm = norm.repeat(scale, axis=1).repeat(scale, axis=2)
+    # ------------------------------------------------------------------ job
+    def start(self, plan: Plan):
+        layer = self.layer.value
+        scan = plan.scans[0]
+        z, zo = scan.shape[0], plan.output_shape[0]
+        # the live preview, on the output grid, in the normalised intensities of the fit
+        inten = Intensity.for_scan(scan)
+        norm = inten.forward(np.nan_to_num(scan.data, nan=inten.low))
+        for axis, (n_out, n_in) in enumerate(zip(plan.output_shape, scan.shape)):
+            if n_out != n_in:
+                norm = norm.repeat(n_out // n_in, axis=axis)
         self._preview_data = norm
-        out_affine = upsampled_affine(scan.affine, (slice_scale, scale, scale))
-        p_scale, p_translate = geometry(out_affine)
+        p_scale, p_translate = geometry(plan.output_affine)
         self._remove_preview()
         self.preview_layer = self.viewer.add_image(
             norm, name=f"{layer.name} [live preview]", scale=p_scale, translate=p_translate,
             contrast_limits=(0.0, 1.0), metadata={"strainer_preview": True})
         self.viewer.layers.selection.active = layer
         self._source_layer = layer
+        self._source = image_layer_scan(layer).source
         self.result_layer = None
-        self._run_info = (task, scale, encoder, path, slice_scale)
+        self._running_plan = plan
         gui_free = threading.Event()
         gui_free.set()
         self._gui_free = gui_free
+        on_slices = plan.path == "slices"
+        stages = plan.path == "volume" and plan.task == "superres"  # INR, then least squares
+        state = {"key": None, "segment": -1}
 
-        def work(report, cancel):
-            state = {"key": None, "segment": -1}
+        def on_progress(p, report):
+            """Runs in the worker: a new curve segment per batch of slices, probe and stage;
+            the slice path previews the batch, the volume path the whole output volume."""
+            if on_slices:
+                key, phase = (p.slices, p.phase), p.phase
+                (first, stop), n = p.slices or (0, z), z
+            else:
+                phase = ("INR" if p.step < plan.steps else "least squares") if stages else ""
+                key, (first, stop), n = phase, (0, zo), zo
+            new = key != state["key"]
+            if new:
+                state["key"] = key
+                state["segment"] += 1
+            item = {"step": p.step, "total": p.total, "loss": p.loss, "psnr": p.psnr,
+                    "segment": state["segment"], "phase": phase, "slices": (first + 1, stop, n)}
+            # render only when the GUI has shown the previous preview (no backlog)
+            if gui_free.is_set() or new:
+                gui_free.clear()
+                item["preview"] = (first, p.preview()[..., 0].float().cpu().numpy())
+            report(item)
 
-            def callback(p):
-                key = (p.slices, p.phase)
-                new = key != state["key"]
-                if new:  # a new curve segment per batch of slices and per probe
-                    state["key"] = key
-                    state["segment"] += 1
-                first, stop = p.slices or (0, z)
-                item = {"step": p.step, "total": p.total, "loss": p.loss, "psnr": p.psnr,
-                        "segment": state["segment"], "phase": p.phase,
-                        "slices": (first + 1, stop, z)}
-                # render only when the GUI has shown the previous preview (no backlog)
-                if gui_free.is_set() or new:
-                    gui_free.clear()
-                    item["preview"] = (first, p.preview()[..., 0].float().cpu().numpy())
-                report(item)
-
-            return slices.restore(scan, task=task, encoder=encoder, init=init, head=head,
-                                 steps=steps,
-                                 lr=lr, scale=scale, freeze=freeze, stop=stop,
-                                 reference=reference, device=device, seed=seed,
-                                 log_every=log_every, batch_size=batch_size or None,
-                                 callback=callback, cancel=cancel)
-
-        def work_volume(report, cancel):
-            """The volume path: one 3D SIREN; every preview is the whole output volume."""
-            zo = out_shape[0]
-            state = {"phase": None, "segment": -1}
-
-            def callback(p):
-                phase = ("INR" if p.step < steps else "least squares") if (
-                    path == "superres") else ""
-                new = phase != state["phase"]
-                if new:  # superres: the INR, then the data-consistency step
-                    state["phase"] = phase
-                    state["segment"] += 1
-                item = {"step": p.step, "total": p.total, "loss": p.loss, "psnr": p.psnr,
-                        "segment": state["segment"], "phase": phase, "slices": (1, zo, zo)}
-                if gui_free.is_set() or new:
-                    gui_free.clear()
-                    item["preview"] = (0, p.preview()[..., 0].float().cpu().numpy())
-                report(item)
-
-            common = {"steps": steps, "lr": lr, "reference": reference, "device": device,
-                      "seed": seed, "log_every": log_every, "callback": callback,
-                      "cancel": cancel}
-            if path == "superres":
-                return volume.superres_volume(scan, slice_scale=slice_scale, scale=scale,
-                                              profile=profile, **common)
-            return volume.denoise_volume(scan, sigma=sigma, **common)
-
+        o = plan.options
+        if on_slices:
+            total = plan.steps * max(1, -(-z // (o.batch_size or z)))
+        else:
+            total = plan.steps + (plan.ls_steps if stages else 0)
         self._t0 = time.monotonic()
-        what = {v: k for k, v in TASK_LABELS}[task].split(" (")[0]
-        if path is not None:
-            total = steps + (volume.GRID_STEPS if path == "superres" else 0)
-            return work_volume, total, f"{what} (3D): {layer.name}"
-        self._warn_modality(encoder, scan)
-        total = steps * max(1, -(-z // (batch_size or z)))
-        return work, total, f"{what}: {layer.name}"
+        what = {v: k for k, v in TASK_LABELS}[plan.task].split(" (")[0]
+        return on_progress, total, f"{what}{'' if on_slices else ' (3D)'}: {layer.name}"
 
     def on_report(self, item: dict) -> None:
         first, last, z = item["slices"]
@@ -475,21 +335,23 @@ class RestoreWidget(JobWidget):
                         f"  ({time.monotonic() - self._t0:.0f} s){'  ' + where if where else ''}")
 
     def on_done(self, restoration) -> None:
-        task, scale, encoder, path, slice_scale = self._run_info
-        hist = restoration.history
-        if path is not None:
+        plan = self._running_plan
+        o, hist = plan.options, restoration.history
+        if plan.path == "volume":
             enc = "3D SIREN"
         else:
             enc = "SIREN" if hist.get("encoder") == "none" else (
-                "STRAINER" if encoder == "default" else f"STRAINER {Path(encoder).stem}")
-        what = {"fit": "fit", "superres": f"superres x{scale}", "denoise": "denoised"}[task]
-        if path == "superres":
-            what += f" slices x{slice_scale}"
+                "STRAINER" if o.encoder == "default" else f"STRAINER {Path(o.encoder).stem}")
+        what = {"fit": "fit", "superres": f"superres x{o.scale}", "denoise": "denoised"}[
+            plan.task]
+        if plan.path == "volume" and plan.task == "superres":
+            what += f" slices x{o.slice_scale}"
         name = f"{self._source_layer.name} {what} ({enc})"
         if hist.get("cancelled"):
             name += " [stopped]"
         self._remove_preview()
-        self.result_layer = self.add_result(restoration.scan, name, hist, self._source_layer)
+        scan = dataclasses.replace(restoration.scan, source=self._source)
+        self.result_layer = self.add_result(scan, name, hist, self._source_layer)
         final = hist.get("psnr_final")
         if final is None and hist.get("psnr"):
             final = hist["psnr"][-1]
@@ -517,6 +379,12 @@ class RestoreWidget(JobWidget):
         self.preview_layer = None
 
 
+def _default_steps(plan: Plan) -> int:
+    """The planner's step budget for ``plan``'s inputs with the steps left to it."""
+    options = dataclasses.replace(plan.options, steps=None)
+    return make_plan(plan.scans, options, reference=plan.reference, eta=False).steps
+
+
 _PEEKED: dict = {}
 
 
@@ -537,4 +405,4 @@ def _peek_encoder(path: Path):
     return _PEEKED[key]
 
 
-__all__ = ["KEY", "RestoreWidget"]
+__all__ = ["RestoreWidget"]
