@@ -1,6 +1,7 @@
 """Self-validated initialisation: held-out pixels, the route race, warm starts, convergence."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -14,8 +15,9 @@ from napari_strainer.core.problems import ImageProblem
 from napari_strainer.io import read_scan, sample_path
 from napari_strainer.io.intensity import Intensity
 from napari_strainer.io.scan import Scan
+from napari_strainer.restore.plan import Options, make_plan, run
 from napari_strainer.restore.routes import holdout_mask
-from napari_strainer.restore.slices import describe_estimate, estimate_seconds, restore
+from napari_strainer.restore.slices import restore
 
 CFG = SirenConfig(width=32, layers=4, shared_layers=3)
 
@@ -106,11 +108,15 @@ def test_fixed_init_is_the_paper_recipe(tiny_encoder):
 
 def test_estimate_is_an_upper_bound_on_a_short_run(tiny_encoder):
     scan = Scan(brain_slices(2))
-    est = estimate_seconds(scan, task="fit", encoder=str(tiny_encoder), steps=30,
-                           device="cpu")
-    assert est > 0
-    assert describe_estimate(est, "cpu").startswith("at most ")
-    assert "cpu (" in describe_estimate(600, "cpu") and "10 min" in describe_estimate(600)
+    plan = make_plan(scan, Options(task="fit", encoder=str(tiny_encoder), steps=30,
+                                   device="cpu"))
+    assert plan.eta_seconds > 0
+    t0 = time.perf_counter()
+    run(plan)
+    assert time.perf_counter() - t0 < 3 * plan.eta_seconds + 5
+    assert plan.eta_text().startswith("at most ") and "cpu (" in plan.eta_text()
+    plan.eta_seconds = 600
+    assert "10 min" in plan.eta_text()
 
 
 @pytest.mark.parametrize("args, message", [

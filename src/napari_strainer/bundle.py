@@ -208,7 +208,7 @@ def run_inference(dataset_dir: str, output_dir: str, *, task: str = "fit",
     ``models/model.safetensors`` is then left aside; any other encoder file is refused).
     ``mode="volume"`` (``denoise``) is the same for volume denoising of 3D scans; ``"auto"``
     (the default) takes that path for 3D scans up to
-    :data:`~napari_strainer.volume.VOLUME_DENOISE_MAX_VOXELS` voxels and the slice path, with
+    :data:`~napari_strainer.restore.volume.VOLUME_DENOISE_MAX_VOXELS` voxels and the slice path, with
     the encoder, otherwise.
 
     Exits (``SystemExit``, status 1) naming the failed scans at the end when

@@ -2,15 +2,16 @@
 
 1. pretrains a small encoder briefly on the sample brain MRI (to show the pretraining path);
 2. on a slice the shipped encoder never saw, fits it, super-resolves a 2x downsampled copy
-   and denoises a noisy copy three ways: with the defaults (``init="auto"``: the route chosen
+   and denoises a noisy copy three ways, each through the planner
+   (:mod:`napari_strainer.restore.plan`): with the defaults (``init="auto"``: the route chosen
    on held-out pixels, stopped when converged), with the shipped encoder (STRAINER, the
    paper's recipe) and with random initialisation (SIREN); beside them classical baselines:
    bicubic interpolation for super-resolution, total variation (its weight picked on another
    slice of the scan with the same noise) and, when the optional ``bm4d`` package is
-   installed, BM4D with the true sigma for denoising (:mod:`napari_strainer.classical`);
+   installed, BM4D with the true sigma for denoising (:mod:`napari_strainer.restore.classical`);
 3. through-plane super-resolution: the brain's slices box-averaged in pairs (a scan of half
    the slices, twice as thick) restored to the original slices by
-   :func:`~napari_strainer.volume.superres_volume` with its defaults, against linear and cubic
+   the planner's through-plane path with its defaults, against linear and cubic
    B-spline interpolation along the slice axis;
 
 and writes the outputs as NIfTI, a PNG of the PSNR curves, a before/after panel, a
@@ -36,10 +37,8 @@ from .io.intensity import Intensity, pick_slices
 from .io.scan import Scan
 from .pretrain.train import pretrain, training_slices
 from .restore.classical import bicubic, bm4d_denoise, interpolate_slices, tv_denoise
-from .restore.noise import make_stop_rule
-from .restore.slices import restore
+from .restore.plan import Options, make_plan, run
 from .restore.volume import DEFAULT_STEPS as VOLUME_STEPS
-from .restore.volume import superres_volume
 
 RUNS = (("default", "default", "auto"), ("STRAINER", "default", "fixed"),
         ("SIREN", "none", "fixed"))  # (name, encoder, init)
@@ -72,7 +71,7 @@ def run_demo(outdir: str | Path, *, steps: int | None = None, pretrain_steps: in
     vol_steps = steps or VOLUME_STEPS["superres"]
     steps = steps or DEMO_STEPS
     brain = read_scan(sample_path("mr_brain"))
-    inten = Intensity.of(brain.data)
+    inten = Intensity.for_scan(brain)
     if HELD_OUT in pick_slices(inten.forward(brain.data), 10):
         raise RuntimeError("demo slice is one the shipped encoder was trained on")
     bar = tqdm(total=1, desc="demo", disable=quiet or not sys.stderr.isatty(), unit="step")
@@ -103,8 +102,7 @@ def run_demo(outdir: str | Path, *, steps: int | None = None, pretrain_steps: in
     sigma = NOISE * float(np.ptp(clean))
     noisy = _slice_scan(brain, HELD_OUT, clean + rng.normal(0, sigma, clean.shape).astype(
         np.float32))
-    jobs = {"fit": (ref, {}), "superres": (low, {"scale": 2}),
-            "denoise": (noisy, {"stop": make_stop_rule("auto")})}
+    jobs = {"fit": (ref, {}), "superres": (low, {"scale": 2}), "denoise": (noisy, {})}
     baselines = {"superres": [("bicubic", lambda: (bicubic(low_t, 2), None))],
                  "denoise": [("TV", lambda: _tv_tuned(noisy.data[0], sigma, brain, seed)),
                              ("BM4D", lambda: (bm4d_denoise(noisy.data[0], sigma),
@@ -112,8 +110,9 @@ def run_demo(outdir: str | Path, *, steps: int | None = None, pretrain_steps: in
     results, images, table = {}, {}, []
     for task, (inp, kw) in jobs.items():
         for name, enc, init in RUNS:
-            r = restore(inp, task=task, encoder=enc, init=init, steps=steps, reference=ref,
-                        device=device, seed=seed, log_every=5, callback=progress, **kw)
+            options = Options(task=task, encoder=enc, init=init, steps=steps, device=device,
+                              seed=seed, log_every=5, **kw)  # the planner's defaults else
+            r = run(make_plan(inp, options, reference=ref, eta=False), callback=progress)
             offset = bar.n
             results[(task, name)] = r
             images[(task, name)] = r.scan.data[0]
@@ -171,8 +170,10 @@ def _through_plane(brain: Scan, out: Path, steps: int, device: str, seed: int,
     scan = brain.derive(thick, affine=affine, description="slices averaged in pairs (demo)")
     write_scan(scan, out / "thru_plane_input.nii.gz", overwrite=True)
     t = time.perf_counter()
-    r = superres_volume(scan, slice_scale=2, steps=steps, reference=brain.derive(truth),
-                        device=device, seed=seed, callback=callback)
+    options = Options(task="superres", slice_scale=2, scale=None, steps=steps, device=device,
+                      seed=seed)
+    r = run(make_plan(scan, options, reference=brain.derive(truth), eta=False),
+            callback=callback)
     seconds = time.perf_counter() - t
     write_scan(r.scan, out / "thru_plane_default.nii.gz", overwrite=True)
     h = r.history

@@ -35,7 +35,7 @@ class Encoder:
         weights: ``config.shared_layers`` pairs ``(weight [in, out], bias [out])``.
         info: provenance, the encoder's card: ``normalization``, ``trained_on`` (``images``,
             ``shape``, ``files``, ``modality``), ``steps``, ``final_loss``, ``created``,
-            ``package_version``, ``evaluation`` (see :mod:`napari_strainer.cards`).
+            ``package_version``, ``evaluation`` (see :mod:`napari_strainer.pretrain.cards`).
     """
 
     config: SirenConfig

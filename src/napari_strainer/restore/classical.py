@@ -74,7 +74,7 @@ def interpolate_slices(volume: np.ndarray, factor: int, order: int, inplane: int
     """B-spline interpolation (``order`` 1: linear, 3: cubic) to ``factor`` times the slices
     (axis 0) and ``inplane`` times the rows and columns, voxel centres aligned as
     :func:`~napari_strainer.io.scan.upsampled_affine` places them (edges extended). Through-plane
-    super-resolution starts from it (:func:`~napari_strainer.volume.superres_volume`)."""
+    super-resolution starts from it (:func:`~napari_strainer.restore.volume.superres_volume`)."""
     from scipy.ndimage import zoom
 
     return zoom(np.asarray(volume, np.float32), (factor, inplane, inplane), order=order,

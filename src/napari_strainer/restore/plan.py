@@ -154,6 +154,8 @@ class Plan:
     memory_bytes: int
     eta_seconds: float | None
     noise: dict | None = None
+    ls_steps: int = 0
+    """Conjugate-gradient steps of least squares after the INR (through-plane, fusion)."""
     reasons: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     """Warnings the user should read (e.g. an encoder trained on another modality)."""
@@ -172,7 +174,8 @@ class Plan:
                  f"  path: {path}",
                  f"  route: {self.route}",
                  (f"  steps: at most {self.steps} Adam steps"
-                  f"{' per batch of slices' if self.path == 'slices' else ''}")]
+                  f"{' per batch of slices' if self.path == 'slices' else ''}"
+                  f"{f', then {self.ls_steps} of least squares' if self.ls_steps else ''}")]
         if self.noise is not None:
             lines.append(f"  noise: {self.noise['text']}")
         lines += [(f"  output: {' x '.join(map(str, self.output_shape))} voxels of "
@@ -200,7 +203,7 @@ class Plan:
     def to_dict(self) -> dict:
         """JSON-friendly summary (histories and batch manifests record it)."""
         return {"task": self.task, "path": self.path, "route": self.route,
-                "steps": self.steps, "noise": self.noise,
+                "steps": self.steps, "ls_steps": self.ls_steps, "noise": self.noise,
                 "output_shape": list(self.output_shape),
                 "memory_bytes": int(self.memory_bytes), "eta_seconds": self.eta_seconds,
                 "reasons": list(self.reasons), "notes": list(self.notes),
@@ -292,7 +295,7 @@ def _plan_slices(scan: Scan, o: Options) -> Plan:
     if warning:
         notes.append(warning)
     config = encoder.config if encoder is not None else SirenConfig()
-    limit = config.shared_layers if encoder is not None else 0
+    limit = config.shared_layers if encoder is not None or own else 0
     if o.freeze is not None and not 0 <= o.freeze <= limit:
         raise BadArgumentError(f"--freeze must be between 0 and {limit} (the encoder's layers"
                                f"{'; --encoder none has none' if encoder is None and not own else ''}"
@@ -325,7 +328,7 @@ def _plan_slices(scan: Scan, o: Options) -> Plan:
     reasons.append(f"{bs} slice(s) fitted at once, {-(-z // bs)} batch(es)")
     affine = upsampled_affine(scan.affine, (1, scale, scale)) if scale > 1 else scan.affine
     return Plan(task, "slices", o, [scan], None, enc, route, steps, out_shape, affine, memory,
-                None, noise, reasons, notes)
+                None, noise, 0, reasons, notes)
 
 
 def _plan_through_plane(scan: Scan, o: Options) -> Plan:
@@ -340,7 +343,7 @@ def _plan_through_plane(scan: Scan, o: Options) -> Plan:
                 f"conjugate-gradient steps make the output consistent with the input")]
     route = f"3D SIREN (width {width}, {layers} layers) from scratch"
     return Plan("superres", "volume", o, [scan], None, None, route, steps, grid.shape,
-                grid.affine, _volume_memory("superres", grid.size), None, None, reasons,
+                grid.affine, _volume_memory("superres", grid.size), None, None, ls, reasons,
                 _encoder_note(o))
 
 
@@ -364,7 +367,7 @@ def _plan_denoise_volume(scan: Scan, o: Options) -> Plan:
     noise["text"] += f"; 3D TV weight {weight:.3g}"
     route = f"3D SIREN (width {width}, {layers} layers) from scratch, weights averaged"
     return Plan("denoise", "volume", o, [scan], None, None, route, steps, scan.shape,
-                scan.affine, _volume_memory("denoise", math.prod(scan.shape)), None, noise,
+                scan.affine, _volume_memory("denoise", math.prod(scan.shape)), None, noise, 0,
                 reasons, _encoder_note(o))
 
 
@@ -379,7 +382,7 @@ def _plan_fuse(scans: list[Scan], o: Options) -> Plan:
     reasons = [(f"the output grid is the first stack's orientation and field of view at "
                 f"{grid.spacing[0]:g} mm")]
     return Plan("fuse", "fuse", o, scans, None, None, route, steps, grid.shape, grid.affine,
-                _volume_memory("fuse", grid.size), None, None, reasons, _encoder_note(o))
+                _volume_memory("fuse", grid.size), None, None, ls, reasons, _encoder_note(o))
 
 
 def _encoder_note(o: Options) -> list[str]:
@@ -443,7 +446,7 @@ def _eta(plan: Plan) -> float:
     per_point = per_step / points / 3
     voxels = math.prod(plan.output_shape)
     observed = sum(math.prod(s.shape) for s in plan.scans)
-    ls = volume.GRID_STEPS if o.ls_steps is None else o.ls_steps
+    ls = plan.ls_steps
     seconds = per_step * plan.steps + per_point * voxels * 2  # fit, render (twice)
     if plan.task == "denoise":  # held-out validation every 25 steps
         seconds += per_point * volume.HOLDOUT * observed * plan.steps / 25

@@ -100,17 +100,16 @@ def restore(scan: Scan, *, task: str = "fit", encoder: str | Path | Encoder | No
             lr: float = 1e-4, scale: int = 1, freeze: int | None = None, stop=None,
             reference: Scan | None = None, device: str = "auto", seed: int = 0,
             log_every: int = 10, batch_size: int | None = None,
-            callback: Callable[[Progress], None] | None = None, cancel=None,
-            on_estimate: Callable[[float], None] | None = None) -> Restoration:
+            callback: Callable[[Progress], None] | None = None, cancel=None) -> Restoration:
     """Fit one INR per slice of ``scan`` (in batches), for ``task``:
 
     * ``fit``: represent the scan (output: same grid);
     * ``superres``: the scan is the ``scale``-times area-downsampled view of the output;
     * ``denoise``: like ``fit``, stopped per slice by ``stop`` (a :class:`StopRule` factory
-      ``stop(norm_slices, units_per_norm) -> StopRule``, see :mod:`napari_strainer.denoise`).
+      ``stop(norm_slices, units_per_norm) -> StopRule``, see :mod:`napari_strainer.restore.noise`).
 
     ``init="auto"`` (default) chooses how the INRs start from the scan itself (see
-    :mod:`napari_strainer.routes`): ``holdout`` of the observed pixels are held out, SIREN and
+    :mod:`napari_strainer.restore.routes`): ``holdout`` of the observed pixels are held out, SIREN and
     the encoder (freeze 0 and the task's default freeze, or ``freeze`` when given) race on the
     middle batch of slices, then (fitting, denoising) a warm start from the neighbouring
     slice's fit races the winner; the rest of the scan follows the winner slice by slice
@@ -127,8 +126,7 @@ def restore(scan: Scan, *, task: str = "fit", encoder: str | Path | Encoder | No
     ``"random"`` is the paper's random head.
 
     Output voxels are in the input's units and dtype. The history records the route, the
-    probes (held-out loss, seconds) and why each batch stopped. ``on_estimate`` receives the
-    :func:`estimate_seconds` bound once the arguments have been checked, before any fitting.
+    probes (held-out loss, seconds) and why each batch stopped.
     """
     if task not in TASKS:
         raise BadArgumentError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
@@ -188,10 +186,6 @@ def restore(scan: Scan, *, task: str = "fit", encoder: str | Path | Encoder | No
         freezes = [freeze] if freeze is not None else [task_freeze] if task == "denoise" \
             else [0, task_freeze]
         routes = candidates(enc, freezes)
-    if on_estimate is not None:
-        on_estimate(estimate_seconds(scan, task=task, encoder=enc, init=init, steps=steps,
-                                     scale=scale, device=device, batch_size=bs,
-                                     coarse_steps=coarse))
     mask = holdout_mask(h * w, holdout, seed, dev) if auto else None
     converge = auto and task == "fit"
     warm_race = auto and task in WARM_TASKS
@@ -362,17 +356,6 @@ def estimate_seconds(scan: Scan, *, task: str = "fit", encoder="default", init: 
     batches = -(-z // bs)
     return (per_step * (batches * (steps - coarse) + pretraining)
             + per_coarse * (batches * coarse + probe))
-
-
-def describe_estimate(seconds: float, device: str = "auto") -> str:
-    """``"at most 6 min on cpu (2 threads)"``, plus a GPU hint when one is idle."""
-    dev = resolve_device(device)
-    where = f"cpu ({torch.get_num_threads()} threads)" if dev.type == "cpu" else str(dev)
-    amount = f"{seconds:.0f} s" if seconds < 90 else (
-        f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h")
-    hint = "; a GPU is present: --device cuda" if dev.type == "cpu" and \
-        torch.cuda.is_available() else ""
-    return f"at most {amount} on {where}{hint}"
 
 
 def _batch_order(norm: np.ndarray, bs: int) -> list[tuple[int, int | None]]:
