@@ -77,7 +77,9 @@ def test_run_follows_the_plan_and_records_it(tmp_path):
 @pytest.mark.parametrize("options, message", [
     ({"task": "superres", "scale": None}, "superres needs --scale"),
     ({"task": "denoise", "sigma": "loud"}, "--sigma must be auto, none or a noise level"),
-    ({"task": "denoise", "sigma": -1}, "--sigma must be >= 0"),
+    ({"task": "denoise", "sigma": -1}, "--sigma must be a finite noise level > 0"),
+    ({"task": "denoise", "sigma": "inf"}, "--sigma must be a finite noise level > 0"),
+    ({"task": "denoise", "sigma": 0}, "--sigma 0 means a scan without noise"),
     ({"task": "fit", "holdout": 0.9}, "--holdout must be in (0, 0.5]"),
     ({"task": "fit", "init": "warm"}, "--init must be one of auto, fixed"),
     ({"task": "superres", "slice_scale": 1}, "--slice-scale must be an integer >= 2"),
@@ -105,7 +107,7 @@ def test_plan_checks_the_scan_once(samples, tmp_path):
 def test_ct_uses_the_hu_window_on_every_path(samples, tmp_path):
     """One intensity policy: a CT volume is HU-windowed on the volume path as on slices."""
     ct = read_scan(samples / "ct_small.dcm")
-    vol = ct.derive(np.repeat(ct.data[:, :24, :24], 4, axis=0))
+    vol = ct.derive(np.repeat(ct.data[:, 52:76, 52:76], 4, axis=0))
     assert vol.modality == "CT"
     res = run(make_plan(vol, Options(task="denoise", mode="volume", encoder="none", steps=2),
                         eta=False))
@@ -114,7 +116,22 @@ def test_ct_uses_the_hu_window_on_every_path(samples, tmp_path):
                                      ls_steps=1, encoder="none"), eta=False))
     assert res.history["normalization"]["method"] == "fixed_window"
     mr = read_scan(samples / "mr_brain.nii.gz")
-    res = run(make_plan(mr.derive(mr.data[:4, :16, :16]), Options(
+    res = run(make_plan(mr.derive(mr.data[10:14, 40:56, 40:56]), Options(
         task="denoise", mode="volume", encoder="none", steps=2), eta=False))
     assert res.history["normalization"]["method"] == "robust_percentile"
     json.dumps(res.history, default=str)
+
+
+def test_a_constant_scan_is_returned_at_once(tmp_path, capsys):
+    """Nothing to fit: one line says so and the output is the constant on the output grid."""
+    src = tmp_path / "zero.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((20, 20, 10), np.float32), np.eye(4)), src)
+    for verb, extra, shape in (("denoise", [], (10, 20, 20)),
+                               ("superres", ["--slice-scale", "2"], (20, 20, 20))):
+        out = tmp_path / f"{verb}.nii.gz"
+        t0 = time.perf_counter()
+        assert main([verb, str(src), "-o", str(out), *extra]) == 0
+        assert time.perf_counter() - t0 < 10
+        assert "the scan is constant (0 in every voxel)" in capsys.readouterr().out
+        res = read_scan(out)
+        assert res.shape == shape and not res.data.any()

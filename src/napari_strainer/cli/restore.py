@@ -197,6 +197,8 @@ def _summary(plan, h: dict) -> str:
     """One line on how the restoration ran, from its history."""
     psnr = f", PSNR {h['psnr'][-1]:.2f} dB" if h.get("psnr") else ""
     loss = f"loss {h['loss'][-1]:.3g}" if h.get("loss") else "no INR steps"
+    if plan.path == "constant":
+        return h["stop_reason"]
     if plan.path != "slices":
         what = {"superres": f"through-plane x{plan.options.slice_scale}, "
                             f"{plan.options.slice_profile} profile of "

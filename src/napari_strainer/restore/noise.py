@@ -9,6 +9,8 @@ where the best PSNR is on average.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -52,17 +54,20 @@ class DiscrepancyStop(StopRule):
 
 
 def parse_sigma(sigma) -> str | float:
-    """``--sigma`` as the one place reads it: ``"auto"``, ``"none"`` or a noise level >= 0 in
-    the scan's units (BadArgumentError otherwise)."""
+    """``--sigma`` as the one place reads it: ``"auto"``, ``"none"`` or a finite noise level
+    > 0 in the scan's units (BadArgumentError otherwise)."""
     if sigma is None or (isinstance(sigma, str) and sigma.lower() in ("auto", "none")):
         return "none" if sigma is None else sigma.lower()
     try:
         value = float(sigma)
     except (TypeError, ValueError):
-        raise BadArgumentError(f"--sigma must be auto, none or a noise level >= 0, got "
+        raise BadArgumentError(f"--sigma must be auto, none or a noise level > 0, got "
                                f"{sigma!r}") from None
-    if not value >= 0:
-        raise BadArgumentError(f"--sigma must be >= 0, got {sigma}")
+    if not math.isfinite(value) or value < 0:
+        raise BadArgumentError(f"--sigma must be a finite noise level > 0, got {sigma}")
+    if value == 0:
+        raise BadArgumentError("--sigma 0 means a scan without noise: nothing to denoise "
+                               "(give the noise level, auto or none)")
     return value
 
 

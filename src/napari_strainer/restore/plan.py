@@ -140,7 +140,7 @@ class Plan:
 
     task: str
     path: str
-    """``slices``, ``volume`` or ``fuse``."""
+    """``slices``, ``volume``, ``fuse``, or ``constant`` (a constant scan: nothing to fit)."""
     options: Options
     scans: list[Scan]
     reference: Scan | None
@@ -166,7 +166,8 @@ class Plan:
         name = scan.source or "the scan"
         what = (f"{len(self.scans)} stacks ({name}, ...)" if len(self.scans) > 1 else
                 f"{name} ({' x '.join(map(str, scan.shape))}, {scan.modality or 'unknown'})")
-        path = {"slices": "slices (one 2D INR per slice)",
+        path = {"constant": "constant (nothing to fit)",
+                "slices": "slices (one 2D INR per slice)",
                 "volume": "volume (one 3D INR over the whole scan)",
                 "fuse": "fuse (one 3D INR over every stack)"}[self.path]
         spacing = np.linalg.norm(self.output_affine[:3, :3], axis=0)
@@ -235,6 +236,13 @@ def make_plan(scans: Scan | Sequence[Scan], options: Options, *,
         plan = _plan_denoise_volume(scans[0], o)
     else:
         plan = _plan_slices(scans[0], o)
+    value = _constant(scans[0]) if o.task != "fuse" else None
+    if value is not None:
+        plan.path, plan.steps, plan.ls_steps, plan.noise = "constant", 0, 0, None
+        plan.route = f"none: the output is {value:g} everywhere on the output grid"
+        plan.reasons = [f"the scan is constant ({value:g} in every voxel): nothing to fit"]
+        eta = False
+        plan.eta_seconds = 0.0
     if reference is not None and tuple(reference.shape) != tuple(plan.output_shape):
         raise BadArgumentError(f"--reference has shape {reference.shape}, the output will "
                                f"have {tuple(plan.output_shape)}")
@@ -253,6 +261,13 @@ def run(plan: Plan, *, callback: Callable[[Progress], None] | None = None,
         cancel: object with ``is_set()``; the result so far is returned when it is set.
     """
     o, scan, ref = plan.options, plan.scans[0], plan.reference
+    if plan.path == "constant":
+        data = np.full(plan.output_shape, _constant(scan), scan.data.dtype)
+        desc = f"{plan.task} of a constant scan (unchanged, napari-strainer)"
+        return Restoration(scan.derive(data, affine=plan.output_affine, description=desc,
+                                       derivation=desc),
+                           {"task": plan.task, "steps_done": 0, "stop_reason": plan.reasons[0],
+                            "plan": _summary(plan)})
     common = {"reference": ref, "device": o.device, "seed": o.seed, "log_every": o.log_every,
               "callback": callback, "cancel": cancel}
     if plan.path == "fuse":
@@ -272,7 +287,7 @@ def run(plan: Plan, *, callback: Callable[[Progress], None] | None = None,
                              holdout=o.holdout, head=o.head, steps=o.steps,
                              coarse_steps=o.coarse_steps, lr=o.lr, scale=o.scale,
                              freeze=o.freeze, stop=stop, batch_size=o.batch_size, **common)
-    res.history["plan"] = {k: v for k, v in plan.to_dict().items() if k != "options"}
+    res.history["plan"] = _summary(plan)
     return res
 
 
@@ -472,6 +487,18 @@ def _points_per_step(plan: Plan) -> int:
     if tv > 0:
         points += volume.BATCH[plan.task] // 2 * (4 if plan.task != "superres" else 2)
     return int(points)
+
+
+def _summary(plan: Plan) -> dict:
+    return {k: v for k, v in plan.to_dict().items() if k != "options"}
+
+
+def _constant(scan: Scan) -> float | None:
+    """The value of a scan whose finite voxels are all equal, else None."""
+    finite = scan.data[np.isfinite(scan.data)]
+    if finite.size and finite.min() == finite.max():
+        return float(finite.flat[0])
+    return None
 
 
 def _choice(flag: str, value: str, allowed: Sequence[str]) -> None:
