@@ -18,7 +18,7 @@ from ..errors import BadArgumentError
 from ..io.intensity import Intensity
 from ..pretrain import cards, encoders
 from ..restore import slices, volume
-from ..restore.plan import Options, Plan, make_plan
+from ..restore.plan import Options, Plan, default_steps
 from ._common import PlannedWidget, collapsible, image_layers, layer_scan, parse_float
 from ._jobs import notify
 from ._layers import geometry, image_layer_scan
@@ -202,7 +202,7 @@ class RestoreWidget(PlannedWidget):
             self._path = plan.path
             if (plan.task, plan.path) != self._steps_for:
                 self._steps_for = (plan.task, plan.path)
-                self.steps.value = _default_steps(plan)
+                self.steps.value = default_steps(plan.task, plan.path)
         task, encoder = self.task.value, self.encoder.value
         self.scale.visible = self.slice_scale.visible = task == "superres"
         self.slice_profile.visible = task == "superres" and self.slice_scale.value >= 2
@@ -377,12 +377,6 @@ class RestoreWidget(PlannedWidget):
         if self.preview_layer is not None and self.preview_layer in self.viewer.layers:
             self.viewer.layers.remove(self.preview_layer)
         self.preview_layer = None
-
-
-def _default_steps(plan: Plan) -> int:
-    """The planner's step budget for ``plan``'s inputs with the steps left to it."""
-    options = dataclasses.replace(plan.options, steps=None)
-    return make_plan(plan.scans, options, reference=plan.reference, eta=False).steps
 
 
 _PEEKED: dict = {}

@@ -291,11 +291,19 @@ def run(plan: Plan, *, callback: Callable[[Progress], None] | None = None,
     return res
 
 
+def default_steps(task: str, path: str) -> int:
+    """The Adam steps ``task`` takes on ``path`` when ``--steps`` is not given (a constant
+    scan: none)."""
+    if path == "constant":
+        return 0
+    return (slices.DEFAULT_STEPS if path == "slices" else volume.DEFAULT_STEPS)[task]
+
+
 # ----------------------------------------------------------------------------- per path
 def _plan_slices(scan: Scan, o: Options) -> Plan:
     task = o.task
     scale = o.scale if task == "superres" else 1
-    steps = slices.DEFAULT_STEPS[task] if o.steps is None else o.steps
+    steps = default_steps(task, "slices") if o.steps is None else o.steps
     reasons, notes = [], []
     if task == "denoise":
         reasons.append("a single 2D image: the slice path" if scan.shape[0] < 2 else
@@ -310,16 +318,12 @@ def _plan_slices(scan: Scan, o: Options) -> Plan:
     if warning:
         notes.append(warning)
     config = encoder.config if encoder is not None else SirenConfig()
-    limit = config.shared_layers if encoder is not None or own else 0
-    if o.freeze is not None and not 0 <= o.freeze <= limit:
-        raise BadArgumentError(f"--freeze must be between 0 and {limit} (the encoder's layers"
-                               f"{'; --encoder none has none' if encoder is None and not own else ''}"
-                               f"), got {o.freeze}")
+    shared = None if encoder is None and not own else config.shared_layers
+    slices.check_freeze(o.freeze, shared)
     z, h, w = scan.shape
     out_shape = (z, h * scale, w * scale)
     check_output_size(out_shape, f"--scale {scale}")
-    freeze = o.freeze if o.freeze is not None else slices.default_freeze(
-        task, None if encoder is None and not own else config.shared_layers)
+    freeze = o.freeze if o.freeze is not None else slices.default_freeze(task, shared)
     source = ("an encoder pretrained on this scan's own slices" if own else
               "SIREN (no encoder)" if encoder is None else f"encoder {o.encoder}")
     if o.init == "fixed" or steps == 0:
@@ -350,7 +354,7 @@ def _plan_through_plane(scan: Scan, o: Options) -> Plan:
     grid = volume.superres_grid(scan, o.slice_scale, o.scale)
     thick = o.slice_thickness or volume.scan_thickness(scan)
     width, layers = volume.NET["superres"]
-    steps = volume.DEFAULT_STEPS["superres"] if o.steps is None else o.steps
+    steps = default_steps("superres", "volume") if o.steps is None else o.steps
     ls = volume.GRID_STEPS if o.ls_steps is None else o.ls_steps
     reasons = [(f"--slice-scale {o.slice_scale}: the slice axis is refined through a "
                 f"{o.slice_profile} slice profile of {thick:g} mm"),
@@ -364,7 +368,7 @@ def _plan_through_plane(scan: Scan, o: Options) -> Plan:
 
 def _plan_denoise_volume(scan: Scan, o: Options) -> Plan:
     width, layers = volume.NET["denoise"]
-    steps = volume.DEFAULT_STEPS["denoise"] if o.steps is None else o.steps
+    steps = default_steps("denoise", "volume") if o.steps is None else o.steps
     volume.check_volume(scan, "volume denoising")
     if o.mode == "volume":
         volume.check_encoder(o.encoder)
@@ -388,7 +392,7 @@ def _plan_denoise_volume(scan: Scan, o: Options) -> Plan:
 
 def _plan_fuse(scans: list[Scan], o: Options) -> Plan:
     grid = volume.fuse_grid(scans, o.spacing)
-    steps = volume.DEFAULT_STEPS["fuse"] if o.steps is None else o.steps
+    steps = default_steps("fuse", "fuse") if o.steps is None else o.steps
     ls = volume.GRID_STEPS if o.ls_steps is None else o.ls_steps
     width, layers = volume.NET["fuse"]
     route = (f"3D SIREN (width {width}, {layers} layers) over all {len(scans)} stacks, then "
@@ -431,10 +435,8 @@ def _noise(scan: Scan, sigma, *, per_slice: bool) -> dict:
 def _volume_memory(task: str, voxels: int) -> int:
     """Activations of one step of the task's 3D INR plus the output-grid volumes held at once
     (rendering, interpolation base, least-squares vectors)."""
-    width, layers = volume.NET[task]
-    cfg = SirenConfig(in_features=3, width=width, layers=layers, shared_layers=layers - 1)
     points = volume.BATCH[task] * 8  # quadrature points per observed voxel: a few
-    return activation_bytes(cfg, 1, points) + 4 * 8 * voxels
+    return activation_bytes(volume.net_config(task), 1, points) + 4 * 8 * voxels
 
 
 def _eta(plan: Plan) -> float:
@@ -446,12 +448,10 @@ def _eta(plan: Plan) -> float:
                                        steps=plan.steps, scale=o.scale if plan.task ==
                                        "superres" else 1, device=o.device,
                                        batch_size=o.batch_size, coarse_steps=o.coarse_steps)
-    width, layers = volume.NET[plan.task]
-    cfg = SirenConfig(in_features=3, width=width, layers=layers, shared_layers=layers - 1)
     dev = resolve_device(o.device)
     points = _points_per_step(plan)
     side = max(2, round(points ** (1 / 3)))
-    net = BatchedSiren(cfg, batch=1).to(dev)
+    net = BatchedSiren(volume.net_config(plan.task), batch=1).to(dev)
     problem = ImageProblem(torch.zeros(1, side ** 3, 1, device=dev), Identity((side,) * 3))
     fit(net, problem, steps=1, keep_best=False)  # warm-up
     t0 = time.perf_counter()

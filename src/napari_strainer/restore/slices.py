@@ -73,6 +73,15 @@ def default_freeze(task: str, shared_layers: int | None) -> int:
     return max(0, min(DEFAULT_FREEZE[task], shared_layers - 1))
 
 
+def check_freeze(freeze: int | None, shared_layers: int | None) -> None:
+    """Refuse a ``--freeze`` outside ``0..shared_layers`` (``None``: no encoder, so only 0)."""
+    limit = shared_layers or 0
+    if freeze is not None and not 0 <= freeze <= limit:
+        raise BadArgumentError(f"--freeze must be between 0 and {limit} (the encoder's layers"
+                               f"{'; --encoder none has none' if shared_layers is None else ''}"
+                               f"), got {freeze}")
+
+
 def coarse_phase(scale: int, steps: int, coarse_steps: int | None = None) -> int:
     """Steps of super-resolution's coarse phase: ``coarse_steps``, by default
     :data:`COARSE_STEPS` but at most 5/6 of ``steps``; none without super-resolution."""
@@ -153,11 +162,7 @@ def restore(scan: Scan, *, task: str = "fit", encoder: str | Path | Encoder | No
                                    replace(p, phase="pretrain on this scan")))
     enc = get_encoder(encoder)
     config = enc.config if enc is not None else SirenConfig()
-    limit = config.shared_layers if enc is not None else 0
-    if freeze is not None and not 0 <= freeze <= limit:
-        raise BadArgumentError(f"--freeze must be between 0 and {limit} (the encoder's layers"
-                               f"{'; --encoder none has none' if enc is None else ''}), got "
-                               f"{freeze}")
+    check_freeze(freeze, None if enc is None else config.shared_layers)
     task_freeze = default_freeze(task, None if enc is None else config.shared_layers)
     z, h, w = scan.shape
     out_shape = (z, h * scale, w * scale)

@@ -157,11 +157,17 @@ def scan_thickness(scan: Scan) -> float:
     return th if th and th > 0 else scan.spacing[0]
 
 
+def net_config(task: str, omega_first: float = 30.0) -> SirenConfig:
+    """The 3D SIREN of volume task ``task`` (:data:`NET`); ``omega_first`` is set per output
+    grid by :func:`~napari_strainer.core.world.grid_omega`."""
+    width, layers = NET[task]
+    return SirenConfig(in_features=3, width=width, layers=layers, shared_layers=layers - 1,
+                       omega_first=omega_first)
+
+
 def _net(task: str, grid: Grid, frame: WorldFrame, seed: int,
          device: torch.device) -> BatchedSiren:
-    width, layers = NET[task]
-    cfg = SirenConfig(in_features=3, width=width, layers=layers, shared_layers=layers - 1,
-                      omega_first=grid_omega(OMEGA_VOXEL[task], min(grid.spacing), frame))
+    cfg = net_config(task, grid_omega(OMEGA_VOXEL[task], min(grid.spacing), frame))
     torch.manual_seed(seed)
     return BatchedSiren(cfg, batch=1, seed=seed).to(device)
 
