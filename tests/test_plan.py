@@ -38,8 +38,8 @@ def test_plan_flag_prints_path_and_eta_quickly_and_writes_nothing(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert seconds < 30
     text = proc.stdout
-    assert "path: volume" in text and "ETA: about " in text and "cpu (" in text
-    assert "noise: gaussian, sigma" in text and "why: mode auto" in text
+    assert "path: race" in text and "ETA: about " in text and "cpu (" in text
+    assert "noise: " in text and ", sigma " in text and "why: mode auto" in text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v.nii.gz"]
 
 
@@ -47,7 +47,8 @@ def test_plan_names_each_path_and_its_reason(samples, tmp_path, capsys):
     src = _volume(tmp_path / "v.nii.gz", shape=(20, 24, 8))
     cases = [
         (["denoise", str(src), "--mode", "slices"], "path: slices", "--mode slices"),
-        (["denoise", str(samples / "ct_small.dcm")], "path: slices", "a single 2D image"),
+        (["denoise", str(samples / "ct_small.dcm")], "path: race", "mode auto"),
+        (["denoise", str(src), "--mode", "volume"], "path: volume", "--mode volume"),
         (["superres", str(src), "--scale", "2"], "path: slices", "super-resolution x2"),
         (["superres", str(src), "--slice-scale", "2"], "path: volume", "--slice-scale 2"),
         (["fit", str(src), "--encoder", "none"], "route: auto: SIREN", "batch(es)"),
@@ -63,7 +64,7 @@ def test_plan_names_each_path_and_its_reason(samples, tmp_path, capsys):
 
 def test_run_follows_the_plan_and_records_it(tmp_path):
     scan = read_scan(_volume(tmp_path / "v.nii.gz", shape=(16, 16, 6)))
-    plan = make_plan(scan, Options(task="denoise", steps=3, seed=1), eta=False)
+    plan = make_plan(scan, Options(task="denoise", steps=3, seed=1, mode="volume"), eta=False)
     assert plan.path == "volume" and plan.eta_seconds is None
     res = run(plan)
     assert res.history["task"] == "denoise_volume"

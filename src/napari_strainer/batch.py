@@ -70,7 +70,7 @@ class TaskOptions(Options):
         if self.slice_scale is not None or self.mode == "volume":
             self.encoder = "none"  # a 3D SIREN from scratch
         if self.task != "denoise":
-            self.sigma, self.mode = "none", "slices"
+            self.sigma, self.mode, self.noise = "none", "slices", "auto"
 
     def params(self) -> dict:
         """The options that change the output (a finished output is reused only if they match;
@@ -84,6 +84,8 @@ class TaskOptions(Options):
                 d.pop(k)
         if self.mode == "slices":
             d.pop("mode")
+        if self.task != "denoise":
+            d.pop("noise")
         if self.slice_scale is None:
             for k in ("slice_scale", "slice_profile", "slice_thickness"):
                 d.pop(k)

@@ -193,8 +193,8 @@ def run_inference(dataset_dir: str, output_dir: str, *, task: str = "fit",
                   head: str = "solved", steps: int | None = None, lr: float = 1e-4,
                   scale: int | None = None, slice_scale: int | None = None,
                   slice_profile: str = "box", slice_thickness: float | None = None,
-                  freeze: int | None = None, sigma="auto", mode: str = "auto",
-                  device: str = "auto",
+                  freeze: int | None = None, sigma="auto", noise: str = "auto",
+                  mode: str = "auto", device: str = "auto",
                   seed: int = 0, log_every: int = 10, batch_size: int | None = None,
                   format: str = "nifti", series=None, overwrite: bool = False,
                   quiet: bool = False, items: Sequence[dict] | None = None,
@@ -207,9 +207,9 @@ def run_inference(dataset_dir: str, output_dir: str, *, task: str = "fit",
     super-resolution of 3D scans, a 3D SIREN that uses no encoder: the bundle's own
     ``models/model.safetensors`` is then left aside; any other encoder file is refused).
     ``mode="volume"`` (``denoise``) is the same for volume denoising of 3D scans; ``"auto"``
-    (the default) takes that path for 3D scans up to
-    :data:`~napari_strainer.restore.volume.VOLUME_DENOISE_MAX_VOXELS` voxels and the slice path, with
-    the encoder, otherwise.
+    (the default) denoises by the race of denoisers (:mod:`napari_strainer.restore.race`),
+    ``"slices"`` with the encoder, slice by slice. ``noise``: ``auto``, ``rician`` or
+    ``gaussian``.
 
     Exits (``SystemExit``, status 1) naming the failed scans at the end when
     ``fail_on_error``, so ``python -m monai.bundle run`` (and torchrun) exit non-zero, after
@@ -227,7 +227,7 @@ def run_inference(dataset_dir: str, output_dir: str, *, task: str = "fit",
                           head=str(head), steps=steps, lr=lr, scale=scale,
                           slice_scale=slice_scale, slice_profile=str(slice_profile),
                           slice_thickness=slice_thickness, freeze=freeze, sigma=sigma,
-                          mode=str(mode), device=local_device(str(device)), seed=seed,
+                          noise=str(noise), mode=str(mode), device=local_device(str(device)), seed=seed,
                           log_every=log_every, batch_size=batch_size, format=format)
     if items is None:
         items = datalist(dataset_dir, output_dir, format)

@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from ..core.operators import PROFILES
+from ..restore.noise import NOISE_KINDS
 from ..restore.plan import MODES, Options
 from .common import (
     PROG,
@@ -86,13 +87,16 @@ def add_restore_args(p: argparse.ArgumentParser, task: str, *, batch: bool = Fal
     if task == "denoise":
         p.add_argument("--sigma", type=_sigma, default="auto",
                        help="noise level in the scan's units, 'auto' (estimate) or 'none' "
-                            "(run exactly --steps); slices stop at it, the volume path "
-                            "weights its TV term by it and stops on held-out voxels")
+                            "(INR paths: run exactly --steps)")
+        p.add_argument("--noise", choices=NOISE_KINDS, default="auto",
+                       help="noise model: auto (default: rician for magnitude data such as "
+                            "MR, gaussian for CT and data with negative values), rician or "
+                            "gaussian")
         p.add_argument("--mode", choices=MODES, default="auto",
-                       help="volume: one 3D INR for the whole scan (it sees the neighbouring "
-                            "slices; no encoder); slices: one 2D INR per slice (from the "
-                            "encoder); auto (default): volume for 3D scans of at most 1.2 "
-                            "million voxels, else slices")
+                       help="auto (default): a race of denoisers (non-local means, total "
+                            "variation, BM4D when installed) judged by their estimated error "
+                            "(SURE) and blended; volume: one 3D INR for the whole scan; "
+                            "slices: one 2D INR per slice (from the encoder)")
         if not batch:
             p.add_argument("--tv", type=weight, default=None,
                            help="--mode volume: weight of the 3D total-variation term")
@@ -153,7 +157,8 @@ def options_from_args(a, cls=Options, **extra) -> Options:
                coarse_steps=get("coarse_steps"), lr=a.lr, scale=get("scale", 1),
                slice_scale=get("slice_scale"), slice_profile=get("slice_profile", "box"),
                slice_thickness=get("slice_thickness"), freeze=get("freeze"),
-               sigma=get("sigma", "auto"), mode=get("mode", "auto"), tv=get("tv"),
+               sigma=get("sigma", "auto"), noise=get("noise", "auto"),
+               mode=get("mode", "auto"), tv=get("tv"),
                ls_steps=get("ls_steps"), spacing=get("spacing"), device=a.device,
                seed=a.seed, log_every=a.log_every, batch_size=get("batch_size"), **extra)
 
@@ -199,6 +204,13 @@ def _summary(plan, h: dict) -> str:
     loss = f"loss {h['loss'][-1]:.3g}" if h.get("loss") else "no INR steps"
     if plan.path == "constant":
         return h["stop_reason"]
+    if plan.path == "race":
+        r = h["race"]
+        est = (f"estimated PSNR {r['psnr_estimate']:.1f} dB" if r["psnr_estimate"] is not None
+               else f"PSNR not estimated ({r['warning']})")
+        return (f"denoised by {r['winner']} (lowest estimated error), noise "
+                f"{h['noise']['model']} sigma {h['noise']['sigma']:.4g}, {est}{psnr}, "
+                f"{sum(r['seconds'].values()):.0f} s")
     if plan.path != "slices":
         what = {"superres": f"through-plane x{plan.options.slice_scale}, "
                             f"{plan.options.slice_profile} profile of "

@@ -1,4 +1,10 @@
-"""Noise estimation and the stopping rule of INR denoising.
+"""Noise models, noise estimation and the stopping rule of INR denoising.
+
+Magnitude MR images carry Rician noise (the magnitude of complex Gaussian noise of standard
+deviation sigma): the mean of a voxel is lifted above its true value, by sigma * sqrt(pi / 2)
+where the true value is zero. :func:`noise_model` picks Rician for magnitude data (MR and any
+non-negative scan) and Gaussian for CT and data with negative values; :func:`rician_unbias`
+maps an estimate of the noisy mean back to the true magnitude.
 
 An INR fits the clean structure first and the noise later, so denoising stops each slice
 when its data residual (mean squared error against the noisy slice) falls to
@@ -10,30 +16,157 @@ where the best PSNR is on average.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy.special import i0e, i1e
 
 from ..core.fit import StopRule
 from ..errors import BadArgumentError
 
 STOP_FACTOR = 0.85
 MAD_TO_SIGMA = 1 / 0.6745
+NOISE_KINDS = ("auto", "rician", "gaussian")
+SIGNAL_SNR = 4.0
+""":func:`estimate_sigma` with ``signal_only``: the detail coefficients of blocks whose mean
+is above this many sigma, where Rician noise is close to Gaussian of the same sigma."""
 
 
-def estimate_sigma(image: np.ndarray) -> float:
+def _haar(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The finest Haar band that is high-pass along every axis, and the block means."""
+    x = np.asarray(image, np.float64)
+    mean = x
+    for axis in range(x.ndim):
+        even = (x.shape[axis] // 2) * 2
+        if even == 0:
+            continue
+        a, b = (np.take(x, np.arange(i, even, 2), axis) for i in (0, 1))
+        x = (a - b) / np.sqrt(2.0)
+        a, b = (np.take(mean, np.arange(i, even, 2), axis) for i in (0, 1))
+        mean = (a + b) / 2
+    return x, mean
+
+
+def estimate_sigma(image: np.ndarray, *, signal_only: bool = False) -> float:
     """Noise standard deviation of a 2D image or a 3D volume from the finest Haar detail band
     that is high-pass along every axis (HH, or HHH for a volume; wavelet MAD, Donoho &
     Johnstone): ``median(|band|) / 0.6745``. On a volume the third axis makes the band less
     sensitive to anatomy (brain MRI volumes with added noise: 1-4% high against 5-18% for the
-    median of the slices' HH estimates, ``benchmarks/volume.py``)."""
-    x = np.asarray(image, np.float64)
-    for axis in range(x.ndim):
-        even = (x.shape[axis] // 2) * 2
-        a = np.take(x, np.arange(0, even, 2), axis)
-        b = np.take(x, np.arange(1, even, 2), axis)
-        x = (a - b) / np.sqrt(2.0)
-    return float(np.median(np.abs(x)) * MAD_TO_SIGMA)
+    median of the slices' HH estimates, ``benchmarks/volume.py``).
+
+    ``signal_only`` (magnitude data): only the blocks whose mean is above
+    :data:`SIGNAL_SNR` sigma count (iterated), where Rician noise has the Gaussian's spread (the
+    dark background, where it is about 0.66 sigma, would pull the estimate down), and of those
+    the flatter half (the gradient of the block means at most its median), where edges do not
+    push it up. A whole 1 mm MNI brain with Rician noise of 0.05: 0.0500, against 0.036 from
+    every block and 0.040 from dipy's ``estimate_sigma``; a phantom of sharp-edged ellipsoids:
+    0.0497 against 0.056 from the bright blocks alone.
+    """
+    band, mean = _haar(image)
+    sigma = float(np.median(np.abs(band)) * MAD_TO_SIGMA)
+    if not signal_only:
+        return sigma
+    structure = np.sqrt(sum(np.gradient(mean, axis=a) ** 2 for a in range(mean.ndim)
+                            if mean.shape[a] > 1))
+    for _ in range(3):
+        bright = mean > SIGNAL_SNR * sigma
+        if bright.sum() < 256:
+            break
+        flat = bright & (structure <= np.median(structure[bright]))
+        sigma = float(np.median(np.abs(band[flat])) * MAD_TO_SIGMA)
+    return sigma
+
+
+@dataclass
+class NoiseModel:
+    """The noise of a scan: ``kind`` (``rician`` or ``gaussian``), its standard deviation
+    ``sigma`` in the scan's units, and how each was decided (shown in plans and histories)."""
+
+    kind: str
+    sigma: float
+    why: str
+    source: str
+
+    def text(self) -> str:
+        return f"{self.kind} ({self.why}), sigma {self.sigma:.4g} in scan units ({self.source})"
+
+    def to_dict(self) -> dict:
+        return {"model": self.kind, "sigma": self.sigma, "why": self.why,
+                "source": self.source, "text": self.text()}
+
+
+def noise_model(data: np.ndarray, modality: str, noise: str = "auto", sigma="auto", *,
+                name: str = "the scan") -> NoiseModel:
+    """The noise model of a scan's finite ``data``.
+
+    Args:
+        modality: the scan's DICOM modality (``CT``: Gaussian under ``auto``).
+        noise: ``auto`` (Rician for magnitude data: MR and any scan without negative values;
+            Gaussian for CT and data with negative values), ``rician`` or ``gaussian``.
+        sigma: ``auto`` (:func:`estimate_sigma`, ``signal_only`` for Rician) or a value in
+            the scan's units (``none`` counts as ``auto``).
+        name: the file, for messages.
+
+    Raises:
+        BadArgumentError: an unknown ``noise``, or ``rician`` on data with negative values.
+    """
+    if noise not in NOISE_KINDS:
+        raise BadArgumentError(f"--noise must be one of {', '.join(NOISE_KINDS)}, got "
+                               f"{noise!r}")
+    low = float(np.min(data))
+    if noise == "rician" and low < 0:
+        raise BadArgumentError(f"{name}: --noise rician needs magnitude data (>= 0), this "
+                               f"scan goes down to {low:g} (CT in HU, or phase?); use "
+                               f"--noise gaussian")
+    if noise == "auto":
+        if modality.upper() == "CT":
+            kind, why = "gaussian", "CT"
+        elif low < 0:
+            kind, why = "gaussian", f"the scan has negative values (down to {low:g})"
+        else:
+            kind, why = "rician", ("magnitude MR" if modality.upper() == "MR" else
+                                   "magnitude data: no negative values")
+    else:
+        kind, why = noise, f"--noise {noise}"
+    sigma = parse_sigma(sigma)
+    if isinstance(sigma, float):
+        return NoiseModel(kind, sigma, why, "given")
+    scale = float(np.percentile(np.abs(data), 99.5)) or 1.0
+    est = estimate_sigma(np.squeeze(data) / scale, signal_only=kind == "rician") * scale
+    if not est > 0:
+        raise BadArgumentError(f"{name}: no noise found (estimated sigma 0); give --sigma")
+    return NoiseModel(kind, est, why, "estimated from the finest wavelet band" +
+                      (" where the signal is above 4 sigma" if kind == "rician" else ""))
+
+
+_NU = np.linspace(0.0, 40.0, 16001)
+_T = _NU ** 2 / 4
+_MEAN = np.sqrt(np.pi / 2) * ((1 + 2 * _T) * i0e(_T) + 2 * _T * i1e(_T))
+"""The mean of a Rician variable of sigma 1 and true value ``_NU`` (Laguerre form)."""
+
+
+def rician_mean(value: np.ndarray, sigma: float) -> np.ndarray:
+    """The mean of the Rician magnitude of true value ``value`` and noise ``sigma``."""
+    r = np.abs(np.asarray(value, np.float64)) / sigma
+    return sigma * np.where(r < _NU[-1], np.interp(r, _NU, _MEAN), np.sqrt(r ** 2 + 1))
+
+
+def rician_unbias(mean: np.ndarray, sigma: float) -> np.ndarray:
+    """The true magnitude whose Rician mean is ``mean`` (0 where ``mean`` is at or below the
+    noise floor ``sigma * sqrt(pi / 2)``): the inverse of :func:`rician_mean`."""
+    r = np.maximum(np.asarray(mean, np.float64) / sigma, 0.0)
+    big = r >= _MEAN[-1]
+    out = np.interp(r, _MEAN, _NU)
+    out[big] = np.sqrt(r[big] ** 2 - 1)
+    return out * sigma
+
+
+def rician_variance(value: np.ndarray, sigma: float) -> np.ndarray:
+    """The variance of the Rician magnitude of true value ``value``: from ``sigma**2``
+    where the signal is high down to ``(2 - pi / 2) sigma**2`` where it is zero."""
+    value = np.asarray(value, np.float64)
+    return value ** 2 + 2 * sigma ** 2 - rician_mean(value, sigma) ** 2
 
 
 class DiscrepancyStop(StopRule):

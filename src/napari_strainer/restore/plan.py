@@ -3,7 +3,8 @@
 :func:`make_plan` takes the scan(s), the task and the user's :class:`Options`, checks them
 (noise level, output size, encoder and its modality, reference grid) and returns a
 :class:`Plan`: the path (``slices``: one 2D INR per slice; ``volume``: one 3D INR over the
-scan; ``fuse``: one 3D INR over several stacks), the route, the noise model and level, the
+scan; ``fuse``: one 3D INR over several stacks; ``race``: denoisers raced and blended on their
+estimated error, :mod:`~napari_strainer.restore.race`), the route, the noise model and level, the
 step budget, the memory and time it will take, the output geometry, and the reason for each
 choice. :func:`run` carries a plan out. The CLI (``--plan`` prints it without fitting), the
 napari docks (shown before Run), :mod:`napari_strainer.batch` and the MONAI bundle only
@@ -30,14 +31,14 @@ from ..core.fit import Progress, activation_bytes, fit
 from ..core.operators import Identity, profile_quadrature
 from ..core.problems import ImageProblem
 from ..core.siren import BatchedSiren, SirenConfig
-from ..errors import BadArgumentError
+from ..errors import BadArgumentError, BadInputError
 from ..io.intensity import Intensity
 from ..io.scan import Scan, upsampled_affine
 from ..pretrain.cards import modality_warning
 from ..pretrain.encoders import get_encoder
-from . import slices, volume
+from . import race, slices, volume
 from .base import Restoration, check_output_size
-from .noise import estimate_sigma, make_stop_rule, parse_sigma
+from .noise import NOISE_KINDS, NoiseModel, estimate_sigma, make_stop_rule, noise_model, parse_sigma
 
 TASKS = ("fit", "superres", "denoise", "fuse")
 MODES = ("auto", "volume", "slices")
@@ -63,7 +64,10 @@ class Options:
             None: DICOM SliceThickness, else the spacing).
         freeze: encoder layers kept fixed (None: the task's default).
         sigma: noise level for ``denoise``: ``"auto"``, ``"none"`` or a value in scan units.
-        mode: ``denoise``: ``auto``, ``volume`` or ``slices``.
+        noise: ``denoise``'s noise model: ``auto`` (Rician for magnitude data, Gaussian for
+            CT and data with negative values), ``rician`` or ``gaussian``.
+        mode: ``denoise``: ``auto`` (the race of denoisers), ``volume`` (one 3D INR) or
+            ``slices`` (one 2D INR per slice).
         tv: weight of the 3D total-variation term (volume paths; None: the default).
         ls_steps: conjugate-gradient steps of least squares (through-plane, fusion).
         spacing: fusion's isotropic output spacing in mm (None: finest in-plane spacing).
@@ -84,7 +88,8 @@ class Options:
     slice_thickness: float | None = None
     freeze: int | None = None
     sigma: str | float = "auto"
-    mode: str = volume.DENOISE_MODE
+    noise: str = "auto"
+    mode: str = "auto"
     tv: float | None = None
     ls_steps: int | None = None
     spacing: float | None = None
@@ -101,6 +106,7 @@ class Options:
         _choice("--init", self.init, slices.INITS)
         _choice("--head", self.head, slices.HEADS)
         _choice("--mode", self.mode, MODES)
+        _choice("--noise", self.noise, NOISE_KINDS)
         if not 0 < self.holdout <= 0.5:
             raise BadArgumentError(f"--holdout must be in (0, 0.5], got {self.holdout}")
         for name in ("steps", "coarse_steps", "ls_steps", "freeze"):
@@ -140,7 +146,8 @@ class Plan:
 
     task: str
     path: str
-    """``slices``, ``volume``, ``fuse``, or ``constant`` (a constant scan: nothing to fit)."""
+    """``slices``, ``volume``, ``fuse``, ``race``, or ``constant`` (a constant scan: nothing to
+    fit)."""
     options: Options
     scans: list[Scan]
     reference: Scan | None
@@ -159,6 +166,8 @@ class Plan:
     reasons: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     """Warnings the user should read (e.g. an encoder trained on another modality)."""
+    noise_model: NoiseModel | None = None
+    """The race's noise model (Rician or Gaussian, sigma)."""
 
     def describe(self) -> str:
         """The plan in a few lines of text."""
@@ -169,7 +178,9 @@ class Plan:
         path = {"constant": "constant (nothing to fit)",
                 "slices": "slices (one 2D INR per slice)",
                 "volume": "volume (one 3D INR over the whole scan)",
-                "fuse": "fuse (one 3D INR over every stack)"}[self.path]
+                "fuse": "fuse (one 3D INR over every stack)",
+                "race": "race (denoisers judged by their estimated error, then blended)"
+                }[self.path]
         spacing = np.linalg.norm(self.output_affine[:3, :3], axis=0)
         lines = [f"plan: {self.task} {what}",
                  f"  path: {path}",
@@ -177,6 +188,8 @@ class Plan:
                  (f"  steps: at most {self.steps} Adam steps"
                   f"{' per batch of slices' if self.path == 'slices' else ''}"
                   f"{f', then {self.ls_steps} of least squares' if self.ls_steps else ''}")]
+        if self.path in ("race", "constant"):
+            lines.pop()
         if self.noise is not None:
             lines.append(f"  noise: {self.noise['text']}")
         lines += [(f"  output: {' x '.join(map(str, self.output_shape))} voxels of "
@@ -232,7 +245,9 @@ def make_plan(scans: Scan | Sequence[Scan], options: Options, *,
         plan = _plan_fuse(scans, o)
     elif o.task == "superres" and o.slice_scale is not None:
         plan = _plan_through_plane(scans[0], o)
-    elif o.task == "denoise" and volume.denoise_mode(scans[0].shape, o.mode) == "volume":
+    elif o.task == "denoise" and o.mode == "auto":
+        plan = _plan_race(scans[0], o)
+    elif o.task == "denoise" and o.mode == "volume" and scans[0].shape[0] > 1:
         plan = _plan_denoise_volume(scans[0], o)
     else:
         plan = _plan_slices(scans[0], o)
@@ -278,6 +293,12 @@ def run(plan: Plan, *, callback: Callable[[Progress], None] | None = None,
                                      profile=o.slice_profile, thickness=o.slice_thickness,
                                      steps=o.steps, ls_steps=o.ls_steps, lr=o.lr, tv=o.tv,
                                      **common)
+    elif plan.path == "race":
+        res = race.denoise(scan, plan.noise_model, seed=o.seed, callback=callback,
+                           cancel=cancel)
+        if ref is not None:
+            err = np.mean((res.scan.data.astype(np.float64) - ref.data) ** 2)
+            res.history["psnr"] = [float(10 * np.log10(np.ptp(ref.data) ** 2 / max(err, 1e-30)))]
     elif plan.path == "volume":
         res = volume.denoise_volume(scan, sigma=o.sigma, steps=o.steps, lr=o.lr, tv=o.tv,
                                     **common)
@@ -294,7 +315,7 @@ def run(plan: Plan, *, callback: Callable[[Progress], None] | None = None,
 def default_steps(task: str, path: str) -> int:
     """The Adam steps ``task`` takes on ``path`` when ``--steps`` is not given (a constant
     scan: none)."""
-    if path == "constant":
+    if path in ("constant", "race"):
         return 0
     return (slices.DEFAULT_STEPS if path == "slices" else volume.DEFAULT_STEPS)[task]
 
@@ -306,11 +327,8 @@ def _plan_slices(scan: Scan, o: Options) -> Plan:
     steps = default_steps(task, "slices") if o.steps is None else o.steps
     reasons, notes = [], []
     if task == "denoise":
-        reasons.append("a single 2D image: the slice path" if scan.shape[0] < 2 else
-                       "--mode slices" if o.mode == "slices" else
-                       f"mode auto: {math.prod(scan.shape):,} voxels is above "
-                       f"{volume.VOLUME_DENOISE_MAX_VOXELS:,}, where the volume path has been "
-                       f"measured")
+        reasons.append("--mode volume on a single 2D image: the slice path"
+                       if o.mode == "volume" else "--mode slices")
     own = o.encoder.lower() == "self"
     enc = "self" if own else get_encoder(o.encoder)
     encoder = enc if isinstance(enc, Encoder) else None
@@ -370,12 +388,8 @@ def _plan_denoise_volume(scan: Scan, o: Options) -> Plan:
     width, layers = volume.NET["denoise"]
     steps = default_steps("denoise", "volume") if o.steps is None else o.steps
     volume.check_volume(scan, "volume denoising")
-    if o.mode == "volume":
-        volume.check_encoder(o.encoder)
-    reasons = ["--mode volume" if o.mode == "volume" else
-               (f"mode auto: a 3D scan of {math.prod(scan.shape):,} voxels (at most "
-                f"{volume.VOLUME_DENOISE_MAX_VOXELS:,}): one 3D INR sees the neighbouring "
-                f"slices")]
+    volume.check_encoder(o.encoder)
+    reasons = ["--mode volume: one 3D INR sees the neighbouring slices"]
     stop = ("all steps (--sigma none); the step with the lowest held-out error is kept"
             if o.sigma == "none" else
             f"ends {volume.PATIENCE} steps after the error on {volume.HOLDOUT:.0%} held-out "
@@ -388,6 +402,35 @@ def _plan_denoise_volume(scan: Scan, o: Options) -> Plan:
     return Plan("denoise", "volume", o, [scan], None, None, route, steps, scan.shape,
                 scan.affine, _volume_memory("denoise", math.prod(scan.shape)), None, noise, 0,
                 reasons, _encoder_note(o))
+
+
+def _plan_race(scan: Scan, o: Options) -> Plan:
+    model = None if _constant(scan) is not None else _noise_model(scan, o)
+    data = scan.data[0] if scan.shape[0] == 1 else scan.data
+    names = [c.name for c in race.candidates(data.ndim, data.size)]
+    route = (f"{len(names)} denoisers ({', '.join(names)}), each run twice for its SURE "
+             f"risk; the blend with the lowest estimated error"
+             f"{', mapped through the inverse Rician mean' if model and model.kind == 'rician' else ''}")
+    reasons = [("mode auto: the race of denoisers (--mode volume or slices: an INR alone; "
+                "at two minutes on 2 cores an INR got weight 0 in the blend on the "
+                "benchmark's volumes)")]
+    if "BM4D" not in names:
+        reasons.append("BM4D is not installed (pip install bm4d: its licence is "
+                       "non-commercial), so it does not run")
+    notes = _encoder_note(o) if o.encoder.lower() not in ("none", "default") else []
+    return Plan("denoise", "race", o, [scan], None, None, route, 0, scan.shape, scan.affine,
+                race.memory_bytes(data.size, len(names)), None,
+                model.to_dict() if model else None, 0, reasons, notes, model)
+
+
+def _noise_model(scan: Scan, o: Options):
+    data = scan.data[np.isfinite(scan.data)]
+    if data.size < scan.data.size:
+        raise BadInputError(f"{scan.source or 'the scan'}: {scan.data.size - data.size} "
+                            f"voxels are not finite (NaN or infinite); mask or fill them "
+                            f"before denoising")
+    return noise_model(scan.data, scan.modality, o.noise, o.sigma,
+                       name=str(scan.source or "the scan"))
 
 
 def _plan_fuse(scans: list[Scan], o: Options) -> Plan:
@@ -405,6 +448,8 @@ def _plan_fuse(scans: list[Scan], o: Options) -> Plan:
 
 
 def _encoder_note(o: Options) -> list[str]:
+    if volume.is_2d_encoder(o.encoder) and o.mode == "auto" and o.task == "denoise":
+        return [f"the denoising race uses no encoder; --mode slices uses {o.encoder}"]
     if volume.is_2d_encoder(o.encoder):
         return [(f"--mode {o.mode} restores this 3D scan as one volume, which uses no "
                  f"encoder; --mode slices uses {o.encoder}")]
@@ -442,6 +487,8 @@ def _volume_memory(task: str, voxels: int) -> int:
 def _eta(plan: Plan) -> float:
     """Seconds the plan will take at most, from a few timed steps (about a second)."""
     o = plan.options
+    if plan.path == "race":
+        return race.estimate_seconds(plan.scans[0].data)
     if plan.path == "slices":
         return slices.estimate_seconds(plan.scans[0], task=plan.task, encoder=plan.encoder
                                        if plan.encoder is not None else "none", init=o.init,

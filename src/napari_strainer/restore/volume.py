@@ -65,13 +65,6 @@ output axes (fusion)."""
 TV_PER_SIGMA = 0.8
 """Volume denoising's 3D total-variation weight is this times the noise sigma (normalised
 units; as for ROF denoising, the weight that suits grows with the noise): 0.08 at sigma 0.1."""
-DENOISE_MODE = "auto"
-"""Default of ``denoise --mode`` (CLI, batch, bundle, napari): see :func:`denoise_mode`."""
-VOLUME_DENOISE_MAX_VOXELS = 1_200_000
-"""``--mode auto`` denoises 3D scans up to this many voxels as one volume: the largest size
-where ``benchmarks/volume.py`` measured the volume path (the whole MNI brain at 2 mm, 1.07
-million voxels); larger scans keep the slice path until the volume path is measured there
-(one network and a fixed number of steps for any size)."""
 HOLDOUT = 0.1
 """Share of the voxels volume denoising leaves out of training: their error chooses the
 weights that are kept and when to stop (:func:`~napari_strainer.core.fit.fit`). The
@@ -88,21 +81,6 @@ def _check_common(steps: int, lr: float, ls_steps: int = 0) -> None:
         raise BadArgumentError(f"--ls-steps must be non-negative, got {ls_steps}")
     if lr <= 0:
         raise BadArgumentError(f"--lr must be positive, got {lr}")
-
-
-def denoise_mode(shape: Sequence[int], mode: str = DENOISE_MODE) -> str:
-    """The path ``denoise --mode MODE`` takes for a scan of ``shape`` (slices, rows,
-    columns): ``"volume"`` (:func:`denoise_volume`) or ``"slices"`` (one 2D INR per slice).
-    A single slice always takes the slice path; ``auto`` takes the volume path for scans of
-    at most :data:`VOLUME_DENOISE_MAX_VOXELS` voxels (it beat the slice path and 3D TV on
-    brain volumes, ``benchmarks/README.md``, section volume)."""
-    if mode not in ("auto", "volume", "slices"):
-        raise BadArgumentError(f"--mode must be auto, volume or slices, got {mode!r}")
-    if shape[0] < 2 or mode == "slices":
-        return "slices"
-    if mode == "volume" or math.prod(shape) <= VOLUME_DENOISE_MAX_VOXELS:
-        return "volume"
-    return "slices"
 
 
 def is_2d_encoder(encoder) -> bool:

@@ -1,0 +1,170 @@
+"""The denoising race: noise models, Rician bias correction, SURE against the true error, the
+blend, and the CLI on real files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from napari_strainer.errors import BadArgumentError, BadInputError
+from napari_strainer.io.scan import Scan
+from napari_strainer.restore import race
+from napari_strainer.restore.noise import (
+    estimate_sigma,
+    noise_model,
+    rician_mean,
+    rician_unbias,
+    rician_variance,
+)
+from napari_strainer.restore.plan import Options, make_plan, run
+
+
+def phantom(shape=(24, 48, 48), seed=0) -> np.ndarray:
+    """Nested ellipsoids of different intensities on a dark background, with a smooth ramp."""
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    r = (z / 0.9) ** 2 + (y / 0.8) ** 2 + (x / 0.7) ** 2
+    img = 0.6 * (r < 1) + 0.3 * ((z / 0.4) ** 2 + (y / 0.3) ** 2 + ((x - 0.2) / 0.25) ** 2 < 1)
+    img += 0.1 * (r < 1) * (1 + y)
+    rng = np.random.default_rng(seed)
+    blobs = rng.uniform(-0.5, 0.5, (6, 3))
+    for c in blobs:
+        img -= 0.25 * (((z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2) < 0.02) * (r < 1)
+    return np.clip(img, 0, None).astype(np.float32)
+
+
+def rician(clean: np.ndarray, sigma: float, seed: int = 1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.hypot(clean + sigma * rng.standard_normal(clean.shape),
+                    sigma * rng.standard_normal(clean.shape)).astype(np.float32)
+
+
+def psnr(x, ref) -> float:
+    return float(10 * np.log10(np.ptp(ref) ** 2 / np.mean((x - ref) ** 2)))
+
+
+def test_rician_mean_unbias_and_variance_match_simulation():
+    rng = np.random.default_rng(0)
+    for value in (0.0, 0.7, 2.0, 6.0):
+        m = np.hypot(value + rng.standard_normal(400_000), rng.standard_normal(400_000))
+        assert rician_mean(np.array(value), 1.0) == pytest.approx(m.mean(), rel=5e-3)
+        assert rician_variance(np.array(value), 1.0) == pytest.approx(m.var(), rel=2e-2)
+    values = np.array([0.0, 0.3, 1.0, 3.0, 20.0, 100.0])
+    np.testing.assert_allclose(rician_unbias(rician_mean(values, 2.0), 2.0), values,
+                               atol=1e-3)
+    assert rician_unbias(np.array([0.5, 1.0]), 1.0).tolist() == [0.0, 0.0]  # below the floor
+
+
+def test_sigma_of_rician_volume_ignores_the_dark_background():
+    clean = phantom((32, 64, 64))
+    clean[:, :, :20] = 0  # a large empty background, where Rician noise is Rayleigh
+    noisy = rician(clean, 0.05)
+    every_block = estimate_sigma(noisy)
+    assert estimate_sigma(noisy, signal_only=True) == pytest.approx(0.05, rel=0.1)
+    assert every_block < 0.9 * 0.05  # why signal_only exists
+
+
+def test_noise_model_by_modality_and_values():
+    mr = rician(phantom(), 0.05) * 1000
+    m = noise_model(mr, "MR")
+    assert m.kind == "rician" and m.sigma == pytest.approx(50, rel=0.15)
+    assert noise_model(mr, "OT").kind == "rician"  # NIfTI: non-negative magnitude data
+    assert noise_model(mr - 500, "OT").kind == "gaussian"
+    assert noise_model(mr, "CT").kind == "gaussian"
+    assert noise_model(mr, "MR", "gaussian", 12.5).sigma == 12.5
+    with pytest.raises(BadArgumentError, match="ct.nii: --noise rician needs magnitude"):
+        noise_model(mr - 1024, "CT", "rician", name="ct.nii")
+    with pytest.raises(BadArgumentError, match="--noise must be one of"):
+        noise_model(mr, "MR", "poisson")
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "rician"])
+def test_sure_tracks_true_error_and_the_blend_is_never_worse(kind):
+    clean = phantom()
+    sigma = 0.06
+    if kind == "rician":
+        noisy, target = rician(clean, sigma), rician_mean(clean, sigma)
+    else:
+        noisy = clean + sigma * np.random.default_rng(2).standard_normal(clean.shape)
+        noisy, target = noisy.astype(np.float32), clean
+    cands = [c for c in race.candidates(3, clean.size) if c.name != "BM4D"]
+    res = race.race(noisy, sigma, kind, cands, seed=0)
+    region = res.region  # Rician: where the signal is (SURE's Gaussian approximation holds)
+    assert region.all() if kind == "gaussian" else 0.15 < region.mean() < 0.9
+    true = {c.name: float(np.mean((c.run(noisy, sigma) - target)[region] ** 2)) for c in cands}
+    for name, est in res.risks.items():  # SURE within 10% of the true error, every candidate
+        assert est == pytest.approx(true[name], rel=0.1), name
+    order = sorted(true, key=true.get)
+    assert min(res.risks, key=res.risks.get) in order[:2]
+    blend_true = float(np.mean((res.mean - target)[region] ** 2))
+    assert res.risk <= min(res.risks.values()) + 1e-12
+    assert blend_true <= 1.03 * min(true.values())
+    assert sum(res.weights.values()) == pytest.approx(1.0)
+
+
+def test_default_denoise_beats_dipy_rician_nlm_and_darkens_the_background():
+    from dipy.denoise.nlmeans import nlmeans
+    from dipy.denoise.noise_estimate import estimate_sigma as dipy_sigma
+
+    clean = phantom((24, 56, 56), seed=3)
+    sigma = 0.05
+    noisy = rician(clean, sigma, seed=4)
+    scan = Scan(noisy, np.diag([1.0, 1.0, 1.0, 1.0]), meta={"modality": "MR"})
+    plan = make_plan(scan, Options(task="denoise"), eta=False)
+    assert plan.path == "race" and plan.noise["model"] == "rician"
+    res = run(plan)
+    out = res.scan.data
+    dipy = nlmeans(noisy, sigma=float(np.mean(dipy_sigma(noisy, N=0))), rician=True)
+    assert psnr(out, clean) > psnr(dipy, clean)
+    background = clean == 0
+    assert noisy[background].mean() > 1.1 * sigma  # Rician: lifted
+    assert out[background].mean() < 0.3 * sigma  # corrected
+    h = res.history
+    assert h["path"] == "race" and h["race"]["psnr_estimate"] > psnr(noisy, clean)
+    assert abs(sum(h["race"]["weights"].values()) - 1) < 1e-9
+
+
+def test_nan_voxels_are_refused_with_their_count():
+    data = rician(phantom(), 0.05)
+    data[0, :3, :5] = np.nan
+    scan = Scan(data, np.eye(4), source="scan.nii.gz")
+    with pytest.raises(BadInputError, match="scan.nii.gz: 15 voxels are not finite"):
+        make_plan(scan, Options(task="denoise"))
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "napari_strainer.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=600, check=False)
+
+
+def test_cli_denoise_real_nifti_prints_winner_noise_and_estimate(tmp_path):
+    clean = phantom((20, 48, 40), seed=5) * 800
+    noisy = rician(clean, 40, seed=6)
+    src = tmp_path / "t1.nii.gz"
+    nib.save(nib.Nifti1Image(noisy.transpose(2, 1, 0), np.diag([1.2, 1.0, 1.0, 1.0])), src)
+    out, hist = tmp_path / "out.nii.gz", tmp_path / "h.json"
+    r = _cli("denoise", src, "-o", out, "--history", hist)
+    assert r.returncode == 0, r.stderr
+    last = r.stdout.strip().splitlines()[-1]
+    assert "denoised by" in last and "noise rician sigma" in last and "estimated PSNR" in last
+    h = json.loads(hist.read_text())
+    assert h["noise"]["sigma"] == pytest.approx(40, rel=0.15)
+    restored = np.asarray(nib.load(out).dataobj, np.float32).transpose(2, 1, 0)
+    assert psnr(restored, clean) > psnr(noisy, clean) + 5
+    plan = _cli("denoise", src, "-o", tmp_path / "x.nii.gz", "--plan")
+    assert "path: race" in plan.stdout and "rician" in plan.stdout
+    assert not (tmp_path / "x.nii.gz").exists()
+
+
+def test_cli_rician_on_ct_values_is_one_line_exit_2(tmp_path):
+    hu = (np.random.default_rng(0).normal(0, 30, (6, 32, 32)) - 1000).astype(np.float32)
+    src = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(hu, np.eye(4)), src)
+    r = _cli("denoise", src, "-o", tmp_path / "o.nii.gz", "--noise", "rician")
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "--noise rician needs magnitude" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "o.nii.gz").exists()
