@@ -22,10 +22,16 @@ def test_demo_writes_outputs_table_and_plots(tmp_path, capsys):
     inr = ("default", "STRAINER", "SIREN")
     assert [(r["task"], r["method"]) for r in rows] == [
         *(("fit", m) for m in inr), *(("superres", m) for m in (*inr, "bicubic")),
-        *(("denoise", m) for m in (*inr, "TV", "BM4D")),
+        *(("denoise", m) for m in (*inr, "TV", "NLM", "BM4D")),
         *(("thru-plane", m) for m in ("default", "linear", "cubic"))]
     assert all(r["route"] for r in rows)
-    assert all(r["steps"] <= 2 for r in rows if r["method"] in inr)
+    assert all(r["steps"] <= 2 for r in rows if r["method"] in inr and r["route"] != "race")
+    race = next(r for r in rows if (r["task"], r["method"]) == ("denoise", "default"))
+    assert race["route"] == "race" and race["params"]["noise"] == "gaussian"
+    # the default denoising is at least as good as every classical row of the table
+    classical = [r["psnr_final_db"] for r in rows if r["task"] == "denoise"
+                 and r["method"] in ("TV", "NLM")]
+    assert race["psnr_final_db"] >= max(classical)
     bm4d_missing = importlib.util.find_spec("bm4d") is None
     for r in rows:
         if r["method"] == "BM4D" and bm4d_missing:

@@ -448,13 +448,21 @@ def test_restore_shows_the_plan_before_run(make_napari_viewer, qtbot, tiny_encod
     w.task.value = "superres"  # in-plane x2: the slice path, on the finer grid
     assert "output: 2 x 96 x 128 voxels" in w.plan_text.value
     assert "super-resolution x2: the first" in w.plan_text.value
-    w.task.value = "denoise"  # auto: this small 3D layer is denoised as one volume
+    w.task.value = "denoise"  # auto: the race of classical denoisers, no training steps
+    text = w.plan_text.value
+    assert w.plan.path == "race" and "path: race (denoisers judged" in text
+    assert "noise: rician (magnitude data" in text and "steps: at most" not in text
+    assert "why: mode auto: the race of denoisers" in text
+    note = [line for line in text.splitlines() if line.startswith("  note: ")]
+    assert note and "race uses no encoder" in note[0] and "tiny.safetensors" in note[0]
+    assert w.steps.value == w.plan.steps == 0 and not w.steps.enabled
+    w.encoder.value = "none"  # the volume path takes no 2D encoder
+    w.denoise_mode.value = "volume"  # one 3D INR over this small 3D layer
     text = w.plan_text.value
     assert w.plan.path == "volume" and "path: volume (one 3D INR" in text
-    assert "noise: gaussian, sigma" in text and "mode auto: a 3D scan of 6,144 voxels" in text
-    note = [line for line in text.splitlines() if line.startswith("  note: ")]
-    assert note and "tiny.safetensors" in note[0]  # the encoder is not used on this path
+    assert "noise: gaussian, sigma" in text and "why: --mode volume" in text
     assert w.steps.value == w.plan.steps == volume.DEFAULT_STEPS["denoise"]
+    assert w.steps.enabled
     w.steps.value = 5
     assert "steps: at most 5 Adam steps" in w.plan_text.value
     w.plan_button.clicked.emit()

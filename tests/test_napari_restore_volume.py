@@ -1,5 +1,6 @@
 """The volume paths of the "Restore scan" dock in a real (headless) napari viewer: through-plane
-super-resolution (slice scale) and volume denoising fit one 3D SIREN to the whole sample T1
+super-resolution (slice scale) and volume denoising (denoise mode volume; auto is the race of
+classical denoisers, ``test_napari_denoise_race.py``) fit one 3D SIREN to the whole sample T1
 (25 x 41 x 33, opened through our reader), with a live preview of the whole output grid, Stop,
 and a result placed in world coordinates; wrong choices are one clear message each."""
 
@@ -141,10 +142,13 @@ def test_denoise_volume_with_reference_and_refusals(make_napari_viewer, qtbot, t
                         .astype(np.float32))
     src = add_scan(viewer, noisy, "noisy")
     w = volume_dock(viewer, src, "denoise")
-    # auto (the default): this small 3D layer takes the volume path, with its steps
-    assert w.denoise_mode.value == volume.DENOISE_MODE == "auto"
+    # auto (the default) is the race of classical denoisers: no training steps
+    assert w.denoise_mode.value == "auto"
+    assert w.plan.path == "race" and w.steps.value == 0 and not w.steps.enabled
+    # volume: one 3D INR over the whole scan, with its steps
+    w.denoise_mode.value = "volume"
     assert w.plan.path == "volume" and "path: volume" in w.plan_text.value
-    assert w.steps.value == volume.DEFAULT_STEPS["denoise"]
+    assert w.steps.value == volume.DEFAULT_STEPS["denoise"] and w.steps.enabled
     w.denoise_mode.value = "slices"
     assert w.steps.value == slices.DEFAULT_STEPS["denoise"]
     w.denoise_mode.value = "volume"
@@ -192,11 +196,13 @@ def test_volume_form_refusals_and_2d_layer(make_napari_viewer, qtbot):
     w.layer.value = flat
     w.slice_scale.value = 2
     _refused(viewer, qtbot, w, "flat: a 2D image (41 x 33)")
-    # denoise mode volume on one slice takes the slice path, as the CLI does
+    # denoise mode volume on one slice takes the slice path, as the CLI does (auto: the race,
+    # in 2D)
     w.task.value = "denoise"
     w.denoise_mode.value = "auto"
-    assert w.plan.path == "slices"
+    assert w.plan.path == "race"
     w.denoise_mode.value = "volume"
+    assert w.plan.path == "slices"
     w.sigma.value = "none"
     w.steps.value = 2
     w.job = None

@@ -338,13 +338,13 @@ def test_denoise_volume_and_slices_modes(samples, tmp_path, tiny_encoder, capsys
     assert main(["denoise", str(src), "-o", str(sl), "--steps", "2", "--mode", "slices",
                  "--encoder", str(tiny_encoder), "--history", str(hs), "--quiet"]) == 0
     assert "freeze" in json.loads(hs.read_text())
-    # the default (auto) denoises this small 3D scan as a volume; an encoder is not used
-    # there, and the CLI says so
+    # the default (auto) denoises by the race of denoisers; an encoder is not used there, and
+    # the CLI says so
     au, ha = tmp_path / "a.nii.gz", tmp_path / "a.json"
     assert main(["denoise", str(src), "-o", str(au), "--steps", "2", "--encoder",
                  str(tiny_encoder), "--history", str(ha)]) == 0
-    assert json.loads(ha.read_text())["task"] == "denoise_volume"
-    assert "uses no encoder; --mode slices uses" in capsys.readouterr().err
+    assert json.loads(ha.read_text())["path"] == "race"
+    assert "race uses no encoder; --mode slices uses" in capsys.readouterr().err
     # a 2D input takes the slice path whatever the mode
     ct = tmp_path / "ct.nii.gz"
     assert main(["denoise", str(samples / "ct_small.dcm"), "-o", str(ct), "--steps", "2",

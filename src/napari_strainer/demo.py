@@ -3,12 +3,14 @@
 1. pretrains a small encoder briefly on the sample brain MRI (to show the pretraining path);
 2. on a slice the shipped encoder never saw, fits it, super-resolves a 2x downsampled copy
    and denoises a noisy copy three ways, each through the planner
-   (:mod:`napari_strainer.restore.plan`): with the defaults (``init="auto"``: the route chosen
-   on held-out pixels, stopped when converged), with the shipped encoder (STRAINER, the
-   paper's recipe) and with random initialisation (SIREN); beside them classical baselines:
-   bicubic interpolation for super-resolution, total variation (its weight picked on another
-   slice of the scan with the same noise) and, when the optional ``bm4d`` package is
-   installed, BM4D with the true sigma for denoising (:mod:`napari_strainer.restore.classical`);
+   (:mod:`napari_strainer.restore.plan`): with the defaults (fitting and super-resolution:
+   ``init="auto"``, the route chosen on held-out pixels, stopped when converged; denoising:
+   the race of denoisers, :mod:`napari_strainer.restore.race`), with the shipped encoder
+   (STRAINER, the paper's recipe) and with random initialisation (SIREN); beside them
+   classical baselines: bicubic interpolation for super-resolution, total variation (its
+   weight picked on another slice of the scan with the same noise), non-local means with the
+   true sigma and, when the optional ``bm4d`` package is installed, BM4D with the true sigma
+   for denoising (:mod:`napari_strainer.restore.classical`);
 3. through-plane super-resolution: the brain's slices box-averaged in pairs (a scan of half
    the slices, twice as thick) restored to the original slices by
    the planner's through-plane path with its defaults, against linear and cubic
@@ -36,7 +38,7 @@ from .io import read_scan, sample_path, write_scan
 from .io.intensity import Intensity, pick_slices
 from .io.scan import Scan
 from .pretrain.train import pretrain, training_slices
-from .restore.classical import bicubic, bm4d_denoise, interpolate_slices, tv_denoise
+from .restore.classical import bicubic, bm4d_denoise, interpolate_slices, nlm_denoise, tv_denoise
 from .restore.plan import Options, make_plan, run
 from .restore.volume import DEFAULT_STEPS as VOLUME_STEPS
 
@@ -105,19 +107,31 @@ def run_demo(outdir: str | Path, *, steps: int | None = None, pretrain_steps: in
     jobs = {"fit": (ref, {}), "superres": (low, {"scale": 2}), "denoise": (noisy, {})}
     baselines = {"superres": [("bicubic", lambda: (bicubic(low_t, 2), None))],
                  "denoise": [("TV", lambda: _tv_tuned(noisy.data[0], sigma, brain, seed)),
+                             ("NLM", lambda: (nlm_denoise(noisy.data[0], sigma),
+                                              {"sigma": round(sigma, 3)})),
                              ("BM4D", lambda: (bm4d_denoise(noisy.data[0], sigma),
                                                {"sigma": round(sigma, 3)}))]}
     results, images, table = {}, {}, []
     for task, (inp, kw) in jobs.items():
         for name, enc, init in RUNS:
+            race = task == "denoise" and name == "default"
+            mode = "auto" if race else "slices"  # the INR rows of denoising: one 2D INR
             options = Options(task=task, encoder=enc, init=init, steps=steps, device=device,
-                              seed=seed, log_every=5, **kw)  # the planner's defaults else
+                              seed=seed, log_every=5, mode=mode, **kw)  # defaults else
             r = run(make_plan(inp, options, reference=ref, eta=False), callback=progress)
             offset = bar.n
             results[(task, name)] = r
             images[(task, name)] = r.scan.data[0]
             write_scan(r.scan, out / f"{task}_{name.lower()}.nii.gz", overwrite=True)
             h = r.history
+            if race:
+                table.append(_row(task, name, "race", _psnr(r.scan.data[0], clean),
+                                  sum(h["race"]["seconds"].values()),
+                                  params={"winner": h["race"]["winner"],
+                                          "noise": h["noise"]["model"],
+                                          "sigma": round(h["noise"]["sigma"], 3),
+                                          "psnr_estimate": h["race"]["psnr_estimate"]}))
+                continue
             table.append(_row(task, name, h["route"], _psnr(r.scan.data[0], clean),
                               h["seconds_total"], at_50=_at(h, 50), best=max(h["psnr"]),
                               steps=h["steps_run"][0], stop_step=h["stop_step"][0]))
@@ -228,7 +242,11 @@ def _print_table(table: list[dict], out: Path) -> None:
           "averaged).")
     if tv:
         print(f"TV weight {tv['weight_sigmas']:g} sigma, picked by PSNR on slice "
-              f"{tv['tuned_on_slice']} with the same noise; BM4D uses the true sigma.")
+              f"{tv['tuned_on_slice']} with the same noise; NLM and BM4D use the true sigma.")
+    race = next((r["params"] for r in table if r["route"] == "race"), None)
+    if race:
+        print(f"denoise default: {race['winner']} ({race['noise']} noise, sigma "
+              f"{race['sigma']:g} estimated).")
     print(f"outputs, curves (psnr_curves.png), panels (panel.png, thru_plane.png) in {out}/")
 
 
@@ -262,6 +280,8 @@ def _plots(out: Path, results: dict, images: dict, jobs: dict, clean: np.ndarray
     for ax, task in zip(axes, jobs):
         for (name, _, _), style in zip(RUNS, ("-", "-.", "--")):
             h = results[(task, name)].history
+            if "iterations" not in h:  # the denoising race: no iterations
+                continue
             ax.plot(h["iterations"], h["psnr"], style, label=name)
         ax.set(title=task, xlabel="iteration", ylabel="PSNR (dB)")
         ax.grid(alpha=0.3)

@@ -1,6 +1,7 @@
 """The "Restore scan" dock widget: fit, super-resolve or denoise an image layer, with the plan
-(:mod:`napari_strainer.restore.plan`: slice by slice from a STRAINER encoder, or one 3D INR
-over the whole scan) shown before Run, a live preview and a loss/PSNR curve."""
+(:mod:`napari_strainer.restore.plan`: slice by slice from a STRAINER encoder, one 3D INR over
+the whole scan, or, to denoise, a race of classical denoisers blended on their estimated
+error) shown before Run, a live preview and a loss/PSNR curve."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from ..core.operators import PROFILES
 from ..errors import BadArgumentError
 from ..io.intensity import Intensity
 from ..pretrain import cards, encoders
-from ..restore import slices, volume
+from ..restore import race, slices
 from ..restore.plan import Options, Plan, default_steps
 from ._common import PlannedWidget, collapsible, image_layers, layer_scan, parse_float
 from ._jobs import notify
@@ -27,9 +28,12 @@ TASK_LABELS = [("fit (represent the scan)", "fit"), ("super-resolve", "superres"
                ("denoise", "denoise")]
 INIT_LABELS = [("auto (self-validated)", "auto"), ("fixed (paper recipe)", "fixed")]
 HEAD_LABELS = [("solved (ridge regression)", "solved"), ("random (paper)", "random")]
-DENOISE_MODE_LABELS = [("auto (volume for 3D scans up to 1.2 M voxels)", "auto"),
+DENOISE_MODE_LABELS = [("auto (race of NLM, TV, BM4D if installed; blended by estimated error)",
+                        "auto"),
                        ("slices (2D INR per slice)", "slices"),
                        ("volume (3D INR, neighbouring slices)", "volume")]
+NOISE_LABELS = [("auto (Rician for MR, Gaussian for CT)", "auto"),
+                ("rician (magnitude MR)", "rician"), ("gaussian", "gaussian")]
 ENCODER_LABELS = [("shipped default (MRI)", "default"), ("file...", "file"),
                   ("none (SIREN baseline)", "none"),
                   ("self (pretrain on this scan first)", "self")]
@@ -38,13 +42,16 @@ ENCODER_LABELS = [("shipped default (MRI)", "default"), ("file...", "file"),
 class RestoreWidget(PlannedWidget):
     """Restore an image layer as the planner decides (:func:`napari_strainer.restore.plan.
     make_plan`): slice by slice (one 2D INR per slice, from the encoder), or, with a slice
-    scale >= 2 or denoise mode volume (auto: small 3D scans), one 3D SIREN over the whole scan.
-    The plan (path, route, noise, steps, memory, reasons; the ETA with the Plan button) is
-    shown above Run and follows every change of the form.
+    scale >= 2 or denoise mode volume, one 3D SIREN over the whole scan; denoise mode auto
+    races classical denoisers (non-local means, total variation, BM4D when installed) under
+    the chosen noise model and blends them by their estimated error (SURE). The plan (path,
+    route, noise, steps, memory, reasons; the ETA with the Plan button) is shown above Run and
+    follows every change of the form.
 
     While it runs, a ``[live preview]`` layer on the output grid shows the current best fit
-    every few iterations (normalised intensities) and the curve shows the loss, and the PSNR
-    against the reference layer when one is chosen. Stop keeps the best result so far. The
+    every few iterations (the race: after each denoiser; normalised intensities) and the
+    curve shows the loss, and the PSNR against the reference layer when one is chosen. Stop
+    keeps the best result so far (the race: blends the denoisers finished so far). The
     result is a new layer on the output grid (super-resolution: finer, aligned to the input)
     with the source geometry and metadata, ready to be saved with File > Save Selected Layers.
     """
@@ -72,16 +79,28 @@ class RestoreWidget(PlannedWidget):
                                               "thickness (thickness: DICOM SliceThickness, "
                                               "else the spacing)")
         self.denoise_mode = ComboBox(label="denoise mode", choices=DENOISE_MODE_LABELS,
-                                     value=volume.DENOISE_MODE, visible=False,
-                                     tooltip="slices: one 2D INR per slice (from the encoder); "
-                                             "volume: one 3D SIREN for the whole scan with a "
-                                             "3D total-variation term, as 'strainer denoise "
-                                             "--mode volume' (a 2D layer takes the slice "
-                                             "path); auto: volume for 3D scans of at most 1.2 "
-                                             "million voxels, else slices")
+                                     value="auto", visible=False,
+                                     tooltip="auto: non-local means, total variation and BM4D "
+                                             "(when installed) each denoise the scan; their "
+                                             "errors are estimated without a clean image "
+                                             "(SURE) and the blend with the lowest estimated "
+                                             "error is kept, as 'strainer denoise'. slices: "
+                                             "one 2D INR per slice (from the encoder). volume: "
+                                             "one 3D SIREN for the whole scan with a 3D "
+                                             "total-variation term, as 'strainer denoise "
+                                             "--mode volume' (a 2D layer takes the slice path)")
+        self.noise = ComboBox(label="noise model", choices=NOISE_LABELS, value="auto",
+                              visible=False,
+                              tooltip="the noise the race assumes (denoise mode auto): rician "
+                                      "for magnitude MR (the noise lifts dark areas; the blend "
+                                      "is mapped back), gaussian for CT and data with "
+                                      "negative values; auto chooses from the modality and "
+                                      "the values")
         self.sigma = LineEdit(label="noise sigma", value="auto", visible=False,
-                              tooltip="'auto' (estimated per slice), 'none' (run all steps) "
-                                      "or the noise standard deviation in the scan's units")
+                              tooltip="'auto' (estimated: per slice, over the volume, or, for "
+                                      "the race, from the signal), 'none' (INR paths: run all "
+                                      "steps; the race: as auto) or the noise standard "
+                                      "deviation in the scan's units")
         self.steps = SpinBox(label="steps", value=slices.DEFAULT_STEPS["fit"], min=0,
                              max=10_000_000, tooltip="Adam steps at most (per batch of "
                                                      "slices); set to the path's default "
@@ -116,7 +135,8 @@ class RestoreWidget(PlannedWidget):
                                            self.log_every, self.batch, self.seed])
         super().__init__(viewer, [self.layer, self.encoder, self.encoder_file, self.task,
                                   self.scale, self.slice_scale, self.slice_profile,
-                                  self.denoise_mode, self.sigma, self.steps, self.reference],
+                                  self.denoise_mode, self.noise, self.sigma, self.steps,
+                                  self.reference],
                          plot_title="loss / PSNR")
         self.advanced_fold = collapsible("Advanced", self.advanced)
         self.native.layout().insertWidget(self.index(self.device), self.advanced_fold)
@@ -137,7 +157,7 @@ class RestoreWidget(PlannedWidget):
         self.encoder.changed.connect(self._encoder_changed)
         self.encoder_file.changed.connect(self._encoder_changed)
         for widget in (self.layer, self.scale, self.slice_profile, self.denoise_mode,
-                       self.sigma, self.steps, self.reference, self.init, self.head,
+                       self.noise, self.sigma, self.steps, self.reference, self.init, self.head,
                        self.freeze, self.lr, self.batch, self.device):
             widget.changed.connect(self.refresh_plan)
         self._encoder_changed()
@@ -207,13 +227,23 @@ class RestoreWidget(PlannedWidget):
         self.scale.visible = self.slice_scale.visible = task == "superres"
         self.slice_profile.visible = task == "superres" and self.slice_scale.value >= 2
         self.sigma.visible = self.denoise_mode.visible = task == "denoise"
-        on_slices = self._path == "slices"
-        # initialisation, head, freezing and slice batches are for the slice path only
+        self.noise.visible = task == "denoise"
+        on_slices, on_race = self._path == "slices", self._path == "race"
+        # the noise model is the race's (the INR paths stop on a Gaussian noise level)
+        self.noise.enabled = task == "denoise" and self.denoise_mode.value == "auto"
+        # initialisation, head, freezing and slice batches are for the slice path only; the
+        # race takes no training steps
         self.init.enabled = self.batch.enabled = on_slices
         self.freeze.enabled = encoder != "none" and self.init.value == "fixed" and on_slices
         self.head.enabled = encoder != "none" and task == "fit" and on_slices
+        self.steps.enabled = self.lr.enabled = self.log_every.enabled = not on_race
         text, tooltip = self._encoder_summary
-        if not on_slices:  # the volume path has no encoder
+        if on_race:  # classical denoisers, no INR
+            text = ("not used: the race of classical denoisers (NLM, TV, BM4D) uses no "
+                    "encoder; denoise mode slices uses it" if encoder != "none" else
+                    "the race of classical denoisers (NLM, TV, BM4D): no INR")
+            tooltip = ""
+        elif not on_slices:  # the volume path has no encoder
             text = ("a 3D SIREN from scratch: the volume path (no pretrained 3D encoder exists)"
                     if encoder == "none" else
                     "not used: the volume path fits a 3D SIREN from scratch (no pretrained 3D "
@@ -248,6 +278,7 @@ class RestoreWidget(PlannedWidget):
             else None, slice_profile=self.slice_profile.value,
             freeze=self.freeze.value if fixed and self.encoder.value != "none" else None,
             sigma=self.sigma.value.strip() if denoise else "auto",
+            noise=self.noise.value if denoise else "auto",
             mode=self.denoise_mode.value if denoise else "auto", device=self.device.value,
             seed=self.seed.value, log_every=self.log_every.value,
             batch_size=self.batch.value or None)
@@ -279,16 +310,19 @@ class RestoreWidget(PlannedWidget):
         gui_free = threading.Event()
         gui_free.set()
         self._gui_free = gui_free
-        on_slices = plan.path == "slices"
+        on_slices, on_race = plan.path == "slices", plan.path == "race"
         stages = plan.path == "volume" and plan.task == "superres"  # INR, then least squares
         state = {"key": None, "segment": -1}
 
         def on_progress(p, report):
             """Runs in the worker: a new curve segment per batch of slices, probe and stage;
-            the slice path previews the batch, the volume path the whole output volume."""
+            the slice path previews the batch, the volume path and the race (after each
+            denoiser, named by the phase) the whole output volume."""
             if on_slices:
                 key, phase = (p.slices, p.phase), p.phase
                 (first, stop), n = p.slices or (0, z), z
+            elif on_race:
+                key, phase, (first, stop), n = "race", p.phase, (0, zo), zo
             else:
                 phase = ("INR" if p.step < plan.steps else "least squares") if stages else ""
                 key, (first, stop), n = phase, (0, zo), zo
@@ -297,21 +331,26 @@ class RestoreWidget(PlannedWidget):
                 state["key"] = key
                 state["segment"] += 1
             item = {"step": p.step, "total": p.total, "loss": p.loss, "psnr": p.psnr,
-                    "segment": state["segment"], "phase": phase, "slices": (first + 1, stop, n)}
+                    "segment": state["segment"], "phase": phase, "slices": (first + 1, stop, n),
+                    "race": on_race}
             # render only when the GUI has shown the previous preview (no backlog)
             if gui_free.is_set() or new:
                 gui_free.clear()
-                item["preview"] = (first, p.preview()[..., 0].float().cpu().numpy())
+                img = p.preview()[..., 0].float().cpu().numpy()
+                item["preview"] = (first, img)
             report(item)
 
         o = plan.options
-        if on_slices:
+        if on_race:  # two runs per denoiser (the second for its error estimate)
+            total = _race_runs(scan)
+        elif on_slices:
             total = plan.steps * max(1, -(-z // (o.batch_size or z)))
         else:
             total = plan.steps + (plan.ls_steps if stages else 0)
         self._t0 = time.monotonic()
         what = {v: k for k, v in TASK_LABELS}[plan.task].split(" (")[0]
-        return on_progress, total, f"{what}{'' if on_slices else ' (3D)'}: {layer.name}"
+        how = " (race)" if on_race else "" if on_slices else " (3D)"
+        return on_progress, total, f"{what}{how}: {layer.name}"
 
     def on_report(self, item: dict) -> None:
         first, last, z = item["slices"]
@@ -330,14 +369,24 @@ class RestoreWidget(PlannedWidget):
             self.preview_layer.data = self._preview_data
             self.preview_layer.refresh()
             self._gui_free.set()
+        seconds = time.monotonic() - self._t0
+        if item.get("race"):  # two runs per denoiser
+            self.set_status(f"{item['phase']}: {item['step'] // 2} of {item['total'] // 2} "
+                            f"denoisers done  ({seconds:.0f} s)")
+            return
         psnr = f"  PSNR {item['psnr']:.2f} dB" if item.get("psnr") is not None else ""
         self.set_status(f"step {item['step']}/{item['total']}  loss {item['loss']:.3g}{psnr}"
-                        f"  ({time.monotonic() - self._t0:.0f} s){'  ' + where if where else ''}")
+                        f"  ({seconds:.0f} s){'  ' + where if where else ''}")
 
     def on_done(self, restoration) -> None:
         plan = self._running_plan
         o, hist = plan.options, restoration.history
-        if plan.path == "volume":
+        raced = hist.get("race")
+        if raced is not None:  # Stop: the denoisers finished so far were blended
+            hist["cancelled"] = len(raced["seconds"]) < len(raced["candidates"])
+        if plan.path == "race":
+            enc = "race"
+        elif plan.path == "volume":
             enc = "3D SIREN"
         else:
             enc = "SIREN" if hist.get("encoder") == "none" else (
@@ -361,7 +410,9 @@ class RestoreWidget(PlannedWidget):
         if hist.get("probes"):
             msg += (f"; route {hist['route']} chosen by held-out loss "
                     f"(probes {hist['probe_seconds']:.0f} s)")
-        if hist.get("stop_reason") and hist["stop_reason"] != "ran all steps":
+        if raced is not None:
+            msg += "; " + _race_summary(hist)
+        elif hist.get("stop_reason") and hist["stop_reason"] != "ran all steps":
             msg += f"; stopped by: {hist['stop_reason']}"
         self.set_status(msg)
         notify(msg)
@@ -377,6 +428,25 @@ class RestoreWidget(PlannedWidget):
         if self.preview_layer is not None and self.preview_layer in self.viewer.layers:
             self.viewer.layers.remove(self.preview_layer)
         self.preview_layer = None
+
+
+def _race_summary(hist: dict) -> str:
+    """``"blend 0.60 NLM 1s p2 + 0.40 TV 0.5s; noise rician, sigma 12.3; estimated PSNR
+    34.1 dB"`` (the PSNR from the estimated error; when that cannot be trusted, its warning)."""
+    raced, noise = hist["race"], hist["noise"]
+    sigma = noise["sigma"]
+    sigma = f"{sigma:.3g}" if abs(sigma) < 1000 else f"{sigma:.0f}"  # 1212, not 1.21e+03
+    text = f"{raced['winner']}; noise {noise['model']}, sigma {sigma}"
+    if raced.get("psnr_estimate") is not None:
+        return text + f"; estimated PSNR {raced['psnr_estimate']:.1f} dB"
+    return text + f"; no estimated PSNR: {raced.get('warning') or 'not estimated'}"
+
+
+def _race_runs(scan) -> int:
+    """The progress reports of the race on ``scan``: two per denoiser."""
+    data = scan.data[0] if scan.shape[0] == 1 else scan.data
+    return 2 * len(race.candidates(data.shape))
+
 
 
 _PEEKED: dict = {}

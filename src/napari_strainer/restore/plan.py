@@ -407,7 +407,7 @@ def _plan_denoise_volume(scan: Scan, o: Options) -> Plan:
 def _plan_race(scan: Scan, o: Options) -> Plan:
     model = None if _constant(scan) is not None else _noise_model(scan, o)
     data = scan.data[0] if scan.shape[0] == 1 else scan.data
-    names = [c.name for c in race.candidates(data.ndim, data.size)]
+    names = [c.name for c in race.candidates(data.shape)]
     route = (f"{len(names)} denoisers ({', '.join(names)}), each run twice for its SURE "
              f"risk; the blend with the lowest estimated error"
              f"{', mapped through the inverse Rician mean' if model and model.kind == 'rician' else ''}")

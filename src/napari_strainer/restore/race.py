@@ -29,6 +29,7 @@ import torch
 
 from ..core.fit import Progress
 from ..errors import BadInputError
+from ..io.intensity import Intensity
 from ..io.scan import Scan
 from .base import Restoration
 from .classical import bm4d_denoise, guided_nlm, has_bm4d, nlm_denoise, tv_nd
@@ -69,9 +70,11 @@ class Candidate:
     run: Callable[[np.ndarray, float], np.ndarray]
 
 
-def candidates(ndim: int, voxels: int) -> list[Candidate]:
-    """The race's denoisers for a ``ndim``-D image of ``voxels`` voxels; the first is the
-    pilot whose result sets the Rician variance of each voxel."""
+def candidates(shape: tuple[int, ...]) -> list[Candidate]:
+    """The race's denoisers for a 2D image or a 3D volume of ``shape``; the first is the
+    pilot whose result sets the Rician variance of each voxel. BM4D joins when it is installed,
+    the scan has at most :data:`BM4D_MAX_VOXELS` voxels and (3D) 8 along every axis."""
+    ndim = len(shape)
     out = [Candidate(f"NLM {f:g}s p{p}", lambda x, s, f=f, p=p: nlm_denoise(x, f * s, p))
            for f, p in (NLM_2D if ndim == 2 else NLM_3D)]
     out = [out[1], out[0], *out[2:]]
@@ -79,7 +82,8 @@ def candidates(ndim: int, voxels: int) -> list[Candidate]:
         x, nlm_denoise(x, s, GUIDE_PATCH), f * s, search=GUIDED_SEARCH[ndim]))
         for f in GUIDED_H]
     out += [Candidate(f"TV {w:g}s", lambda x, s, w=w: tv_nd(x, w * s)) for w in TV_WEIGHTS]
-    if voxels <= BM4D_MAX_VOXELS and has_bm4d():
+    if (math.prod(shape) <= BM4D_MAX_VOXELS and (ndim == 2 or min(shape) >= 8)
+            and has_bm4d()):
         out.append(Candidate("BM4D", bm4d_denoise))
     return out
 
@@ -99,7 +103,7 @@ def estimate_seconds(data: np.ndarray) -> float:
                    for n in x.shape)]
     crop = crop / (float(np.abs(crop).max()) or 1.0)
     total = 0.0
-    for c in candidates(x.ndim, x.size):
+    for c in candidates(x.shape):
         if c.name == "BM4D":
             total += BM4D_SECONDS_PER_VOXEL * crop.size
             continue
@@ -247,11 +251,16 @@ def denoise(scan: Scan, model: NoiseModel, *, seed: int = 0,
     y = ((data[0] if flat2d else data) - offset) / scale
     y = y.astype(np.float32)
     sigma = model.sigma / scale
-    cands = candidates(y.ndim, y.size)
+    cands = candidates(y.shape)
 
-    def report(p: Progress) -> None:  # previews as the fitting loop's: [*scan shape, 1]
-        callback(replace(p, preview=lambda: torch.from_numpy(
-            np.asarray(p.preview(), np.float32).reshape(data.shape))[..., None]))
+    inten = Intensity.for_scan(scan)
+
+    def report(p: Progress) -> None:  # previews as the fitting loop's: [*scan shape, 1], [0, 1]
+        def preview() -> torch.Tensor:
+            units = np.asarray(p.preview(), np.float64).reshape(data.shape) * scale + offset
+            return torch.from_numpy(inten.forward(units))[..., None]
+
+        callback(replace(p, preview=preview))
 
     res = race(y, sigma, model.kind, cands, seed=seed,
                callback=report if callback is not None else None, cancel=cancel)
