@@ -48,7 +48,8 @@ def _haar(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x, mean
 
 
-def estimate_sigma(image: np.ndarray, *, signal_only: bool = False) -> float:
+def estimate_sigma(image: np.ndarray, *, signal_only: bool = False, flat: bool = False
+                   ) -> float:
     """Noise standard deviation of a 2D image or a 3D volume from the finest Haar detail band
     that is high-pass along every axis (HH, or HHH for a volume; wavelet MAD, Donoho &
     Johnstone): ``median(|band|) / 0.6745``. On a volume the third axis makes the band less
@@ -59,16 +60,20 @@ def estimate_sigma(image: np.ndarray, *, signal_only: bool = False) -> float:
     :data:`SIGNAL_SNR` sigma count (iterated), where Rician noise has the Gaussian's spread (the
     dark background, where it is about 0.66 sigma, would pull the estimate down), and of those
     the flatter half (the gradient of the block means at most its median), where edges do not
-    push it up. A whole 1 mm MNI brain with Rician noise of 0.05: 0.0500, against 0.036 from
+    push it up. ``flat`` alone: the flatter half of every block (the demo's real MR slice with
+    Gaussian noise of 51.1: 53.6, against 56.8 from every block). A whole 1 mm MNI brain with Rician noise of 0.05: 0.0500, against 0.036 from
     every block and 0.040 from dipy's ``estimate_sigma``; a phantom of sharp-edged ellipsoids:
     0.0497 against 0.056 from the bright blocks alone.
     """
     band, mean = _haar(image)
     sigma = float(np.median(np.abs(band)) * MAD_TO_SIGMA)
-    if not signal_only:
+    if not (signal_only or flat):
         return sigma
     structure = np.sqrt(sum(np.gradient(mean, axis=a) ** 2 for a in range(mean.ndim)
                             if mean.shape[a] > 1))
+    if not signal_only:
+        calm = structure <= np.median(structure)
+        return float(np.median(np.abs(band[calm])) * MAD_TO_SIGMA)
     for _ in range(3):
         bright = mean > SIGNAL_SNR * sigma
         if bright.sum() < 256:
@@ -104,7 +109,7 @@ def noise_model(data: np.ndarray, modality: str, noise: str = "auto", sigma="aut
         modality: the scan's DICOM modality (``CT``: Gaussian under ``auto``).
         noise: ``auto`` (Rician for magnitude data: MR and any scan without negative values;
             Gaussian for CT and data with negative values), ``rician`` or ``gaussian``.
-        sigma: ``auto`` (:func:`estimate_sigma`, ``signal_only`` for Rician) or a value in
+        sigma: ``auto`` (:func:`estimate_sigma`, ``flat``; ``signal_only`` for Rician) or a value in
             the scan's units (``none`` counts as ``auto``).
         name: the file, for messages.
 
@@ -133,10 +138,11 @@ def noise_model(data: np.ndarray, modality: str, noise: str = "auto", sigma="aut
     if isinstance(sigma, float):
         return NoiseModel(kind, sigma, why, "given")
     scale = float(np.percentile(np.abs(data), 99.5)) or 1.0
-    est = estimate_sigma(np.squeeze(data) / scale, signal_only=kind == "rician") * scale
+    est = estimate_sigma(np.squeeze(data) / scale, signal_only=kind == "rician",
+                         flat=True) * scale
     if not est > 0:
         raise BadArgumentError(f"{name}: no noise found (estimated sigma 0); give --sigma")
-    return NoiseModel(kind, est, why, "estimated from the finest wavelet band" +
+    return NoiseModel(kind, est, why, "estimated from the finest wavelet band, flatter half" +
                       (" where the signal is above 4 sigma" if kind == "rician" else ""))
 
 
