@@ -136,6 +136,16 @@ def test_nan_voxels_are_refused_with_their_count():
         make_plan(scan, Options(task="denoise"))
 
 
+def test_a_race_that_cannot_fit_in_memory_is_refused_before_it_starts(monkeypatch):
+    from napari_strainer.restore import plan as plan_module
+
+    scan = Scan(rician(phantom(), 0.05), np.eye(4), source="big.nii.gz")
+    monkeypatch.setattr(plan_module, "available_bytes", lambda device: 1 << 20)  # 1 MiB free
+    with pytest.raises(BadInputError, match=r"big.nii.gz: the denoising race needs about "
+                                            r"\d+ MiB for 55,296 voxels, but 1 MiB is free"):
+        make_plan(scan, Options(task="denoise"))
+
+
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "napari_strainer.cli", *map(str, args)],
                           capture_output=True, text=True, timeout=600, check=False)

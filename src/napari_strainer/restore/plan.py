@@ -27,7 +27,7 @@ import torch
 
 from ..core.checkpoint import Encoder
 from ..core.device import describe_device, resolve_device
-from ..core.fit import Progress, activation_bytes, fit
+from ..core.fit import Progress, activation_bytes, available_bytes, fit
 from ..core.operators import Identity, profile_quadrature
 from ..core.problems import ImageProblem
 from ..core.siren import BatchedSiren, SirenConfig
@@ -418,8 +418,13 @@ def _plan_race(scan: Scan, o: Options) -> Plan:
         reasons.append("BM4D is not installed (pip install bm4d: its licence is "
                        "non-commercial), so it does not run")
     notes = _encoder_note(o) if o.encoder.lower() not in ("none", "default") else []
+    need, free = race.memory_bytes(data.size, len(names)), available_bytes(torch.device("cpu"))
+    if need > free:
+        raise BadInputError(f"{scan.source or 'the scan'}: the denoising race needs about "
+                            f"{_gib(need)} for {data.size:,} voxels, but {_gib(free)} is free; "
+                            f"crop the scan, or denoise it slice by slice (--mode slices)")
     return Plan("denoise", "race", o, [scan], None, None, route, 0, scan.shape, scan.affine,
-                race.memory_bytes(data.size, len(names)), None,
+                need, None,
                 model.to_dict() if model else None, 0, reasons, notes, model)
 
 
