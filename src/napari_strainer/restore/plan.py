@@ -28,6 +28,7 @@ import torch
 from ..core.checkpoint import Encoder
 from ..core.device import describe_device, resolve_device
 from ..core.fit import Progress, activation_bytes, available_bytes, fit
+from ..core.metrics import psnr
 from ..core.operators import Identity, profile_quadrature
 from ..core.problems import ImageProblem
 from ..core.siren import BatchedSiren, SirenConfig
@@ -297,8 +298,10 @@ def run(plan: Plan, *, callback: Callable[[Progress], None] | None = None,
         res = race.denoise(scan, plan.noise_model, seed=o.seed, callback=callback,
                            cancel=cancel)
         if ref is not None:
-            err = np.mean((res.scan.data.astype(np.float64) - ref.data) ** 2)
-            res.history["psnr"] = [float(10 * np.log10(np.ptp(ref.data) ** 2 / max(err, 1e-30)))]
+            out, truth = (torch.from_numpy(np.asarray(v, np.float64))
+                          for v in (res.scan.data, ref.data))
+            res.history["psnr"] = [float(psnr(out, truth, float(np.ptp(ref.data)),
+                                              dims=tuple(range(out.ndim))))]
     elif plan.path == "volume":
         res = volume.denoise_volume(scan, sigma=o.sigma, steps=o.steps, lr=o.lr, tv=o.tv,
                                     **common)
@@ -428,12 +431,8 @@ def _plan_race(scan: Scan, o: Options) -> Plan:
                 model.to_dict() if model else None, 0, reasons, notes, model)
 
 
-def _noise_model(scan: Scan, o: Options):
-    data = scan.data[np.isfinite(scan.data)]
-    if data.size < scan.data.size:
-        raise BadInputError(f"{scan.source or 'the scan'}: {scan.data.size - data.size} "
-                            f"voxels are not finite (NaN or infinite); mask or fill them "
-                            f"before denoising")
+def _noise_model(scan: Scan, o: Options) -> NoiseModel:
+    race.check_finite(scan)
     return noise_model(scan.data, scan.modality, o.noise, o.sigma,
                        name=str(scan.source or "the scan"))
 

@@ -43,12 +43,10 @@ where the noise is close to Gaussian and SURE holds; in the dark background (Ray
 every candidate's mean falls to the noise floor, which the bias correction maps to zero."""
 TV_WEIGHTS = (0.25, 0.5, 1.0)
 """Total-variation candidates: weights in noise sigmas."""
-NLM_3D = ((0.7, 1), (1.0, 1), (1.0, 2))
-"""3D non-local means candidates: (smoothing in noise sigmas, patch radius)."""
-NLM_2D = ((0.7, 1), (1.0, 1), (1.0, 2))
-"""(Stronger smoothing, NLM 1.4 sigma and TV 2 sigma, got no weight on the benchmark's brain
-slices and volumes.)"""
-"""2D non-local means candidates: (smoothing in noise sigmas, patch radius)."""
+NLM = ((1.0, 1), (0.7, 1), (1.0, 2))
+"""Non-local means candidates, 2D and 3D: (smoothing in noise sigmas, patch radius); the
+first is the pilot. (Stronger smoothing, NLM 1.4 sigma and TV 2 sigma, got no weight on the
+benchmark's brain slices and volumes.)"""
 GUIDED_H = (0.5, 0.8)
 """Second-stage non-local means (``NLM2``, :func:`~napari_strainer.restore.classical.
 guided_nlm`): smoothing in noise sigmas; its pilot is NLM of 1 sigma with patches of radius
@@ -76,8 +74,7 @@ def candidates(shape: tuple[int, ...]) -> list[Candidate]:
     the scan has at most :data:`BM4D_MAX_VOXELS` voxels and (3D) 8 along every axis."""
     ndim = len(shape)
     out = [Candidate(f"NLM {f:g}s p{p}", lambda x, s, f=f, p=p: nlm_denoise(x, f * s, p))
-           for f, p in (NLM_2D if ndim == 2 else NLM_3D)]
-    out = [out[1], out[0], *out[2:]]
+           for f, p in NLM]
     out += [Candidate(f"NLM2 {f:g}s", lambda x, s, f=f: guided_nlm(
         x, nlm_denoise(x, s, GUIDE_PATCH), f * s, search=GUIDED_SEARCH[ndim]))
         for f in GUIDED_H]
@@ -231,6 +228,14 @@ def _best_blend(gram: np.ndarray, lin: np.ndarray) -> np.ndarray:
     return best
 
 
+def check_finite(scan: Scan) -> None:
+    """Refuse a scan with NaN or infinite voxels, with their count (BadInputError)."""
+    bad = int(np.count_nonzero(~np.isfinite(scan.data)))
+    if bad:
+        raise BadInputError(f"{scan.source or 'the scan'}: {bad} voxels are not finite "
+                            f"(NaN or infinite); mask or fill them before denoising")
+
+
 def denoise(scan: Scan, model: NoiseModel, *, seed: int = 0,
             callback: Callable[[Progress], None] | None = None, cancel=None) -> Restoration:
     """Denoise ``scan`` (one slice: in 2D; several: as a volume) under the noise ``model``.
@@ -239,36 +244,31 @@ def denoise(scan: Scan, model: NoiseModel, *, seed: int = 0,
     blend's weights (``race.winner``) and its estimated PSNR (``race.psnr_estimate``, on the
     scan's robust range, from SURE's mean squared error).
     """
+    check_finite(scan)
     data = np.asarray(scan.data, np.float64)
-    bad = int(np.count_nonzero(~np.isfinite(data)))
-    if bad:
-        raise BadInputError(f"{scan.source or 'the scan'}: {bad} voxels are not finite "
-                            f"(NaN or infinite); mask or fill them before denoising")
     flat2d = data.shape[0] == 1
     rician = model.kind == "rician"
     offset = 0.0 if rician else float(np.percentile(data, 0.5))
     scale = float(np.percentile(data, 99.5)) - offset
     scale = scale if scale > 0 else float(np.ptp(data)) or 1.0
-    y = ((data[0] if flat2d else data) - offset) / scale
-    y = y.astype(np.float32)
+    norm = Intensity(offset, offset + scale)  # the race's units (Rician: zero stays zero)
+    y = (((data[0] if flat2d else data) - offset) / scale).astype(np.float32)  # in float64
     sigma = model.sigma / scale
     cands = candidates(y.shape)
 
-    inten = Intensity.for_scan(scan)
+    shown = Intensity.for_scan(scan)
 
     def report(p: Progress) -> None:  # previews as the fitting loop's: [*scan shape, 1], [0, 1]
         def preview() -> torch.Tensor:
-            units = np.asarray(p.preview(), np.float64).reshape(data.shape) * scale + offset
-            return torch.from_numpy(inten.forward(units))[..., None]
+            units = norm.inverse(np.asarray(p.preview()).reshape(data.shape), np.float64)
+            return torch.from_numpy(shown.forward(units))[..., None]
 
         callback(replace(p, preview=preview))
 
     res = race(y, sigma, model.kind, cands, seed=seed,
                callback=report if callback is not None else None, cancel=cancel)
     clean = rician_unbias(res.mean, sigma) if rician else res.mean.astype(np.float64)
-    out = clean * scale + offset
-    if flat2d:
-        out = out[None]
+    out = norm.inverse(clean[None] if flat2d else clean, scan.data.dtype)
     # an estimated error below zero means the noise level is set too high for this scan (e.g.
     # anatomy finer than the voxels counted as noise): SURE then favours too little smoothing
     trusted = min(res.risks.values()) > 0 and res.risk > 0
@@ -288,10 +288,5 @@ def denoise(scan: Scan, model: NoiseModel, *, seed: int = 0,
     desc = "denoised: race of NLM, TV (and BM4D) judged by SURE (napari-strainer)"
     how = f"{desc}; {model.text()}; {res.winner}" + (
         f"; estimated PSNR {psnr_est:.1f} dB" if trusted else "")
-    dtype = scan.data.dtype
-    if np.issubdtype(dtype, np.integer):
-        info = np.iinfo(dtype)
-        out = np.clip(np.rint(out), info.min, info.max)
-    return Restoration(scan.derive(out.astype(dtype), description=desc, derivation=how),
-                       history)
+    return Restoration(scan.derive(out, description=desc, derivation=how), history)
 
