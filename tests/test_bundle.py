@@ -263,9 +263,9 @@ def test_bundle_model_is_the_shipped_encoder():
 
 
 def test_bundle_training_defaults_follow_the_package():
-    """train.json repeats the package's pretraining recipe as literals: keep them in step."""
-    from napari_strainer.pretrain.train import PRETRAIN_LR, PRETRAIN_SCHEDULE, PRETRAIN_STEPS
+    """train.json leaves steps and lr to the method's defaults and repeats the schedule."""
+    from napari_strainer.pretrain.train import METHODS, PRETRAIN_SCHEDULE
 
     cfg = json.loads((CONFIGS / "train.json").read_text())
-    assert (cfg["steps"], cfg["lr"], cfg["schedule"]) == (
-        PRETRAIN_STEPS, PRETRAIN_LR, PRETRAIN_SCHEDULE)
+    assert cfg["method"] in METHODS and cfg["steps"] is None and cfg["lr"] is None
+    assert cfg["schedule"] == PRETRAIN_SCHEDULE

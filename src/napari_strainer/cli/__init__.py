@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "medical scans.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True, parser_class=Parser)
-    add_pretrain_args(sub.add_parser("pretrain", help="pretrain a shared encoder on scans"))
+    add_pretrain_args(sub.add_parser("pretrain", help="pretrain an encoder (STRAINER) or a "
+                                 "meta-learned initialisation (Reptile) on scans"))
     for task, text in (("fit", "fit an INR to a scan"),
                        ("superres", "super-resolve a scan in-plane or through-plane"),
                        ("denoise", "denoise a scan")):

@@ -1,4 +1,5 @@
-"""``strainer pretrain``: pretrain a shared encoder on scans (and evaluate it)."""
+"""``strainer pretrain``: pretrain an encoder (STRAINER) or a whole initialisation (Reptile) on
+scans, and evaluate it."""
 
 from __future__ import annotations
 
@@ -21,24 +22,38 @@ def _modality(text: str) -> str:
 def add_pretrain_args(p: argparse.ArgumentParser) -> None:
     """The options of ``strainer pretrain``."""
     from ..core.fit import SCHEDULES
-    from ..pretrain.train import PRETRAIN_LR, PRETRAIN_SCHEDULE, PRETRAIN_STEPS
+    from ..pretrain.train import (
+        METHODS,
+        PRETRAIN_LR,
+        PRETRAIN_SCHEDULE,
+        PRETRAIN_STEPS,
+        REPTILE_LR,
+        REPTILE_STEPS,
+    )
 
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="scans or folders of scans")
     p.add_argument("-o", "--output", required=True, metavar="ENCODER",
                    help="where to write the encoder (.safetensors)")
     p.add_argument("--size", type=positive_int, default=None,
                    help="resample training slices to N x N (default: keep)")
-    p.add_argument("--steps", type=positive_int, default=PRETRAIN_STEPS,
-                   help="Adam steps (default %(default)s; the paper: 5000 at a constant 1e-4)")
+    p.add_argument("--method", choices=METHODS, default="strainer",
+                   help="strainer (default): a shared encoder, one head per training slice; "
+                        "reptile: a whole network (head included) meta-learned by Reptile, "
+                        "the faster start for fitting")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help=f"strainer: Adam steps (default {PRETRAIN_STEPS}; the paper: 5000 at a "
+                        f"constant 1e-4); reptile: outer steps (default {REPTILE_STEPS})")
     p.add_argument("--width", type=positive_int, default=256)
     p.add_argument("--layers", type=positive_int, default=6)
     p.add_argument("--shared-layers", type=positive_int, default=5)
     p.add_argument("--omega", type=positive_float, default=30.0)
-    p.add_argument("--lr", type=positive_float, default=PRETRAIN_LR,
-                   help="peak learning rate (default %(default)s)")
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help=f"strainer: peak learning rate (default {PRETRAIN_LR:g}); reptile: the "
+                        f"inner loop's (default {REPTILE_LR:g})")
     p.add_argument("--schedule", choices=SCHEDULES, default=PRETRAIN_SCHEDULE,
-                   help="learning-rate schedule: cosine decay to 0 over the steps (default), "
-                        "or constant (the paper's)")
+                   help="cosine decay to 0 over the steps (default), or constant (the paper's); "
+                        "of the learning rate (strainer) or of the outer step size from 1 "
+                        "(reptile)")
     p.add_argument("--max-slices", type=positive_int, default=10,
                    help="evenly spaced non-empty slices taken per 3D scan")
     p.add_argument("--batch-coords", type=positive_int, default=None,
@@ -86,7 +101,7 @@ def cmd_pretrain(a) -> None:
     modality = a.modality or scans_modality(scans)
     bar = Bar("pretrain", a.quiet)
     try:
-        enc = pretrain(images, out, config=config, steps=a.steps, lr=a.lr,
+        enc = pretrain(images, out, method=a.method, config=config, steps=a.steps, lr=a.lr,
                        schedule=a.schedule, batch_coords=a.batch_coords, device=a.device,
                        seed=a.seed,
                        resume=a.resume, checkpoint_every=a.checkpoint_every, callback=bar,
@@ -97,12 +112,15 @@ def cmd_pretrain(a) -> None:
         enc.info["evaluation"] = measure_gain(enc, held_out, device=a.device, seed=a.seed)
         save_encoder(enc, out)
     if not a.quiet:
-        print(f"wrote {out}: {modality} encoder of {config.shared_layers} layers trained on "
-              f"{images.shape[0]} slices of {tuple(images.shape[1:])}, {enc.info['steps']} "
-              f"steps, final loss {enc.info['final_loss']:.3g}")
+        what = (f"Reptile initialisation of all {config.layers} layers" if enc.whole
+                else f"STRAINER encoder of {config.shared_layers} layers")
+        print(f"wrote {out}: {modality} {what} trained on {images.shape[0]} slices of "
+              f"{tuple(images.shape[1:])}, {enc.info['steps']} steps, final loss "
+              f"{enc.info['final_loss']:.3g}")
         if a.evaluate:
             ev = enc.info["evaluation"]
-            for head, key in (("random head", "gain_db"), ("solved head", "gain_db_solved")):
+            own = "its own head" if enc.whole else "random head"
+            for head, key in ((own, "gain_db"), ("solved head", "gain_db_solved")):
                 print(f"gain over SIREN on {ev['held_out']} held-out slices, {head}: "
                       + ", ".join(f"{g:+.2f} dB at step {s}"
                                   for s, g in zip(ev["steps"], ev[key])))

@@ -28,19 +28,30 @@ FORMAT_VERSION = 1
 
 @dataclass
 class Encoder:
-    """A pretrained STRAINER encoder: the shared sine layers and what they were trained on.
+    """A pretrained initialisation: the first layers of a SIREN and what they were trained on.
+
+    A STRAINER encoder holds the shared sine layers (the head starts afresh at test time); a
+    Reptile initialisation (``info["method"] == "reptile"``) holds the whole network, head
+    included, and every layer of a fit starts from it.
 
     Args:
-        config: the full architecture (the head is re-initialised at test time).
-        weights: ``config.shared_layers`` pairs ``(weight [in, out], bias [out])``.
-        info: provenance, the encoder's card: ``normalization``, ``trained_on`` (``images``,
-            ``shape``, ``files``, ``modality``), ``steps``, ``final_loss``, ``created``,
-            ``package_version``, ``evaluation`` (see :mod:`napari_strainer.pretrain.cards`).
+        config: the full architecture.
+        weights: ``config.shared_layers`` pairs ``(weight [in, out], bias [out])``, or
+            ``config.layers`` pairs for a whole network.
+        info: provenance, the encoder's card: ``method``, ``normalization``, ``trained_on``
+            (``images``, ``shape``, ``files``, ``modality``), ``steps``, ``final_loss``,
+            ``created``, ``package_version``, ``evaluation`` (see
+            :mod:`napari_strainer.pretrain.cards`).
     """
 
     config: SirenConfig
     weights: list[tuple[torch.Tensor, torch.Tensor]]
     info: dict = field(default_factory=dict)
+
+    @property
+    def whole(self) -> bool:
+        """Whether the weights are the whole network (head included), not the encoder only."""
+        return len(self.weights) == self.config.layers
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -141,8 +152,10 @@ def load_encoder(path: str | Path) -> Encoder:
     tensors, meta = _read(path, "encoder")
     _check_header(path, meta, tensors, ENCODER_FORMAT)
     config = _config(path, meta)
+    stored = config.layers if f"encoder.{config.layers - 1}.weight" in tensors \
+        else config.shared_layers  # a whole network (Reptile) or the shared encoder
     weights = []
-    for i, (fi, fo) in enumerate(config.dims()[: config.shared_layers]):
+    for i, (fi, fo) in enumerate(config.dims()[:stored]):
         try:
             w, b = tensors.pop(f"encoder.{i}.weight"), tensors.pop(f"encoder.{i}.bias")
         except KeyError:
@@ -161,13 +174,14 @@ def load_encoder(path: str | Path) -> Encoder:
     return Encoder(config, weights, info)
 
 
-def save_state(path: str | Path, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               step: int, run: dict) -> Path:
-    """Save everything needed to resume training exactly: weights, Adam state, step, and
-    ``run`` (the arguments that must match on resume)."""
+def save_state(path: str | Path, net: torch.nn.Module,
+               optimizer: torch.optim.Optimizer | None, step: int, run: dict) -> Path:
+    """Save everything needed to resume training exactly: weights, Adam state (None: a run
+    without a persistent optimiser, e.g. Reptile's outer loop), step, and ``run`` (the
+    arguments that must match on resume)."""
     path = Path(path)
     tensors = {f"net.{k}": v for k, v in net.state_dict().items()}
-    opt = optimizer.state_dict()
+    opt = {"state": {}, "param_groups": []} if optimizer is None else optimizer.state_dict()
     for pid, st in opt["state"].items():
         for k, v in st.items():
             tensors[f"adam.{pid}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
@@ -177,8 +191,8 @@ def save_state(path: str | Path, net: torch.nn.Module, optimizer: torch.optim.Op
     return path
 
 
-def load_state(path: str | Path, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               run: dict) -> int:
+def load_state(path: str | Path, net: torch.nn.Module,
+               optimizer: torch.optim.Optimizer | None, run: dict) -> int:
     """Restore a :func:`save_state` file into ``net`` and ``optimizer``; returns the step."""
     path = Path(path)
     tensors, meta = _read(path, "training state")
@@ -198,5 +212,6 @@ def load_state(path: str | Path, net: torch.nn.Module, optimizer: torch.optim.Op
         if k.startswith("adam."):
             _, pid, name = k.split(".", 2)
             state.setdefault(int(pid), {})[name] = v
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    if optimizer is not None:
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     return int(meta["step"])

@@ -336,7 +336,8 @@ class BatchedSiren(nn.Module):
             self.biases.append(nn.Parameter(b))
 
     def load_encoder(self, weights: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Copy pretrained (shared, unbatched) encoder layers into the first layers."""
+        """Copy pretrained unbatched layers (an encoder, or a whole network) into the first
+        ``len(weights)`` layers, every member alike."""
         with torch.no_grad():
             for i, (w, b) in enumerate(weights):
                 self.weights[i].copy_(w.expand_as(self.weights[i]))

@@ -1,4 +1,5 @@
-"""The "Pretrain encoder" dock widget: learn a shared STRAINER encoder from a few scans."""
+"""The "Pretrain encoder" dock widget: learn a shared STRAINER encoder, or a whole initialisation
+meta-learned by Reptile, from a few scans."""
 
 from __future__ import annotations
 
@@ -11,17 +12,27 @@ from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, LineEdit, 
 from ..core.fit import SCHEDULES
 from ..core.siren import SirenConfig
 from ..errors import BadArgumentError
-from ..pretrain.train import PRETRAIN_LR, PRETRAIN_SCHEDULE, PRETRAIN_STEPS
+from ..pretrain.train import (
+    METHODS,
+    PRETRAIN_LR,
+    PRETRAIN_SCHEDULE,
+    PRETRAIN_STEPS,
+    REPTILE_LR,
+    REPTILE_STEPS,
+)
 from ._common import JobWidget, collapsible, image_layers, parse_float
 from ._jobs import notify
 from ._layers import image_layer_scan
 
 PAPER = SirenConfig()
+DEFAULTS = {"strainer": (PRETRAIN_STEPS, PRETRAIN_LR), "reptile": (REPTILE_STEPS, REPTILE_LR)}
+"""Steps and learning rate each method starts with when chosen."""
 
 
 class PretrainWidget(JobWidget):
-    """Pick image layers (or a folder of scans), how many slices per scan, steps, the
-    architecture (paper defaults) and a device; the encoder is written to ``output``.
+    """Pick image layers (or a folder of scans), how many slices per scan, the method
+    (STRAINER or Reptile), steps, the architecture (paper defaults) and a device; the encoder
+    is written to ``output``.
 
     Stop ends the run at the next iteration and still writes a usable encoder (plus the
     training state, so "resume" can continue it).
@@ -40,8 +51,13 @@ class PretrainWidget(JobWidget):
         self.size = SpinBox(label="resample to", value=0, min=0, max=4096,
                             tooltip="resample slices to N x N pixels (0: keep; needed when "
                                     "the scans differ in size)")
+        self.method = ComboBox(label="method", choices=list(METHODS), value="strainer",
+                               tooltip="strainer: a shared encoder, one head per slice; "
+                                       "reptile: a whole network (head included) meta-learned "
+                                       "by Reptile, the faster start for fitting")
         self.steps = SpinBox(label="steps", value=PRETRAIN_STEPS, min=1, max=10_000_000,
-                             tooltip="Adam steps (the paper: 5000 at a constant 1e-4)")
+                             tooltip="strainer: Adam steps (the paper: 5000 at a constant "
+                                     "1e-4); reptile: outer steps")
         self.batch_coords = SpinBox(label="coords per step", value=0, min=0, max=100_000_000,
                                     tooltip="random pixel coordinates per step (0: all). "
                                             "Fewer use less memory.")
@@ -68,7 +84,7 @@ class PretrainWidget(JobWidget):
                                        self.omega_first, self.omega_hidden, self.lr,
                                        self.schedule, self.seed])
         super().__init__(viewer, [self.source, self.layers, self.folder, self.max_slices,
-                                  self.size, self.steps, self.batch_coords, self.output,
+                                  self.size, self.method, self.steps, self.batch_coords, self.output,
                                   self.resume], plot_title="pretraining loss")
         self.arch_fold = collapsible(
             f"Architecture (paper: width {PAPER.width}, {PAPER.layers} layers, "
@@ -76,7 +92,12 @@ class PretrainWidget(JobWidget):
         self.native.layout().insertWidget(self.index(self.device), self.arch_fold)
         self.layers.native.setMaximumHeight(90)
         self.source.changed.connect(self._source_changed)
+        self.method.changed.connect(self._method_changed)
         self._t0 = 0.0
+
+    def _method_changed(self, value: str) -> None:
+        steps, lr = DEFAULTS[value]
+        self.steps.value, self.lr.value = steps, f"{lr:g}"
 
     def _source_changed(self, value: str) -> None:
         self.layers.visible = value == "image layers"
@@ -107,6 +128,7 @@ class PretrainWidget(JobWidget):
         if not output.parent.is_dir():
             raise BadArgumentError(f"{output.parent}: folder does not exist")
         max_slices, size = self.max_slices.value, self.size.value or None
+        method = self.method.value
         steps, batch_coords = self.steps.value, self.batch_coords.value or None
         device, seed, resume = self.device.value, self.seed.value, self.resume.value
         if self.source.value == "image layers":
@@ -138,7 +160,8 @@ class PretrainWidget(JobWidget):
             def callback(p):
                 report({"step": p.step, "total": p.total, "loss": p.loss})
 
-            encoder = train.pretrain(images, output, config=config, steps=steps, lr=lr,
+            encoder = train.pretrain(images, output, method=method, config=config,
+                                     steps=steps, lr=lr,
                                      schedule=schedule,
                                      batch_coords=batch_coords, device=device, seed=seed,
                                      resume=resume, callback=callback, cancel=cancel,

@@ -2,7 +2,7 @@
 scan.
 
 An encoder's card is its ``info`` metadata (see :class:`~napari_strainer.core.Encoder`):
-modality, intensity normalisation, slice size, number of training images, steps, final loss,
+pretraining method (STRAINER encoder or Reptile whole network), modality, intensity normalisation, slice size, number of training images, steps, final loss,
 source file names (names only, never patient fields), creation date, package version and,
 when measured (``strainer pretrain --evaluate``), its gain over SIREN on held-out slices.
 :func:`card` reads it into a flat dictionary with ``"unknown"`` for whatever an older file
@@ -124,6 +124,7 @@ def card(encoder: Encoder) -> dict[str, Any]:
     c = encoder.config
     evaluation = info.get("evaluation")
     return {
+        "method": info.get("method", "strainer"),  # files before Reptile are all STRAINER
         "modality": trained.get("modality") or UNKNOWN,
         "normalization": _normalization_text(info.get("normalization")),
         "slice_size": trained.get("shape") or UNKNOWN,
@@ -143,16 +144,21 @@ def card(encoder: Encoder) -> dict[str, Any]:
     }
 
 
-def _gain_text(ev: Any) -> str:
+METHOD_TEXT = {"strainer": "strainer (a shared encoder; a fit's head starts afresh)",
+               "reptile": "reptile (a whole network meta-learned by Reptile, head included)"}
+
+
+def _gain_text(ev: Any, method: str = "strainer") -> str:
     if not isinstance(ev, dict) or not ev.get("gain_db"):
         return "not measured (strainer pretrain --evaluate)"
     steps = ", ".join(f"{g:+.1f} dB at step {s}" for s, g in zip(ev["steps"], ev["gain_db"]))
     size = "x".join(str(v) for v in ev.get("shape", []))
     text = f"{steps} ({ev.get('held_out')} held-out slices{', ' + size if size else ''})"
+    own, solved = (("its own head", "a solved head") if method == "reptile" else
+                   ("random head (the paper's)", "the solved head (the default for fitting)"))
     if ev.get("gain_db_solved"):  # cards from before the solved head have the random one only
-        text = (f"{text}, random head (the paper's); with the solved head (the default for "
-                "fitting): " + ", ".join(f"{g:+.1f} dB at step {s}"
-                                        for s, g in zip(ev["steps"], ev["gain_db_solved"])))
+        text = (f"{text}, {own}; with {solved}: " + ", ".join(
+            f"{g:+.1f} dB at step {s}" for s, g in zip(ev["steps"], ev["gain_db_solved"])))
     return text
 
 
@@ -164,15 +170,19 @@ def format_card(c: dict[str, Any]) -> str:
     files = ", ".join(c["files"]) if isinstance(c["files"], list) else UNKNOWN
     loss = f"{c['final_loss']:.3g}" if isinstance(c["final_loss"], float) else c["final_loss"]
     state = "" if c["complete"] in (True, UNKNOWN) else " (stopped early)"
+    whole = c["method"] == "reptile"
     lines = [
+        f"method: {METHOD_TEXT.get(c['method'], c['method'])}",
         f"modality: {c['modality']}",
         f"trained on: {c['images']} slices of {size} from {files}",
         f"intensity normalisation: {c['normalization']}",
         (f"training: {c['steps']} steps{state}, final loss {loss}, lr {c['lr']}, "
          f"seed {c['seed']}"),
-        (f"architecture: {a['layers']} sine layers of width {a['width']}, the first "
-         f"{a['shared_layers']} shared (the encoder), omega {a['omega_first']:g}"),
-        f"gain over SIREN: {_gain_text(c['evaluation'])}",
+        (f"architecture: {a['layers']} layers of width {a['width']}, "
+         + ("all stored (head included)" if whole else
+            f"the first {a['shared_layers']} shared (the encoder)")
+         + f", omega {a['omega_first']:g}"),
+        f"gain over SIREN: {_gain_text(c['evaluation'], c['method'])}",
         f"created: {c['created']} by napari-strainer {c['package_version']}",
         f"weights sha256: {c['weights_sha256']}",
     ]
@@ -189,7 +199,8 @@ def summary(encoder: Encoder) -> str:
     ev = c["evaluation"]
     gain = (f", {ev['gain_db'][-1]:+.1f} dB over SIREN at step {ev['steps'][-1]}"
             if isinstance(ev, dict) and ev.get("gain_db") else "")
-    return (f"{c['modality']} encoder: {c['images']} slices of {size}, {c['steps']} steps"
+    return (f"{c['modality']} encoder: {c['images']} slices of {size}, {c['steps']} steps "
+            f"({c['method']})"
             f"{'' if c['complete'] in (True, UNKNOWN) else ' (stopped early)'}{gain}")
 
 
@@ -245,7 +256,8 @@ def measure_gain(encoder: Encoder, images: torch.Tensor, *, steps: Sequence[int]
     from ``encoder`` and from SIREN's random initialisation, same seed, same head
     initialisation, every layer trained (the paper's protocol), at each of ``steps``; and
     from ``encoder`` with the head solved on its features (:func:`~.core.head.solve_head`,
-    what fitting from an encoder does by default).
+    what fitting from a STRAINER encoder does by default). From a whole network (Reptile)
+    the first fit starts with its own head, not a random one.
 
     Returns the card's ``evaluation``: ``held_out, shape, steps, psnr_strainer, psnr_siren,
     gain_db, psnr_strainer_solved, gain_db_solved`` (PSNR of the current iterate on the

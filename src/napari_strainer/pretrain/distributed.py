@@ -109,6 +109,7 @@ class SharedGradAdam(torch.optim.Adam):
 
 
 def pretrain_distributed(images: torch.Tensor, output: str | Path, *,
+                         method: str = "strainer",
                          config: SirenConfig | None = None, steps: int | None = None,
                          lr: float | None = None, schedule: str | None = None,
                          batch_coords: int | None = None,
@@ -122,18 +123,23 @@ def pretrain_distributed(images: torch.Tensor, output: str | Path, *,
     encoder; every rank returns it. Without an initialised process group (or with one process)
     this is exactly :func:`~napari_strainer.pretrain.train.pretrain`. Resumable per rank (state files
     ``<output>.state.rank<R>of<W>.safetensors``, same world size required). ``callback`` is
-    used on rank 0 only; its loss is rank 0's share.
+    used on rank 0 only; its loss is rank 0's share. ``method="reptile"`` runs in one process
+    only (:class:`BadArgumentError` under a process group of several).
     """
 
     config = config or SirenConfig()
-    steps = PRETRAIN_STEPS if steps is None else steps
-    lr = PRETRAIN_LR if lr is None else lr
     schedule = schedule or PRETRAIN_SCHEDULE
     rank, size = world()
     if size == 1:
-        return pretrain(images, output, config=config, steps=steps, lr=lr, schedule=schedule,
-                        batch_coords=batch_coords, device=device, seed=seed, resume=resume,
-                        checkpoint_every=checkpoint_every, callback=callback, info=info)
+        return pretrain(images, output, method=method, config=config, steps=steps, lr=lr,
+                        schedule=schedule, batch_coords=batch_coords, device=device, seed=seed,
+                        resume=resume, checkpoint_every=checkpoint_every, callback=callback,
+                        info=info)
+    if method != "strainer":
+        raise BadArgumentError(f"--method {method} pretrains in one process; run it without "
+                               "torchrun (or with one process)")
+    steps = PRETRAIN_STEPS if steps is None else steps
+    lr = PRETRAIN_LR if lr is None else lr
     if steps < 1:
         raise BadArgumentError(f"--steps must be at least 1, got {steps}")
     if lr <= 0:
@@ -181,7 +187,7 @@ def pretrain_distributed(images: torch.Tensor, output: str | Path, *,
     total = torch.tensor([local], dtype=torch.float64, device=dev)
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
     encoder = Encoder(config, [(a.cpu(), b.cpu()) for a, b in net.encoder_weights()], {
-        "normalization": Intensity.rule(),
+        "method": "strainer", "normalization": Intensity.rule(),
         "trained_on": {"images": n, "shape": [h, w], **(info or {})},
         "steps": result.steps_done, "requested_steps": steps,
         "final_loss": float(total.item()) / n, "lr": lr, "schedule": schedule, "seed": seed,

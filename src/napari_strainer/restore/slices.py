@@ -238,7 +238,8 @@ def restore(scan: Scan, *, task: str = "fit", encoder: str | Path | Encoder | No
 
         def make(route, start=start, b=b, parent=parent, probe=False, target=target):
             net = route.build(config, b, seed + start, dev, parents.get(parent))
-            if solved_head and route.encoder is not None and not route.warm:
+            if solved_head and route.encoder is not None and not route.warm \
+                    and not route.encoder.whole:  # a Reptile network keeps its own head
                 solve_head(net, target, operator, holdout=mask if probe else None)
                 solved.add(net)
             phases[id(net)] = f"probe {route.name}" if probe else route.name
