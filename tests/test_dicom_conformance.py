@@ -155,7 +155,7 @@ def test_cli_through_plane_superres_adds_no_error(tmp_path):
     """A volumetric task: new slice positions, spacing and count, written as a series."""
     out = tmp_path / "thin"
     assert main(["superres", str(sample_path("mr_series")), "-o", str(out), "--slice-scale",
-                 "2", "--steps", "2", "--quiet"]) == 0
+                 "2", "--steps", "2", "--prior", "none", "--quiet"]) == 0
     assert len(_files(out)) == 48 and dciodvfy_errors(out) == set()
 
 

@@ -65,6 +65,7 @@ class TaskOptions(Options):
             self.scale, self.slice_scale = 1, None
         if self.slice_scale is None:
             self.slice_profile, self.slice_thickness = "box", None
+            self.slice_axis, self.prior = None, "auto"
         if self.mode == "volume":
             check_encoder(self.encoder)
         if self.slice_scale is not None or self.mode == "volume":
@@ -87,7 +88,7 @@ class TaskOptions(Options):
         if self.task != "denoise":
             d.pop("noise")
         if self.slice_scale is None:
-            for k in ("slice_scale", "slice_profile", "slice_thickness"):
+            for k in ("slice_scale", "slice_profile", "slice_thickness", "slice_axis", "prior"):
                 d.pop(k)
         return d
 

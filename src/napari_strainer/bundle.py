@@ -193,6 +193,7 @@ def run_inference(dataset_dir: str, output_dir: str, *, task: str = "fit",
                   head: str = "solved", steps: int | None = None, lr: float = 1e-4,
                   scale: int | None = None, slice_scale: int | None = None,
                   slice_profile: str = "box", slice_thickness: float | None = None,
+                  slice_axis: int | None = None, prior: str = "auto",
                   freeze: int | None = None, sigma="auto", noise: str = "auto",
                   mode: str = "auto", device: str = "auto",
                   seed: int = 0, log_every: int = 10, batch_size: int | None = None,
@@ -206,6 +207,7 @@ def run_inference(dataset_dir: str, output_dir: str, *, task: str = "fit",
     ``scale`` (in-plane) defaults to 2, or to 1 with ``slice_scale`` (through-plane
     super-resolution of 3D scans, a 3D SIREN that uses no encoder: the bundle's own
     ``models/model.safetensors`` is then left aside; any other encoder file is refused).
+    ``slice_axis`` and ``prior`` are ``strainer superres``'s ``--slice-axis`` and ``--prior``.
     ``mode="volume"`` (``denoise``) is the same for volume denoising of 3D scans; ``"auto"``
     (the default) denoises by the race of denoisers (:mod:`napari_strainer.restore.race`),
     ``"slices"`` with the encoder, slice by slice. ``noise``: ``auto``, ``rician`` or
@@ -226,7 +228,9 @@ def run_inference(dataset_dir: str, output_dir: str, *, task: str = "fit",
     options = TaskOptions(task=task, encoder=str(encoder), init=init, holdout=float(holdout),
                           head=str(head), steps=steps, lr=lr, scale=scale,
                           slice_scale=slice_scale, slice_profile=str(slice_profile),
-                          slice_thickness=slice_thickness, freeze=freeze, sigma=sigma,
+                          slice_thickness=slice_thickness,
+                          slice_axis=None if slice_axis is None else int(slice_axis),
+                          prior=str(prior), freeze=freeze, sigma=sigma,
                           noise=str(noise), mode=str(mode), device=local_device(str(device)), seed=seed,
                           log_every=log_every, batch_size=batch_size, format=format)
     if items is None:
@@ -254,7 +258,8 @@ def _same_file(a, b) -> bool:
         return False
 
 
-def run_training(dataset_dir: str, output: str, *, steps: int | None = None,
+def run_training(dataset_dir: str, output: str, *, method: str = "strainer",
+                 steps: int | None = None,
                  lr: float | None = None, schedule: str | None = None,
                  size: int | None = 128, max_slices: int = 10, width: int = 256,
                  layers: int = 6, shared_layers: int = 5, omega: float = 30.0,
@@ -262,15 +267,20 @@ def run_training(dataset_dir: str, output: str, *, steps: int | None = None,
                  resume: bool = False, checkpoint_every: int = 100, quiet: bool = False):
     """Pretrain an encoder on the scans of ``dataset_dir`` (loaded through MONAI), heads
     sharded over the ranks under torchrun; rank 0 writes ``output``. Scans that cannot be
-    read are reported and left out."""
+    read are reported and left out. ``method``: ``strainer`` (a shared encoder) or ``reptile``
+    (a whole network meta-learned by Reptile, one process); ``steps`` and ``lr`` default to
+    the method's (:func:`~napari_strainer.pretrain.train.pretrain`)."""
     from tqdm import tqdm
 
     from .pretrain.distributed import pretrain_distributed, world
 
     resume, quiet = _flag(resume), _flag(quiet)
-    from .pretrain.train import PRETRAIN_STEPS, training_slices
+    from .pretrain.train import METHODS, PRETRAIN_STEPS, REPTILE_STEPS, training_slices
 
-    steps = PRETRAIN_STEPS if steps is None else steps  # lr, schedule: pretrain's defaults
+    if method not in METHODS:
+        raise BadArgumentError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if steps is None:  # lr, schedule: pretrain's defaults
+        steps = REPTILE_STEPS if method == "reptile" else PRETRAIN_STEPS
 
     rank, _ = world()
     items = list_scans(dataset_dir)
@@ -296,7 +306,8 @@ def run_training(dataset_dir: str, output: str, *, steps: int | None = None,
 
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     try:
-        enc = pretrain_distributed(images, output, config=config, steps=steps, lr=lr,
+        enc = pretrain_distributed(images, output, method=method, config=config, steps=steps,
+                                   lr=lr,
                                    schedule=schedule,
                                    batch_coords=batch_coords, device=device, seed=seed,
                                    resume=resume, checkpoint_every=checkpoint_every,
@@ -394,7 +405,8 @@ class StrainerNet(nn.Module):
 def export_checkpoint(encoder: str | os.PathLike, path: str | os.PathLike, *,
                       seed: int = 0) -> Path:
     """Write a ``torch.save`` state dict of :class:`StrainerNet` with ``encoder`` loaded and a
-    SIREN-initialised head: the ``--ckpt_file`` of ``monai.bundle ckpt_export``."""
+    SIREN-initialised head (a Reptile file's own head): the ``--ckpt_file`` of
+    ``monai.bundle ckpt_export``."""
     from .core.checkpoint import load_encoder
     from .core.siren import BatchedSiren
 

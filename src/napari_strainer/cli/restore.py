@@ -9,6 +9,7 @@ import sys
 from ..core.operators import PROFILES
 from ..restore.noise import NOISE_KINDS
 from ..restore.plan import MODES, Options
+from ..restore.volume import PRIORS
 from .common import (
     PROG,
     Bar,
@@ -53,7 +54,8 @@ def add_restore_args(p: argparse.ArgumentParser, task: str, *, batch: bool = Fal
                         "fixed: the encoder (or SIREN) with --freeze, all steps (the paper)")
     p.add_argument("--head", choices=("solved", "random"), default="solved",
                    help="fitting from an encoder: solved (default) starts the head from a ridge "
-                        "regression on the encoder's features; random: the paper's head")
+                        "regression on the encoder's features; random: the paper's head "
+                        "(a Reptile file always keeps its own head)")
     p.add_argument("--holdout", type=fraction, default=0.1,
                    help="share of observed pixels held out to choose the route (auto)")
     p.add_argument("--steps", type=nonneg_int, default=None,
@@ -78,6 +80,14 @@ def add_restore_args(p: argparse.ArgumentParser, task: str, *, batch: bool = Fal
                        help="slice thickness in mm (default: DICOM SliceThickness, else "
                             "spacing)")
         _profile_arg(p)
+        p.add_argument("--slice-axis", type=int, choices=(0, 1, 2), default=None,
+                       help="the axis --slice-scale refines, in the order napari shows it "
+                            "(for a NIfTI file, 0 is its third axis). Default: the DICOM "
+                            "slice normal, else the one coarse axis")
+        p.add_argument("--prior", choices=PRIORS, default="auto",
+                       help="through-plane start: auto (default: a CNN learned from the "
+                            "scan's own in-plane planes, where it has enough of them), planes "
+                            "or none (cubic interpolation)")
         if not batch:
             p.add_argument("--coarse-steps", type=nonneg_int, default=None,
                            help="in-plane: first steps fitting the observed pixels at their "
@@ -156,7 +166,8 @@ def options_from_args(a, cls=Options, **extra) -> Options:
                holdout=get("holdout", 0.1), head=get("head", "solved"), steps=a.steps,
                coarse_steps=get("coarse_steps"), lr=a.lr, scale=get("scale", 1),
                slice_scale=get("slice_scale"), slice_profile=get("slice_profile", "box"),
-               slice_thickness=get("slice_thickness"), freeze=get("freeze"),
+               slice_thickness=get("slice_thickness"), slice_axis=get("slice_axis"),
+               prior=get("prior", "auto"), freeze=get("freeze"),
                sigma=get("sigma", "auto"), noise=get("noise", "auto"),
                mode=get("mode", "auto"), tv=get("tv"),
                ls_steps=get("ls_steps"), spacing=get("spacing"), device=a.device,
@@ -211,10 +222,16 @@ def _summary(plan, h: dict) -> str:
         return (f"denoised by {r['winner']} (lowest estimated error), noise "
                 f"{h['noise']['model']} sigma {h['noise']['sigma']:.4g}, {est}{psnr}, "
                 f"{sum(r['seconds'].values()):.0f} s")
+    if plan.task == "superres" and plan.path == "volume":
+        start = (f"start: in-plane prior ({h['prior_gain_db']:+.2f} dB over cubic on held-out "
+                 f"planes)" if h.get("prior") == "planes" else "start: cubic")
+        psnr = f", PSNR {h['psnr_final']:.2f} dB" if h.get("psnr_final") else psnr
+        return (f"through-plane x{plan.options.slice_scale} along {h['slice_axis_reason']}, "
+                f"{plan.options.slice_profile} profile of {h['slice_thickness_mm']:g} mm, "
+                f"{start}, {h.get('steps_done', 0)} INR steps, {h['ls_steps']} of least "
+                f"squares{psnr}")
     if plan.path != "slices":
-        what = {"superres": f"through-plane x{plan.options.slice_scale}, "
-                            f"{plan.options.slice_profile} profile of "
-                            f"{h.get('slice_thickness_mm', 0):g} mm",
+        what = {
                 "denoise": f"volume denoising ({h.get('stop_reason')})",
                 "fuse": f"{len(plan.scans)} stacks fused at {h.get('spacing_mm', 0):g} mm"}
         return f"{what[plan.task]}, {h.get('steps_done', 0)} steps, {loss}{psnr}"

@@ -242,6 +242,46 @@ def fit(net: BatchedSiren, problem, *, steps: int, lr: float = 1e-4, keep_best: 
     return result
 
 
+def train_network(model: torch.nn.Module, sample: Callable[[torch.Generator], tuple],
+                  *, steps: int, lr: float = 1e-3, log_every: int = 10,
+                  callback: Callable[[Progress], None] | None = None,
+                  preview: Callable[[], torch.Tensor] | None = None,
+                  cancel=None, seed: int = 0) -> FitResult:
+    """Train a plain network (e.g. :class:`~.cnn.ResidualCNN`) on pairs that ``sample`` draws:
+    the mean squared error of ``model(inputs)`` against ``targets``, Adam at ``lr`` decaying
+    along half a cosine (:func:`cosine_lr`) over ``steps`` updates. The loss, progress and
+    cancel follow :func:`fit`; the model holds its last weights afterwards."""
+    opt = make_adam(list(model.parameters()), lr)
+    schedule = cosine_lr(lr, steps)
+    g = torch.Generator().manual_seed(seed)
+    hist: dict[str, list] = {"iterations": [], "loss": [], "seconds": []}
+    result = FitResult(history=hist)
+    t0, ema = time.perf_counter(), None
+    model.train()
+    for step in range(steps):
+        if cancel is not None and cancel.is_set():
+            result.cancelled = True
+            break
+        inputs, targets = sample(g)
+        loss = (model(inputs) - targets).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for group in opt.param_groups:
+            group["lr"] = schedule(step)
+        opt.step()
+        ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
+        result.steps_done = step + 1
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            hist["iterations"].append(step + 1)
+            hist["loss"].append(ema)
+            hist["seconds"].append(time.perf_counter() - t0)
+            if callback is not None:
+                callback(Progress(step + 1, steps, ema, None, hist["seconds"][-1],
+                                  preview or (lambda: torch.empty(0))))
+    model.eval()
+    return result
+
+
 SCHEDULES = ("cosine", "constant")
 """Learning-rate schedules of pretraining (:func:`lr_schedule`)."""
 

@@ -24,6 +24,7 @@ from ._common import PlannedWidget, collapsible, image_layers, layer_scan, parse
 from ._jobs import notify
 from ._layers import geometry, image_layer_scan
 
+SLICE_AXIS_LABELS = [("auto", None), ("0", 0), ("1", 1), ("2", 2)]
 TASK_LABELS = [("fit (represent the scan)", "fit"), ("super-resolve", "superres"),
                ("denoise", "denoise")]
 INIT_LABELS = [("auto (self-validated)", "auto"), ("fixed (paper recipe)", "fixed")]
@@ -78,6 +79,11 @@ class RestoreWidget(PlannedWidget):
                                               "of the slice thickness, or gaussian with FWHM = "
                                               "thickness (thickness: DICOM SliceThickness, "
                                               "else the spacing)")
+        self.slice_axis = ComboBox(label="slice axis", choices=SLICE_AXIS_LABELS,
+                                   value=None, visible=False,
+                                   tooltip="the axis the slice scale refines, in the viewer's "
+                                           "axis order (auto: the DICOM slice normal, else "
+                                           "the one coarse axis), as '--slice-axis'")
         self.denoise_mode = ComboBox(label="denoise mode", choices=DENOISE_MODE_LABELS,
                                      value="auto", visible=False,
                                      tooltip="auto: non-local means, total variation and BM4D "
@@ -135,7 +141,7 @@ class RestoreWidget(PlannedWidget):
                                            self.log_every, self.batch, self.seed])
         super().__init__(viewer, [self.layer, self.encoder, self.encoder_file, self.task,
                                   self.scale, self.slice_scale, self.slice_profile,
-                                  self.denoise_mode, self.noise, self.sigma, self.steps,
+                                  self.slice_axis, self.denoise_mode, self.noise, self.sigma, self.steps,
                                   self.reference],
                          plot_title="loss / PSNR")
         self.advanced_fold = collapsible("Advanced", self.advanced)
@@ -144,7 +150,7 @@ class RestoreWidget(PlannedWidget):
         self.encoder_info.native.setWordWrap(True)
         self.insert(self.index(self.encoder_file) + 1, self.encoder_info)
         self._path = "slices"  # of the last plan (kept while the inputs cannot be planned)
-        self._steps_for = ("fit", "slices")  # the (task, path) the steps value is the default of
+        self._steps_for = ("fit", "slices", False)  # (task, path, prior) of the steps default
         self._slice_scale_was = 0
         self._encoder_summary = ("", "")
         self._shared_layers: int | None = None
@@ -156,7 +162,8 @@ class RestoreWidget(PlannedWidget):
         self.slice_scale.changed.connect(self._slice_scale_changed)
         self.encoder.changed.connect(self._encoder_changed)
         self.encoder_file.changed.connect(self._encoder_changed)
-        for widget in (self.layer, self.scale, self.slice_profile, self.denoise_mode,
+        for widget in (self.layer, self.scale, self.slice_profile, self.slice_axis,
+                       self.denoise_mode,
                        self.noise, self.sigma, self.steps, self.reference, self.init, self.head,
                        self.freeze, self.lr, self.batch, self.device):
             widget.changed.connect(self.refresh_plan)
@@ -220,12 +227,14 @@ class RestoreWidget(PlannedWidget):
         when the task or the path changes."""
         if plan is not None:
             self._path = plan.path
-            if (plan.task, plan.path) != self._steps_for:
-                self._steps_for = (plan.task, plan.path)
-                self.steps.value = default_steps(plan.task, plan.path)
+            prior = plan.prior_steps > 0
+            if (plan.task, plan.path, prior) != self._steps_for:
+                self._steps_for = (plan.task, plan.path, prior)
+                self.steps.value = default_steps(plan.task, plan.path, prior)
         task, encoder = self.task.value, self.encoder.value
         self.scale.visible = self.slice_scale.visible = task == "superres"
-        self.slice_profile.visible = task == "superres" and self.slice_scale.value >= 2
+        self.slice_profile.visible = self.slice_axis.visible = \
+            task == "superres" and self.slice_scale.value >= 2
         self.sigma.visible = self.denoise_mode.visible = task == "denoise"
         self.noise.visible = task == "denoise"
         on_slices, on_race = self._path == "slices", self._path == "race"
@@ -276,6 +285,7 @@ class RestoreWidget(PlannedWidget):
             scale=(self.scale.value if self.scale.value >= 2 else None) if superres else 1,
             slice_scale=self.slice_scale.value if superres and self.slice_scale.value >= 2
             else None, slice_profile=self.slice_profile.value,
+            slice_axis=self.slice_axis.value,
             freeze=self.freeze.value if fixed and self.encoder.value != "none" else None,
             sigma=self.sigma.value.strip() if denoise else "auto",
             noise=self.noise.value if denoise else "auto",
@@ -324,7 +334,8 @@ class RestoreWidget(PlannedWidget):
             elif on_race:
                 key, phase, (first, stop), n = "race", p.phase, (0, zo), zo
             else:
-                phase = ("INR" if p.step < plan.steps else "least squares") if stages else ""
+                phase = p.phase or (("INR" if p.step < plan.prior_steps + plan.steps else
+                                     "least squares") if stages else "")
                 key, (first, stop), n = phase, (0, zo), zo
             new = key != state["key"]
             if new:
@@ -335,9 +346,10 @@ class RestoreWidget(PlannedWidget):
                     "race": on_race}
             # render only when the GUI has shown the previous preview (no backlog)
             if gui_free.is_set() or new:
-                gui_free.clear()
-                img = p.preview()[..., 0].float().cpu().numpy()
-                item["preview"] = (first, img)
+                img = p.preview()  # empty while the in-plane prior trains
+                if img.numel():
+                    gui_free.clear()
+                    item["preview"] = (first, img[..., 0].float().cpu().numpy())
             report(item)
 
         o = plan.options
@@ -346,7 +358,7 @@ class RestoreWidget(PlannedWidget):
         elif on_slices:
             total = plan.steps * max(1, -(-z // (o.batch_size or z)))
         else:
-            total = plan.steps + (plan.ls_steps if stages else 0)
+            total = plan.prior_steps + plan.steps + (plan.ls_steps if stages else 0)
         self._t0 = time.monotonic()
         what = {v: k for k, v in TASK_LABELS}[plan.task].split(" (")[0]
         how = " (race)" if on_race else "" if on_slices else " (3D)"

@@ -37,7 +37,7 @@ from ..io.intensity import Intensity
 from ..io.scan import Scan, upsampled_affine
 from ..pretrain.cards import modality_warning
 from ..pretrain.encoders import get_encoder
-from . import race, slices, volume
+from . import planes, race, slices, volume
 from .base import Restoration, check_output_size
 from .noise import NOISE_KINDS, NoiseModel, estimate_sigma, make_stop_rule, noise_model, parse_sigma
 
@@ -63,6 +63,9 @@ class Options:
         slice_scale: through-plane factor (>= 2): the volume path.
         slice_profile, slice_thickness: the through-plane acquisition (box or gaussian;
             None: DICOM SliceThickness, else the spacing).
+        slice_axis: the axis ``--slice-scale`` refines (None: from the geometry).
+        prior: through-plane start: ``auto`` (the prior learned from the scan's in-plane
+            planes where it has enough of them), ``planes`` or ``none`` (cubic).
         freeze: encoder layers kept fixed (None: the task's default).
         sigma: noise level for ``denoise``: ``"auto"``, ``"none"`` or a value in scan units.
         noise: ``denoise``'s noise model: ``auto`` (Rician for magnitude data, Gaussian for
@@ -87,6 +90,8 @@ class Options:
     slice_scale: int | None = None
     slice_profile: str = "box"
     slice_thickness: float | None = None
+    slice_axis: int | None = None
+    prior: str = "auto"
     freeze: int | None = None
     sigma: str | float = "auto"
     noise: str = "auto"
@@ -108,6 +113,7 @@ class Options:
         _choice("--head", self.head, slices.HEADS)
         _choice("--mode", self.mode, MODES)
         _choice("--noise", self.noise, NOISE_KINDS)
+        _choice("--prior", self.prior, volume.PRIORS)
         if not 0 < self.holdout <= 0.5:
             raise BadArgumentError(f"--holdout must be in (0, 0.5], got {self.holdout}")
         for name in ("steps", "coarse_steps", "ls_steps", "freeze"):
@@ -169,6 +175,8 @@ class Plan:
     """Warnings the user should read (e.g. an encoder trained on another modality)."""
     noise_model: NoiseModel | None = None
     """The race's noise model (Rician or Gaussian, sigma)."""
+    prior_steps: int = 0
+    """Training steps of through-plane super-resolution's learned prior (before the INR)."""
 
     def describe(self) -> str:
         """The plan in a few lines of text."""
@@ -178,7 +186,8 @@ class Plan:
                 f"{name} ({' x '.join(map(str, scan.shape))}, {scan.modality or 'unknown'})")
         path = {"constant": "constant (nothing to fit)",
                 "slices": "slices (one 2D INR per slice)",
-                "volume": "volume (one 3D INR over the whole scan)",
+                "volume": ("volume (the whole scan at once)" if self.task == "superres" else
+                           "volume (one 3D INR over the whole scan)"),
                 "fuse": "fuse (one 3D INR over every stack)",
                 "race": "race (denoisers judged by their estimated error, then blended)"
                 }[self.path]
@@ -186,9 +195,7 @@ class Plan:
         lines = [f"plan: {self.task} {what}",
                  f"  path: {path}",
                  f"  route: {self.route}",
-                 (f"  steps: at most {self.steps} Adam steps"
-                  f"{' per batch of slices' if self.path == 'slices' else ''}"
-                  f"{f', then {self.ls_steps} of least squares' if self.ls_steps else ''}")]
+                 "  steps: " + ", then ".join(self._stages())]
         if self.path in ("race", "constant"):
             lines.pop()
         if self.noise is not None:
@@ -200,6 +207,17 @@ class Plan:
         lines += [f"  why: {r}" for r in self.reasons]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+    def _stages(self) -> list[str]:
+        """The plan's training stages, in order, for :meth:`describe`."""
+        out = [f"{self.prior_steps} training steps of the in-plane prior"] \
+            if self.prior_steps else []
+        if self.steps or not (self.prior_steps or self.ls_steps):
+            per = " per batch of slices" if self.path == "slices" else ""
+            out.append(f"at most {self.steps} Adam steps{per}")
+        if self.ls_steps:
+            out.append(f"{self.ls_steps} of least squares")
+        return out
 
     def eta_text(self) -> str:
         """``"at most 3 min on cpu (2 threads)"`` (slices: an upper bound from timed probes;
@@ -292,7 +310,7 @@ def run(plan: Plan, *, callback: Callable[[Progress], None] | None = None,
     elif plan.path == "volume" and plan.task == "superres":
         res = volume.superres_volume(scan, slice_scale=o.slice_scale, scale=o.scale,
                                      profile=o.slice_profile, thickness=o.slice_thickness,
-                                     steps=o.steps, ls_steps=o.ls_steps, lr=o.lr, tv=o.tv,
+                                     axis=o.slice_axis, prior=o.prior, steps=o.steps, ls_steps=o.ls_steps, lr=o.lr, tv=o.tv,
                                      **common)
     elif plan.path == "race":
         res = race.denoise(scan, plan.noise_model, seed=o.seed, callback=callback,
@@ -315,11 +333,13 @@ def run(plan: Plan, *, callback: Callable[[Progress], None] | None = None,
     return res
 
 
-def default_steps(task: str, path: str) -> int:
+def default_steps(task: str, path: str, prior: bool = False) -> int:
     """The Adam steps ``task`` takes on ``path`` when ``--steps`` is not given (a constant
-    scan: none)."""
+    scan: none; ``prior``: through-plane super-resolution on the learned prior)."""
     if path in ("constant", "race"):
         return 0
+    if prior:
+        return volume.PRIOR_STEPS
     return (slices.DEFAULT_STEPS if path == "slices" else volume.DEFAULT_STEPS)[task]
 
 
@@ -372,19 +392,31 @@ def _plan_slices(scan: Scan, o: Options) -> Plan:
 
 
 def _plan_through_plane(scan: Scan, o: Options) -> Plan:
-    grid = volume.superres_grid(scan, o.slice_scale, o.scale)
-    thick = o.slice_thickness or volume.scan_thickness(scan)
+    volume.check_volume(scan, "through-plane super-resolution")
+    ax, ax_why = volume.slice_axis(scan, o.slice_axis)
+    moved = volume.axis_first(scan, ax)
+    grid = volume.superres_grid(moved, o.slice_scale, o.scale)
+    thick = volume.slice_thickness(moved, o.slice_thickness)
+    use_prior, prior_why = volume.choose_prior(moved, o.prior)
     width, layers = volume.NET["superres"]
-    steps = default_steps("superres", "volume") if o.steps is None else o.steps
+    steps = default_steps("superres", "volume", use_prior) if o.steps is None else o.steps
     ls = volume.GRID_STEPS if o.ls_steps is None else o.ls_steps
-    reasons = [(f"--slice-scale {o.slice_scale}: the slice axis is refined through a "
+    reasons = [f"slice axis: {ax_why}",
+               (f"--slice-scale {o.slice_scale}: the slice axis is refined through a "
                 f"{o.slice_profile} slice profile of {thick:g} mm"),
-               (f"the INR fits the residual over cubic B-spline interpolation, then {ls} "
-                f"conjugate-gradient steps make the output consistent with the input")]
-    route = f"3D SIREN (width {width}, {layers} layers) from scratch"
-    return Plan("superres", "volume", o, [scan], None, None, route, steps, grid.shape,
-                grid.affine, _volume_memory("superres", grid.size), None, None, ls, reasons,
-                _encoder_note(o))
+               prior_why,
+               (f"{'the INR fits the residual, then ' if steps else ''}{ls} conjugate-gradient "
+                f"steps make the output consistent with the input")]
+    route = (f"in-plane prior (CNN, {planes.STEPS} steps)" if use_prior else "cubic") + \
+        (f" + 3D SIREN (width {width}, {layers} layers)" if steps else "") + \
+        " + least squares"
+    stand_in = np.broadcast_to(np.zeros((), bool), grid.shape)
+    data, affine = volume.axis_back(stand_in, grid.affine, ax)
+    memory = _volume_memory("superres", grid.size) + (
+        planes.memory_bytes(moved.shape, o.slice_scale) if use_prior else 0)
+    return Plan("superres", "volume", o, [scan], None, None, route, steps, data.shape,
+                affine, memory, None, None, ls, reasons, _encoder_note(o),
+                prior_steps=planes.STEPS if use_prior else 0)
 
 
 def _plan_denoise_volume(scan: Scan, o: Options) -> Plan:
@@ -514,6 +546,8 @@ def _eta(plan: Plan) -> float:
     observed = sum(math.prod(s.shape) for s in plan.scans)
     ls = plan.ls_steps
     seconds = per_step * plan.steps + per_point * voxels * 2  # fit, render (twice)
+    if plan.prior_steps:
+        seconds += planes.estimate_seconds(plan.scans[0].shape, o.slice_scale)
     if plan.task == "denoise":  # held-out validation every 25 steps
         seconds += per_point * volume.HOLDOUT * observed * plan.steps / 25
     else:  # conjugate gradients: trilinear passes over the observed footprints (~20 ns each)
@@ -526,8 +560,13 @@ def _points_per_step(plan: Plan) -> int:
     its footprint's quadrature points, plus the total-variation prior's points."""
     o = plan.options
     spacing = np.linalg.norm(plan.output_affine[:3, :3], axis=0)
+    scans = plan.scans
+    if plan.task == "superres":  # the slice axis first
+        ax = volume.slice_axis(scans[0], o.slice_axis)[0]
+        scans = [volume.axis_first(scans[0], ax)]
+        spacing = spacing[[ax] + [a for a in range(3) if a != ax]]
     samples = []
-    for scan in plan.scans:
+    for scan in scans:
         thick = o.slice_thickness or volume.scan_thickness(scan)
         k = len(profile_quadrature(o.slice_profile, thick, spacing[0])[0])
         for a in (1, 2):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from ..core.world import Grid, WorldFrame, grid_omega, render_grid
 from ..errors import BadArgumentError, BadInputError
 from ..io.intensity import Intensity
 from ..io.scan import Scan, upsampled_affine
+from . import planes
 from .base import Restoration, check_output_size
 from .classical import interpolate_slices
 from .noise import estimate_sigma, parse_sigma
@@ -55,6 +57,9 @@ DC_ANCHOR = 3e-3
 BASE = "bspline"
 """Through-plane super-resolution fits the INR on top of the cubic B-spline interpolation."""
 DEFAULT_STEPS = {"superres": 300, "fuse": 500, "denoise": 1000}
+PRIOR_STEPS = 0
+"""INR steps of through-plane super-resolution on the learned prior."""
+PRIORS = ("auto", "planes", "none")
 AVERAGE = {"superres": 0.0, "fuse": 0.0, "denoise": 0.99}
 """Decay of the moving average of the weights that is rendered (0: the last weights). Each
 minibatch step jitters the weights and the rendering carries that jitter as extra noise; the
@@ -118,6 +123,56 @@ def check_slice_options(slice_scale, profile: str = "box",
     return int(slice_scale)
 
 
+def slice_axis(scan: Scan, axis: int | None = None) -> tuple[int, str]:
+    """The axis of ``scan`` (``0, 1, 2`` in its ``(slice, row, column)`` order, as napari shows
+    it) that through-plane super-resolution refines, and why: ``axis`` when given, else the
+    slice normal of a DICOM series (axis 0), else the one axis whose spacing exceeds the other
+    two by more than 10%, else, for equal spacings, axis 0 (the stored slice axis).
+
+    Raises:
+        BadArgumentError: ``axis`` not 0, 1 or 2.
+        BadInputError: two axes equally coarse (the slice axis is ambiguous).
+    """
+    if axis is not None:
+        if isinstance(axis, bool) or axis not in (0, 1, 2):
+            raise BadArgumentError(f"--slice-axis must be 0, 1 or 2, got {axis}")
+        return int(axis), f"--slice-axis {axis}"
+    if scan.meta.get("format") == "dicom":
+        return 0, "axis 0, the DICOM slice normal"
+    sp = np.array(scan.spacing)
+    text = " x ".join(f"{v:.3g}" for v in sp)
+    coarse = np.flatnonzero(sp * 1.1 > sp.max())
+    if len(coarse) == 1:
+        return int(coarse[0]), f"axis {coarse[0]}, the one coarse axis of {text} mm voxels"
+    if len(coarse) == 3:
+        return 0, f"axis 0, the stored slice axis ({text} mm voxels: no coarse axis)"
+    raise BadInputError(f"{scan.source or 'input'}: voxels of {text} mm have two coarse axes "
+                        f"({coarse[0]} and {coarse[1]}); give --slice-axis 0, 1 or 2")
+
+
+def axis_first(scan: Scan, axis: int) -> Scan:
+    """``scan`` with ``axis`` moved to the front (data and affine; the same voxels in space)."""
+    if axis == 0:
+        return scan
+    order = [axis] + [a for a in range(3) if a != axis]
+    affine = scan.affine.copy()
+    affine[:, :3] = scan.affine[:, order]
+    return replace(scan, data=np.moveaxis(scan.data, axis, 0), affine=affine)
+
+
+def axis_back(data: np.ndarray, affine: np.ndarray, axis: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Undo :func:`axis_first` on an output volume (or a stand-in of its shape) and its
+    affine."""
+    if axis == 0:
+        return data, affine
+    order = [axis] + [a for a in range(3) if a != axis]
+    back = np.argsort(order)
+    out = affine.copy()
+    out[:, :3] = affine[:, :3][:, back]
+    return np.ascontiguousarray(np.moveaxis(data, 0, axis)), out
+
+
 def check_volume(scan: Scan, what: str) -> None:
     """Refuse a 2D input for a volume method (``what`` names it)."""
     if scan.shape[0] < 2:
@@ -133,6 +188,21 @@ def scan_thickness(scan: Scan) -> float:
     except (TypeError, ValueError):
         th = None
     return th if th and th > 0 else scan.spacing[0]
+
+
+def slice_thickness(scan: Scan, thickness: float | None = None) -> float:
+    """The slice profile's width in mm for ``scan`` (slice axis first): ``thickness``, else
+    :func:`scan_thickness`; refused when not positive or wider than the field of view along
+    the slice axis."""
+    thick = float(thickness) if thickness is not None else scan_thickness(scan)
+    name = scan.source or "input"
+    if not thick > 0:
+        raise BadArgumentError(f"{name}: slice thickness {thick:g} mm; give --slice-thickness")
+    fov = scan.shape[0] * scan.spacing[0]
+    if thick > fov:
+        raise BadArgumentError(f"{name}: a {thick:g} mm slice profile is wider than the "
+                               f"{fov:g} mm field of view along the slice axis")
+    return thick
 
 
 def net_config(task: str, omega_first: float = 30.0) -> SirenConfig:
@@ -191,8 +261,7 @@ def _offset(callback, start: int, total: int):
     """``callback`` for a stage that begins at step ``start`` of a job of ``total`` steps."""
     if callback is None:
         return None
-    return lambda p: callback(Progress(start + p.step, total, p.loss, p.psnr, p.seconds,
-                                       p.preview))
+    return lambda p: callback(replace(p, step=start + p.step, total=total))
 
 
 def _least_squares(stacks: list[Stack], grid: Grid, frame: WorldFrame, init: torch.Tensor, *,
@@ -222,6 +291,7 @@ def _reference(reference: Scan | None, shape: tuple[int, ...], inten: Intensity)
 
 def superres_volume(scan: Scan, *, slice_scale: int = 2, scale: int = 1,
                     profile: str = "box", thickness: float | None = None,
+                    axis: int | None = None, prior: str = "auto",
                     steps: int | None = None, ls_steps: int | None = None, lr: float = LR,
                     tv: float | None = None, base: str = BASE, reference: Scan | None = None,
                     device: str = "auto",
@@ -230,30 +300,37 @@ def superres_volume(scan: Scan, *, slice_scale: int = 2, scale: int = 1,
                     cancel=None) -> Restoration:
     """Through-plane (and optionally in-plane) super-resolution of a 3D scan.
 
-    The output has ``slice_scale`` times the slices and ``scale`` times the rows and columns
-    over the same field of view (voxel centres aligned: averaging the fine voxels of one input
-    voxel gives its centre, :func:`~napari_strainer.io.scan.upsampled_affine`). The INR is
-    fitted through the acquisition model: each input voxel is the mean of the INR over its
-    slice profile (``box`` of ``thickness``, or ``gaussian`` with FWHM = ``thickness``) along
-    the slice normal and over its pixel in-plane. With ``base="bspline"`` (default) the INR
-    fits the residual on top of the cubic B-spline interpolation of the input: the fit starts
-    from the classical estimate and moves it towards agreement with the acquisition model.
-    Then a data-consistency step: ``ls_steps`` conjugate-gradient steps of least squares
-    through the same operator, anchored to the INR's rendering (the input is matched; what it
-    leaves undetermined stays the INR's).
+    The output has ``slice_scale`` times the slices along the slice axis (:func:`slice_axis`)
+    and ``scale`` times the in-plane voxels over the same field of view (voxel centres
+    aligned: averaging the fine voxels of one input voxel gives its centre,
+    :func:`~napari_strainer.io.scan.upsampled_affine`). Three stages:
+
+    1. The starting estimate: the prior learned from the scan's own in-plane planes
+       (:mod:`.planes`; ``prior="planes"``, or ``"auto"`` when the scan has enough in-plane
+       pixels), else the cubic B-spline interpolation (``base="bspline"``) or nothing.
+    2. An INR fitted through the acquisition model on top of it (``steps`` Adam steps): each
+       input voxel is the mean of the volume over its slice profile (``box`` of ``thickness``,
+       or ``gaussian`` with FWHM = ``thickness``) along the slice normal and over its pixel
+       in-plane.
+    3. Data consistency: ``ls_steps`` conjugate-gradient steps of least squares through the
+       same operator, anchored to the estimate (the input is matched; what it leaves
+       undetermined stays the estimate's).
 
     Args:
-        scan: a 3D scan, slices along axis 0.
-        slice_scale: integer >= 2, the refinement along the slice normal.
+        scan: a 3D scan.
+        slice_scale: integer >= 2, the refinement along the slice axis.
         scale: integer >= 1, the in-plane refinement.
         profile: slice profile, ``box`` or ``gaussian``.
         thickness: slice thickness in mm (default: DICOM SliceThickness, else the spacing).
-        steps: Adam steps (default :data:`DEFAULT_STEPS`).
+        axis: the slice axis (0, 1 or 2; default: from the geometry, :func:`slice_axis`).
+        prior: ``auto``, ``planes`` or ``none``.
+        steps: Adam steps of the INR (default :data:`DEFAULT_STEPS`, or
+            :data:`PRIOR_STEPS` on the prior).
         ls_steps: conjugate-gradient steps of the data-consistency step (default
             :data:`GRID_STEPS`; 0: none).
         tv: weight of the total-variation term along the slice normal (default
             :data:`TV_WEIGHT`; 0 = none).
-        base: ``bspline`` or ``none`` (a plain 3D SIREN).
+        base: without the prior, ``bspline`` or ``none`` (a plain 3D SIREN).
         reference: clean scan on the output grid, for a PSNR history.
         device, seed, log_every, callback, cancel: as in :func:`napari_strainer.restore.slices.restore`.
     """
@@ -263,47 +340,80 @@ def superres_volume(scan: Scan, *, slice_scale: int = 2, scale: int = 1,
     scale = int(scale)
     if base not in ("bspline", "none"):
         raise BadArgumentError(f"base must be bspline or none, got {base!r}")
-    steps = DEFAULT_STEPS["superres"] if steps is None else steps
+    check_volume(scan, "through-plane super-resolution")
+    ax, ax_why = slice_axis(scan, axis)
+    src, scan = scan, axis_first(scan, ax)
+    use_prior, prior_why = choose_prior(scan, prior)
+    steps = (PRIOR_STEPS if use_prior else DEFAULT_STEPS["superres"]) if steps is None \
+        else steps
     ls_steps = GRID_STEPS if ls_steps is None else ls_steps
     _check_common(steps, lr, ls_steps)
     grid = superres_grid(scan, slice_scale, scale)
     shape = grid.shape
-    thick = float(thickness) if thickness is not None else scan_thickness(scan)
-    if not thick > 0:
-        raise BadArgumentError(f"{scan.source or 'input'}: slice thickness {thick:g} mm; "
-                               "give --slice-thickness")
+    thick = slice_thickness(scan, thickness)
     dev = resolve_device(device)
     frame = WorldFrame(grid.corners_mm())
     inten = Intensity.for_scan(scan)
     norm = inten.forward(np.nan_to_num(scan.data, nan=inten.low))
-    ref = _reference(reference, shape, inten)
+    ref = _reference(axis_first(reference, ax) if reference is not None else None, shape,
+                     inten)
     step = np.asarray(grid.spacing)
     stack = Stack(torch.from_numpy(norm), scan.affine, frame, step, thickness=thick,
                   profile=profile).to(dev)
     weight = TV_WEIGHT["superres"] if tv is None else tv
     batch = BATCH["superres"]
-    prior = TVPrior(grid, [stack.normal * step[0]], weight, batch // 2) if weight > 0 else None
+    prior_steps = planes.STEPS if use_prior else 0
+    total = prior_steps + steps + ls_steps
+    hist_prior: dict = {}
+    start = None
+    if use_prior:
+        learned = planes.learn_prior(norm, slice_scale, profile, thick, scan.spacing,
+                                     seed=seed, callback=_offset(callback, 0, total),
+                                     cancel=cancel)
+        start, hist_prior = learned.volume, learned.history
+        if scale > 1:
+            start = interpolate_slices(start, 1, 3, inplane=scale)
+    elif base == "bspline":
+        start = interpolate_slices(norm, slice_scale, 3, inplane=scale)
+    gb = GridBase(torch.from_numpy(start), grid, frame).to(dev) if start is not None else None
+    prior_tv = TVPrior(grid, [stack.normal * step[0]], weight, batch // 2) if weight > 0 \
+        else None
     net = _net("superres", grid, frame, seed, dev)
-    gb = None
-    if base == "bspline":
-        spline = interpolate_slices(norm, slice_scale, 3, inplane=scale)
-        gb = GridBase(torch.from_numpy(spline), grid, frame).to(dev)
-    total = steps + ls_steps
-    out, hist = _run([stack], grid, frame, net, batch=batch, steps=steps, lr=lr, prior=prior,
-                     base=gb, reference=ref, log_every=log_every,
-                     callback=_offset(callback, 0, total), cancel=cancel, seed=seed)
+    out, hist = _run([stack], grid, frame, net, batch=batch, steps=steps, lr=lr,
+                     prior=prior_tv, base=gb, reference=ref, log_every=log_every,
+                     callback=_offset(callback, prior_steps, total), cancel=cancel, seed=seed)
     out = _least_squares([stack], grid, frame, torch.from_numpy(out).to(dev), steps=ls_steps,
-                         smooth=0.0, anchor=DC_ANCHOR, start=steps, total=total, ref=ref,
-                         hist=hist, callback=callback, cancel=cancel)
+                         smooth=0.0, anchor=DC_ANCHOR, start=prior_steps + steps, total=total,
+                         ref=ref, hist=hist, callback=callback, cancel=cancel)
+    first = "learned in-plane prior" if use_prior else base
+    hist.update(hist_prior)
     hist.update(task="superres_volume", slice_scale=slice_scale, scale=scale, profile=profile,
-                slice_thickness_mm=thick, base=base, normalization=inten.to_dict())
+                slice_thickness_mm=thick, slice_axis=ax, slice_axis_reason=ax_why,
+                prior="planes" if use_prior else "none", prior_reason=prior_why, base=first,
+                normalization=inten.to_dict())
     desc = (f"INR through-plane super-resolution x{slice_scale}"
             f"{f' in-plane x{scale}' if scale > 1 else ''} (3D SIREN, napari-strainer)")
-    how = (f"{desc}: {profile} slice profile of {thick:g} mm, base {base}, {steps} Adam steps "
-           f"of {batch} voxels at lr {lr:g}, TV {weight:g}, then {ls_steps} conjugate-gradient "
-           f"steps of data consistency, seed {seed}")
-    return Restoration(scan.derive(inten.inverse(out, scan.data.dtype), affine=grid.affine,
-                                   description=desc, derivation=how), hist)
+    how = (f"{desc}: {profile} slice profile of {thick:g} mm along axis {ax}, start {first}, "
+           f"{steps} Adam steps of {batch} voxels at lr {lr:g}, TV {weight:g}, then "
+           f"{ls_steps} conjugate-gradient steps of data consistency, seed {seed}")
+    data, affine = axis_back(inten.inverse(out, scan.data.dtype), grid.affine, ax)
+    return Restoration(src.derive(data, affine=affine, description=desc, derivation=how), hist)
+
+
+def choose_prior(scan: Scan, prior: str = "auto") -> tuple[bool, str]:
+    """Whether through-plane super-resolution of ``scan`` (slice axis first) starts from the
+    learned in-plane prior (:mod:`.planes`), and why."""
+    if prior not in PRIORS:
+        raise BadArgumentError(f"--prior must be one of {', '.join(PRIORS)}, got {prior!r}")
+    if prior == "none":
+        return False, "--prior none: cubic B-spline interpolation is the start"
+    small = planes.too_small(scan.shape)
+    if small is None:
+        return True, ("a CNN learned from the scan's own in-plane planes, degraded by the "
+                      "slice profile, gives the start")
+    if prior == "planes":
+        raise BadInputError(f"{scan.source or 'input'}: {small}")
+    return False, f"cubic B-spline interpolation is the start: {small}"
 
 
 def fuse_grid(scans: Sequence[Scan], spacing: float | None = None) -> Grid:
@@ -336,9 +446,10 @@ def fuse_grid(scans: Sequence[Scan], spacing: float | None = None) -> Grid:
 
 
 def superres_grid(scan: Scan, slice_scale: int, scale: int = 1) -> Grid:
-    """The output grid of :func:`superres_volume`: ``slice_scale`` times the slices and
-    ``scale`` times the rows and columns over the same field of view (checked: a 3D scan, an
-    output within the size limit)."""
+    """The output grid of :func:`superres_volume` for ``scan`` with its slice axis first
+    (:func:`axis_first`): ``slice_scale`` times the slices and ``scale`` times the rows and
+    columns over the same field of view (checked: a 3D scan, an output within the size
+    limit)."""
     check_volume(scan, "through-plane super-resolution")
     z, h, w = scan.shape
     shape = (z * slice_scale, h * scale, w * scale)
