@@ -80,6 +80,11 @@ def test_through_plane_superres_volume(make_napari_viewer, qtbot):
     assert w.slice_scale.value == 2
     assert w.scale.value == 1  # in-plane default 1 with a slice scale, as the CLI's
     assert not w.slice_profile.native.isHidden() and w.slice_profile.value == "box"
+    assert not w.slice_axis.native.isHidden() and w.slice_axis.value is None
+    assert "slice axis: axis 0, the stored slice axis" in w.plan_text.value
+    w.slice_axis.value = 2  # the viewer's last axis: the columns are refined instead
+    assert "output: 25 x 41 x 66 voxels" in w.plan_text.value, w.plan_text.value
+    w.slice_axis.value = None
     assert w.steps.value == volume.DEFAULT_STEPS["superres"]
     assert not w.init.enabled and not w.head.enabled and not w.batch.enabled
     assert "3D SIREN" in w.encoder_info.value
