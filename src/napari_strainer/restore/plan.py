@@ -39,6 +39,7 @@ from ..pretrain.cards import modality_warning
 from ..pretrain.encoders import get_encoder
 from . import planes, race, slices, volume
 from .base import Restoration, check_output_size
+from .classical import has_bm4d
 from .noise import NOISE_KINDS, NoiseModel, estimate_sigma, make_stop_rule, noise_model, parse_sigma
 
 TASKS = ("fit", "superres", "denoise", "fuse")
@@ -449,9 +450,12 @@ def _plan_race(scan: Scan, o: Options) -> Plan:
     reasons = [("mode auto: the race of denoisers (--mode volume or slices: an INR alone; "
                 "a 3D INR given a minute on 2 cores got weight 0 in the blend on a 2 mm MNI "
                 "crop, and 4 minutes to add 0.7 dB)")]
-    if "BM4D" not in names:
+    if "BM4D" not in names and not has_bm4d():
         reasons.append("BM4D is not installed (pip install bm4d: its licence is "
                        "non-commercial), so it does not run")
+    elif "BM4D" not in names:
+        reasons.append(f"BM4D is installed but left out: it runs on at most "
+                       f"{race.BM4D_MAX_VOXELS:,} voxels with 8 along every axis")
     notes = _encoder_note(o) if o.encoder.lower() not in ("none", "default") else []
     need, free = race.memory_bytes(data.size, len(names)), available_bytes(torch.device("cpu"))
     if need > free:
