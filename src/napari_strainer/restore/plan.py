@@ -178,6 +178,8 @@ class Plan:
     """The race's noise model (Rician or Gaussian, sigma)."""
     prior_steps: int = 0
     """Training steps of through-plane super-resolution's learned prior (before the INR)."""
+    slice_axis: int = 0
+    """The axis through-plane super-resolution refines (:func:`volume.slice_axis`)."""
 
     def describe(self) -> str:
         """The plan in a few lines of text."""
@@ -311,8 +313,8 @@ def run(plan: Plan, *, callback: Callable[[Progress], None] | None = None,
     elif plan.path == "volume" and plan.task == "superres":
         res = volume.superres_volume(scan, slice_scale=o.slice_scale, scale=o.scale,
                                      profile=o.slice_profile, thickness=o.slice_thickness,
-                                     axis=o.slice_axis, prior=o.prior, steps=o.steps, ls_steps=o.ls_steps, lr=o.lr, tv=o.tv,
-                                     **common)
+                                     axis=o.slice_axis, prior=o.prior, steps=o.steps,
+                                     ls_steps=o.ls_steps, lr=o.lr, tv=o.tv, **common)
     elif plan.path == "race":
         res = race.denoise(scan, plan.noise_model, seed=o.seed, callback=callback,
                            cancel=cancel)
@@ -411,13 +413,12 @@ def _plan_through_plane(scan: Scan, o: Options) -> Plan:
     route = (f"in-plane prior (CNN, {planes.STEPS} steps)" if use_prior else "cubic") + \
         (f" + 3D SIREN (width {width}, {layers} layers)" if steps else "") + \
         " + least squares"
-    stand_in = np.broadcast_to(np.zeros((), bool), grid.shape)
-    data, affine = volume.axis_back(stand_in, grid.affine, ax)
+    out = volume.grid_back(grid, ax)
     memory = _volume_memory("superres", grid.size) + (
         planes.memory_bytes(moved.shape, o.slice_scale) if use_prior else 0)
-    return Plan("superres", "volume", o, [scan], None, None, route, steps, data.shape,
-                affine, memory, None, None, ls, reasons, _encoder_note(o),
-                prior_steps=planes.STEPS if use_prior else 0)
+    return Plan("superres", "volume", o, [scan], None, None, route, steps, out.shape,
+                out.affine, memory, None, None, ls, reasons, _encoder_note(o),
+                prior_steps=planes.STEPS if use_prior else 0, slice_axis=ax)
 
 
 def _plan_denoise_volume(scan: Scan, o: Options) -> Plan:
@@ -566,7 +567,7 @@ def _points_per_step(plan: Plan) -> int:
     spacing = np.linalg.norm(plan.output_affine[:3, :3], axis=0)
     scans = plan.scans
     if plan.task == "superres":  # the slice axis first
-        ax = volume.slice_axis(scans[0], o.slice_axis)[0]
+        ax = plan.slice_axis
         scans = [volume.axis_first(scans[0], ax)]
         spacing = spacing[[ax] + [a for a in range(3) if a != ax]]
     samples = []

@@ -150,27 +150,28 @@ def slice_axis(scan: Scan, axis: int | None = None) -> tuple[int, str]:
                         f"({coarse[0]} and {coarse[1]}); give --slice-axis 0, 1 or 2")
 
 
+def _order(axis: int) -> list[int]:
+    """The array axes with ``axis`` first, the others in their order."""
+    return [axis] + [a for a in range(3) if a != axis]
+
+
 def axis_first(scan: Scan, axis: int) -> Scan:
     """``scan`` with ``axis`` moved to the front (data and affine; the same voxels in space)."""
     if axis == 0:
         return scan
-    order = [axis] + [a for a in range(3) if a != axis]
     affine = scan.affine.copy()
-    affine[:, :3] = scan.affine[:, order]
+    affine[:, :3] = scan.affine[:, _order(axis)]
     return replace(scan, data=np.moveaxis(scan.data, axis, 0), affine=affine)
 
 
-def axis_back(data: np.ndarray, affine: np.ndarray, axis: int
-              ) -> tuple[np.ndarray, np.ndarray]:
-    """Undo :func:`axis_first` on an output volume (or a stand-in of its shape) and its
-    affine."""
+def grid_back(grid: Grid, axis: int) -> Grid:
+    """Undo :func:`axis_first` on an output grid (its shape and affine)."""
     if axis == 0:
-        return data, affine
-    order = [axis] + [a for a in range(3) if a != axis]
-    back = np.argsort(order)
-    out = affine.copy()
-    out[:, :3] = affine[:, :3][:, back]
-    return np.ascontiguousarray(np.moveaxis(data, 0, axis)), out
+        return grid
+    back = np.argsort(_order(axis))
+    affine = grid.affine.copy()
+    affine[:, :3] = grid.affine[:, :3][:, back]
+    return Grid(tuple(int(n) for n in np.array(grid.shape)[back]), affine)
 
 
 def check_volume(scan: Scan, what: str) -> None:
@@ -396,8 +397,9 @@ def superres_volume(scan: Scan, *, slice_scale: int = 2, scale: int = 1,
     how = (f"{desc}: {profile} slice profile of {thick:g} mm along axis {ax}, start {first}, "
            f"{steps} Adam steps of {batch} voxels at lr {lr:g}, TV {weight:g}, then "
            f"{ls_steps} conjugate-gradient steps of data consistency, seed {seed}")
-    data, affine = axis_back(inten.inverse(out, scan.data.dtype), grid.affine, ax)
-    return Restoration(src.derive(data, affine=affine, description=desc, derivation=how), hist)
+    data = np.ascontiguousarray(np.moveaxis(inten.inverse(out, scan.data.dtype), 0, ax))
+    return Restoration(src.derive(data, affine=grid_back(grid, ax).affine, description=desc,
+                                  derivation=how), hist)
 
 
 def choose_prior(scan: Scan, prior: str = "auto") -> tuple[bool, str]:
