@@ -72,6 +72,12 @@ def test_fuse_three_orthogonal_stacks(make_napari_viewer, qtbot, stacks):
     w.grid_of.value = layers[0]
     assert "output: 16 x 24 x 24 voxels of 2 x 2 x 2 mm" in w.plan_text.value
     assert "path: fuse" in w.plan_text.value and "plan: fuse 3 stacks (stack0" in w.plan_text.value
+    # small stacks: no learned prior, the steps stay the INR's; insisting on it is refused
+    assert w.prior.value == "auto" and "learned prior needs at least" in w.plan_text.value
+    assert w.steps.value == 500
+    w.prior.value = "planes"
+    assert "learned prior needs at least" in w.plan_text.value and w.plan is None
+    w.prior.value = "auto"
     w.steps.value = 2  # a few INR steps, then the data-consistency step
     w.ls_steps.value = 50
     w.device.value = "cpu"

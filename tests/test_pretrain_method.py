@@ -69,10 +69,13 @@ def test_fit_from_reptile_beats_siren_on_held_out_slices(samples, reptile_encode
 
 
 def test_cli_fit_from_a_reptile_file(samples, reptile_encoder, tmp_path):
-    out = tmp_path / "fit.nii.gz"
+    out, hist = tmp_path / "fit.nii.gz", tmp_path / "h.json"
     assert main(["fit", str(samples / "mr_brain.nii.gz"), "-o", str(out), "--encoder",
-                 str(reptile_encoder), "--steps", "3", "--device", "cpu", "--quiet"]) == 0
-    assert out.exists()
+                 str(reptile_encoder), "--init", "fixed", "--steps", "3", "--device", "cpu",
+                 "--history", str(hist), "--quiet"]) == 0
+    # the output and its history name the start it had: Reptile's network, its own head
+    assert json.loads(hist.read_text())["head"] == "the network's own"
+    assert "INR fit (Reptile, napari-strainer)" in str(read_scan(out).meta)
 
 
 def test_reptile_resume_equals_an_uninterrupted_run(tmp_path):

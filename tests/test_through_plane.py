@@ -100,3 +100,42 @@ def test_the_learned_prior_beats_cubic_on_a_real_scan(samples, monkeypatch):
     assert learned["prior_gain_db"] > 1.0
     assert learned["psnr_final"] > cubic["psnr_final"] + 0.08, (learned["psnr_final"],
                                                                 cubic["psnr_final"])
+
+
+def _psnr(x, ref):
+    return 10 * np.log10(np.ptp(ref) ** 2 / np.mean((np.asarray(x, np.float64) - ref) ** 2))
+
+
+def test_fusion_learns_each_stacks_prior_along_its_own_slice_axis(samples, tmp_path,
+                                                                  monkeypatch, capsys):
+    """The sample EPI's voxels on a 2 mm grid as two thick stacks stored in RAS order: axial
+    (4 mm along the array's third axis) and coronal (4 mm along its second). Fusion finds each
+    stack's slice axis from its spacing, refines each by the prior learned from its own
+    planes (a short training), and the fused volume beats least squares from the same
+    stacks against the 2 mm truth (41.13 against 40.88 dB)."""
+    d = np.asarray(nib.load(samples / "mr_brain.nii.gz").dataobj, np.float32)  # 128, 96, 24
+    axial = d.reshape(128, 96, 12, 2).mean(3)
+    coronal = d.reshape(128, 48, 2, 24).mean(2)
+    paths = [tmp_path / "axial.nii.gz", tmp_path / "coronal.nii.gz"]
+    for p, v, zooms in zip(paths, (axial, coronal), ((2.0, 2.0, 4.0), (2.0, 4.0, 2.0))):
+        aff = np.diag([*zooms, 1.0])
+        aff[:3, 3] = (np.array(zooms) - 2) / 2  # voxel centres of the 2 mm truth averaged
+        nib.save(nib.Nifti1Image(v, aff), p)
+    monkeypatch.setattr(planes, "MIN_PIXELS", 100_000)
+    monkeypatch.setattr(planes, "PATCH", 16)
+    monkeypatch.setattr(planes, "STEPS", 200)
+    out, hist = tmp_path / "prior.nii.gz", tmp_path / "h.json"
+    args = ["fuse", *map(str, paths), "--spacing", "2", "--ls-steps", "30"]
+    assert main([*args, "-o", str(out), "--plan"]) == 0
+    assert "in-plane prior of each stack (CNN, 200 steps each)" in capsys.readouterr().out
+    assert main([*args, "-o", str(out), "--history", str(hist)]) == 0
+    line = capsys.readouterr().out
+    assert "by learned in-plane priors + data consistency" in line, line
+    h = json.loads(hist.read_text())
+    assert h["slice_axes"] == [0, 1] and h["prior"] == "planes" and h["steps_done"] == 0
+    assert len(h["prior_gain_db"]) == 2 and min(h["prior_gain_db"]) > 0, h["prior_gain_db"]
+    ls = tmp_path / "ls.nii.gz"
+    assert main([*args, "-o", str(ls), "--prior", "none", "--steps", "0", "--quiet"]) == 0
+    got, base = (np.asarray(nib.load(p).dataobj, np.float64) for p in (out, ls))
+    assert got.shape == d.shape
+    assert _psnr(got, d) > _psnr(base, d) + 0.1, (_psnr(got, d), _psnr(base, d))  # +0.25

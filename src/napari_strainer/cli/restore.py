@@ -121,9 +121,14 @@ def add_fuse_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUTPUT")
     p.add_argument("--spacing", type=mm, default=None,
                    help="isotropic output spacing in mm (default: finest in-plane spacing)")
+    p.add_argument("--prior", choices=PRIORS, default="auto",
+                   help="start: auto (default: each stack refined by a CNN learned from its "
+                        "own in-plane planes, where every stack has enough of them), planes "
+                        "or none (a 3D SIREN over all stacks)")
     p.add_argument("--steps", type=nonneg_int, default=None,
-                   help="Adam steps of the 3D SIREN (default 500; 0: classical least-squares "
-                        "reconstruction alone)")
+                   help="Adam steps of the 3D SIREN (default 0 on the learned prior, else "
+                        "500; 0 with --prior none: classical least-squares reconstruction "
+                        "alone)")
     p.add_argument("--lr", type=positive_float, default=1e-4, help="Adam learning rate")
     p.add_argument("--encoder", default="none",
                    help="'none' (a 3D SIREN; no pretrained 3D encoder exists)")
@@ -230,11 +235,16 @@ def _summary(plan, h: dict) -> str:
                 f"{plan.options.slice_profile} profile of {h['slice_thickness_mm']:g} mm, "
                 f"{start}, {h.get('steps_done', 0)} INR steps, {h['ls_steps']} of least "
                 f"squares{psnr}")
+    if plan.path == "fuse":
+        psnr = f", PSNR {h['psnr_final']:.2f} dB" if h.get("psnr_final") else psnr
+        gains = ", ".join(f"{g:+.2f}" for g in h.get("prior_gain_db") or [])
+        start = f" (held-out in-plane gains over cubic {gains} dB)" if gains else ""
+        return (f"{len(plan.scans)} stacks fused at {h.get('spacing_mm', 0):g} mm by "
+                f"{h['start']}{start}, {h.get('steps_done', 0)} INR steps, {h['ls_steps']} of "
+                f"least squares{psnr}")
     if plan.path != "slices":
-        what = {
-                "denoise": f"volume denoising ({h.get('stop_reason')})",
-                "fuse": f"{len(plan.scans)} stacks fused at {h.get('spacing_mm', 0):g} mm"}
-        return f"{what[plan.task]}, {h.get('steps_done', 0)} steps, {loss}{psnr}"
+        return (f"volume denoising ({h.get('stop_reason')}), {h.get('steps_done', 0)} steps, "
+                f"{loss}{psnr}")
     route = (f"route {h['route']} (chosen on held-out pixels, probes "
              f"{h['probe_seconds']:.0f} s)" if h["probes"] else f"route {h['route']}")
     ran = [r for r in h["steps_run"] if r is not None]

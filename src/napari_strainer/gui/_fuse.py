@@ -11,7 +11,7 @@ from magicgui.widgets import ComboBox, Container, LineEdit, Select, SpinBox
 
 from ..core.operators import PROFILES
 from ..restore import volume
-from ..restore.plan import Options, Plan
+from ..restore.plan import Options, Plan, default_steps
 from ._common import PlannedWidget, collapsible, image_layers, layer_scan, parse_float
 from ._jobs import notify
 from ._layers import image_layer_scan
@@ -48,10 +48,15 @@ class FuseWidget(PlannedWidget):
                                 tooltip="each slice's sensitivity along its normal: box of the "
                                         "slice thickness, or gaussian with FWHM = thickness "
                                         "(thickness: DICOM SliceThickness, else the spacing)")
+        self.prior = ComboBox(label="start", choices=volume.PRIORS, value="auto",
+                              tooltip="auto: each stack refined by a CNN learned from its own "
+                                      "in-plane planes where it has enough of them (planes: "
+                                      "insist), else the 3D SIREN; none: never")
         self.steps = SpinBox(label="INR steps", value=volume.DEFAULT_STEPS["fuse"], min=0,
                              max=10_000_000, tooltip="Adam steps of the 3D SIREN fitted to all "
-                                                     "stacks (0: classical least squares "
-                                                     "alone; see benchmarks/volume.py)")
+                                                     "stacks (0 with start none: classical "
+                                                     "least squares alone; see "
+                                                     "benchmarks/volume.py)")
         self.ls_steps = SpinBox(label="least-squares steps", value=volume.GRID_STEPS, min=0,
                                 max=1_000_000, tooltip="conjugate-gradient steps on the output "
                                                        "grid: the data-consistency step after "
@@ -62,15 +67,17 @@ class FuseWidget(PlannedWidget):
         self.seed = SpinBox(label="seed", value=0, min=0, max=2**31 - 1)
         self.advanced = Container(widgets=[self.lr, self.seed])
         super().__init__(viewer, [self.layers, self.grid_of, self.spacing, self.profile,
-                                  self.steps, self.ls_steps], plot_title="fusion loss")
+                                  self.prior, self.steps, self.ls_steps],
+                         plot_title="fusion loss")
         self.advanced_fold = collapsible("Advanced", self.advanced)
         self.native.layout().insertWidget(self.index(self.device), self.advanced_fold)
         self.layers.native.setMaximumHeight(90)
         self.result_layer = None
         self._t0 = 0.0
+        self._steps_prior = False  # whether the steps value is the learned prior's default
         self.layers.changed.connect(self._selection_changed)
-        for widget in (self.grid_of, self.spacing, self.profile, self.steps, self.ls_steps,
-                       self.lr, self.device):
+        for widget in (self.grid_of, self.spacing, self.profile, self.prior, self.steps,
+                       self.ls_steps, self.lr, self.device):
             widget.changed.connect(self.refresh_plan)
         self._selection_changed()
 
@@ -78,6 +85,12 @@ class FuseWidget(PlannedWidget):
     def _selection_changed(self, *_) -> None:
         self.grid_of.reset_choices()
         self.refresh_plan()
+
+    def on_plan(self, plan: Plan | None) -> None:
+        """The steps value follows the default of the planned start (prior or INR)."""
+        if plan is not None and (plan.prior_steps > 0) != self._steps_prior:
+            self._steps_prior = plan.prior_steps > 0
+            self.steps.value = default_steps("fuse", "fuse", self._steps_prior)
 
     def stacks(self) -> list:
         """The selected layers, the "output grid of" layer first."""
@@ -92,7 +105,8 @@ class FuseWidget(PlannedWidget):
         text = str(self.spacing.value).strip().lower()
         options = Options(task="fuse", encoder="none",
                           spacing=None if text in ("", "auto") else parse_float(text, "spacing"),
-                          slice_profile=self.profile.value, steps=self.steps.value,
+                          slice_profile=self.profile.value, prior=self.prior.value,
+                          steps=self.steps.value,
                           ls_steps=self.ls_steps.value,
                           lr=parse_float(self.lr.value, "learning rate"),
                           device=self.device.value, seed=self.seed.value)
@@ -105,18 +119,21 @@ class FuseWidget(PlannedWidget):
         self._source_layer = layers[0]
         self._source = image_layer_scan(layers[0]).source
         self.result_layer = None
+        self._segments: dict[str, int] = {}  # a loss-curve segment per stage
         self._t0 = time.monotonic()
 
         def on_progress(p, report):
-            report({"step": p.step, "total": p.total, "loss": p.loss,
-                    "stage": "INR" if p.step < plan.steps else "least squares"})
+            stage = p.phase or ("INR" if p.step < plan.prior_steps + plan.steps else
+                                "least squares")
+            report({"step": p.step, "total": p.total, "loss": p.loss, "stage": stage})
 
-        total = plan.steps + plan.ls_steps
+        total = plan.prior_steps + plan.steps + plan.ls_steps
         return on_progress, total, f"fusing {len(layers)} stacks"
 
     def on_report(self, item: dict) -> None:
         stage = item["stage"]
-        self.plot.add(item["step"], item["loss"], segment=int(stage != "INR"), subtitle=stage)
+        self.plot.add(item["step"], item["loss"], segment=self._segments.setdefault(
+            stage, len(self._segments)), subtitle=stage)
         if self.job is not None:
             self.job.progress(item["step"])
         self.set_status(f"{stage}: step {item['step']}/{item['total']}  loss "

@@ -177,7 +177,9 @@ class Plan:
     noise_model: NoiseModel | None = None
     """The race's noise model (Rician or Gaussian, sigma)."""
     prior_steps: int = 0
-    """Training steps of through-plane super-resolution's learned prior (before the INR)."""
+    """Training steps of the learned in-plane priors (before the INR), all stacks together."""
+    prior_jobs: list[tuple[tuple[int, ...], int]] = field(default_factory=list)
+    """Each learned prior's thick-slice shape (slices first) and slice refinement."""
     slice_axis: int = 0
     """The axis through-plane super-resolution refines (:func:`volume.slice_axis`)."""
 
@@ -309,7 +311,7 @@ def run(plan: Plan, *, callback: Callable[[Progress], None] | None = None,
               "callback": callback, "cancel": cancel}
     if plan.path == "fuse":
         res = volume.fuse(plan.scans, spacing=o.spacing, profile=o.slice_profile,
-                          steps=o.steps, ls_steps=o.ls_steps, lr=o.lr, tv=o.tv, **common)
+                          prior=o.prior, steps=o.steps, ls_steps=o.ls_steps, lr=o.lr, tv=o.tv, **common)
     elif plan.path == "volume" and plan.task == "superres":
         res = volume.superres_volume(scan, slice_scale=o.slice_scale, scale=o.scale,
                                      profile=o.slice_profile, thickness=o.slice_thickness,
@@ -418,7 +420,8 @@ def _plan_through_plane(scan: Scan, o: Options) -> Plan:
         planes.memory_bytes(moved.shape, o.slice_scale) if use_prior else 0)
     return Plan("superres", "volume", o, [scan], None, None, route, steps, out.shape,
                 out.affine, memory, None, None, ls, reasons, _encoder_note(o),
-                prior_steps=planes.STEPS if use_prior else 0, slice_axis=ax)
+                prior_steps=planes.STEPS if use_prior else 0,
+                prior_jobs=[(moved.shape, o.slice_scale)] if use_prior else [], slice_axis=ax)
 
 
 def _plan_denoise_volume(scan: Scan, o: Options) -> Plan:
@@ -476,16 +479,27 @@ def _noise_model(scan: Scan, o: Options) -> NoiseModel:
 
 def _plan_fuse(scans: list[Scan], o: Options) -> Plan:
     grid = volume.fuse_grid(scans, o.spacing)
-    steps = default_steps("fuse", "fuse") if o.steps is None else o.steps
+    stacks = volume.slice_first(scans)
+    factors, prior_why = volume.fuse_prior(stacks, grid, o.prior)
+    steps = default_steps("fuse", "fuse", bool(factors)) if o.steps is None else o.steps
     ls = volume.GRID_STEPS if o.ls_steps is None else o.ls_steps
     width, layers = volume.NET["fuse"]
-    route = (f"3D SIREN (width {width}, {layers} layers) over all {len(scans)} stacks, then "
-             f"{ls} conjugate-gradient steps of data consistency" if steps else
-             f"classical least-squares reconstruction ({ls} conjugate-gradient steps)")
+    if factors or steps:
+        route = " + ".join(
+            ([f"in-plane prior of each stack (CNN, {planes.STEPS} steps each)"] if factors
+             else []) +
+            ([f"3D SIREN (width {width}, {layers} layers) over all {len(scans)} stacks"]
+             if steps else []) + [f"{ls} conjugate-gradient steps of data consistency"])
+    else:
+        route = f"classical least-squares reconstruction ({ls} conjugate-gradient steps)"
     reasons = [(f"the output grid is the first stack's orientation and field of view at "
-                f"{grid.spacing[0]:g} mm")]
+                f"{grid.spacing[0]:g} mm"), prior_why]
+    jobs = [(s.shape, f) for s, f in zip(stacks, factors or [])]
+    memory = _volume_memory("fuse", grid.size) + max(
+        (planes.memory_bytes(*job) for job in jobs), default=0)
     return Plan("fuse", "fuse", o, scans, None, None, route, steps, grid.shape, grid.affine,
-                _volume_memory("fuse", grid.size), None, None, ls, reasons, _encoder_note(o))
+                memory, None, None, ls, reasons, _encoder_note(o),
+                prior_steps=planes.STEPS * len(jobs), prior_jobs=jobs)
 
 
 def _encoder_note(o: Options) -> list[str]:
@@ -550,9 +564,9 @@ def _eta(plan: Plan) -> float:
     voxels = math.prod(plan.output_shape)
     observed = sum(math.prod(s.shape) for s in plan.scans)
     ls = plan.ls_steps
-    seconds = per_step * plan.steps + per_point * voxels * 2  # fit, render (twice)
-    if plan.prior_steps:
-        seconds += planes.estimate_seconds(plan.scans[0].shape, o.slice_scale)
+    seconds = per_step * plan.steps + (per_point * voxels * 2 if plan.steps else 0)  # render
+    if plan.prior_jobs:
+        seconds += planes.estimate_seconds(plan.prior_jobs)
     if plan.task == "denoise":  # held-out validation every 25 steps
         seconds += per_point * volume.HOLDOUT * observed * plan.steps / 25
     else:  # conjugate gradients: trilinear passes over the observed footprints (~20 ns each)
@@ -566,7 +580,9 @@ def _points_per_step(plan: Plan) -> int:
     o = plan.options
     spacing = np.linalg.norm(plan.output_affine[:3, :3], axis=0)
     scans = plan.scans
-    if plan.task == "superres":  # the slice axis first
+    if plan.task == "fuse":  # each stack's slice axis first
+        scans = volume.slice_first(scans)
+    elif plan.task == "superres":
         ax = plan.slice_axis
         scans = [volume.axis_first(scans[0], ax)]
         spacing = spacing[[ax] + [a for a in range(3) if a != ax]]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import pairwise
 
@@ -198,9 +198,10 @@ def memory_bytes(shape: tuple[int, ...], factor: int) -> int:
     return 4 * (4 * fine + 4 * fine) + 4 * CHANNELS * LAYERS * (1 << 19) * 2
 
 
-def estimate_seconds(shape: tuple[int, ...], factor: int) -> float:
-    """Seconds :func:`learn_prior` will take on a thick-slice volume of ``shape`` (slices
-    first): three timed training steps and one timed pass over a plane (about a second)."""
+def estimate_seconds(jobs: Sequence[tuple[tuple[int, ...], int]]) -> float:
+    """Seconds :func:`learn_prior` will take on thick-slice volumes of the given shapes
+    (slices first) and refinements, one after the other: three timed training steps and one
+    timed pass over a plane (about a second)."""
     net = ResidualCNN(CHANNELS, LAYERS)
     x = torch.rand(BATCH, 1, PATCH, PATCH)
     seconds = train_network(net, lambda g: (x, x), steps=3, log_every=1).history["seconds"]
@@ -209,4 +210,5 @@ def estimate_seconds(shape: tuple[int, ...], factor: int) -> float:
     t0 = time.perf_counter()
     net.apply_planes(plane)
     per_pixel = (time.perf_counter() - t0) / plane.numel()
-    return STEPS * per_step + 2 * per_pixel * int(np.prod(shape)) * factor
+    return sum(STEPS * per_step + 2 * per_pixel * int(np.prod(shape)) * factor
+               for shape, factor in jobs)

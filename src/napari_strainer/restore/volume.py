@@ -478,11 +478,12 @@ def _inside(shape: tuple[int, ...], affine: np.ndarray, mm: np.ndarray) -> np.nd
     return np.all((idx >= -0.5) & (idx <= np.array(shape) - 0.5), axis=1)
 
 
-def _resample(stack: Stack, grid: Grid, frame: WorldFrame, chunk: int = 1 << 18):
-    """``stack``'s voxels interpolated trilinearly at ``grid``'s voxel centres (edge values
-    outside its field of view), ``[slices, rows, columns]`` on the stack's device."""
-    dev = stack.values.device
-    sampler = GridBase(stack.values.reshape(stack.grid.shape), stack.grid, frame).to(dev)
+def _resample(values: torch.Tensor, src: Grid, grid: Grid, frame: WorldFrame,
+              chunk: int = 1 << 18) -> torch.Tensor:
+    """``values`` on grid ``src`` interpolated trilinearly at ``grid``'s voxel centres (edge
+    values outside its field of view), ``[slices, rows, columns]`` on ``values``' device."""
+    dev = values.device
+    sampler = GridBase(values.reshape(src.shape), src, frame).to(dev)
     to_net = torch.as_tensor(frame.matrix(), device=dev)
     out = torch.empty(grid.size, device=dev)
     for s in range(0, grid.size, chunk):
@@ -509,23 +510,68 @@ def _stack_intensity(scan: Scan, grid: Grid, most: int = 1 << 20) -> Intensity:
     return Intensity.for_scan(scan, data[inside] if inside.sum() >= 64 else data)
 
 
+def stack_axes(scans: Sequence[Scan]) -> list[int]:
+    """Each stack's slice axis (:func:`slice_axis`; with two equally coarse axes, the stored
+    axis 0, the other coarse axis then being covered by the in-plane pixel footprint)."""
+    axes = []
+    for s in scans:
+        try:
+            axes.append(slice_axis(s)[0])
+        except BadInputError:
+            axes.append(0)
+    return axes
+
+
+def slice_first(scans: Sequence[Scan]) -> list[Scan]:
+    """Each stack with its slice axis (:func:`stack_axes`) first, as the slice operator and
+    the learned prior take it."""
+    return [axis_first(s, a) for s, a in zip(scans, stack_axes(scans))]
+
+
+def fuse_prior(stacks: Sequence[Scan], grid: Grid, prior: str = "auto"
+               ) -> tuple[list[int] | None, str]:
+    """Each stack's slice refinement onto ``grid`` when fusion starts from the learned
+    in-plane priors of the stacks (:mod:`.planes`), else None; and why. ``stacks`` have their
+    slice axis first (:func:`slice_first`); each needs enough in-plane pixels and slices an
+    integer multiple (at least 2) of the output spacing."""
+    factors = []
+    for i, s in enumerate(stacks, 1):
+        use, why = choose_prior(s, prior)
+        if not use:
+            return None, why if prior == "none" else f"stack {i}: {why}"
+        ratio = s.spacing[0] / grid.spacing[0]
+        if round(ratio) < 2 or abs(ratio - round(ratio)) > 0.01 * ratio:
+            why = (f"stack {i}: its {s.spacing[0]:g} mm slices are not an integer multiple (at "
+                   f"least 2) of the {grid.spacing[0]:g} mm output spacing")
+            if prior == "planes":
+                raise BadArgumentError(f"{s.source or 'input'}: {why}")
+            return None, f"the INR over all stacks is the start: {why}"
+        factors.append(round(ratio))
+    return factors, ("a CNN learned from each stack's own in-plane planes, degraded by its "
+                     "slice profile, refines that stack; their mean is the start")
+
+
 def fuse(scans: Sequence[Scan], *, spacing: float | None = None, profile: str = "box",
-         steps: int | None = None, ls_steps: int | None = None, lr: float = LR,
-         tv: float | None = None,
+         prior: str = "auto", steps: int | None = None, ls_steps: int | None = None,
+         lr: float = LR, tv: float | None = None,
          reference: Scan | None = None, device: str = "auto", seed: int = 0,
          log_every: int = 10, callback: Callable[[Progress], None] | None = None,
          cancel=None) -> Restoration:
     """Fuse several thick-slice stacks of one anatomy (any orientations) into one volume.
 
     Every stack is a forward operator (slice profile along its normal, pixel footprint
-    in-plane, placed by its affine). One 3D SIREN in world coordinates is fitted to all stacks
-    at once (``steps`` Adam steps, default :data:`DEFAULT_STEPS`), rendered on the output grid,
-    and then made consistent with the data: ``ls_steps`` conjugate-gradient steps of least
-    squares through the same operators, anchored to the rendering
-    (:func:`~napari_strainer.core.solvers.fit_grid`), so that what the stacks measure is matched
-    and what they leave undetermined comes from the INR. ``steps=0`` is the classical
-    least-squares super-resolution reconstruction instead (a small squared-gradient penalty,
-    from the mean of the stacks' trilinear resamplings).
+    in-plane, placed by its affine; the slice axis found as in :func:`stack_axes`). The start:
+    with the learned prior (``prior="auto"`` where every stack has enough in-plane pixels,
+    :func:`fuse_prior`), each stack refined through-plane by the CNN learned from its own
+    in-plane planes (:func:`~napari_strainer.restore.planes.learn_prior`), resampled onto the
+    output grid and averaged; otherwise one 3D SIREN in world coordinates fitted to all
+    stacks at once (``steps`` Adam steps, default :data:`DEFAULT_STEPS`; given ``steps`` on
+    top of the prior, it fits the residual). Then data consistency: ``ls_steps``
+    conjugate-gradient steps of least squares through the same operators, anchored to the
+    start (:func:`~napari_strainer.core.solvers.fit_grid`), so that what the stacks measure is
+    matched and what they leave undetermined comes from the start. ``prior="none"`` with
+    ``steps=0`` is the classical least-squares super-resolution reconstruction instead (a
+    small squared-gradient penalty, from the mean of the stacks' trilinear resamplings).
     The output grid is the first stack's orientation and field of view, isotropic at
     ``spacing`` mm (default: the finest in-plane spacing of the stacks); see :func:`output_grid`.
     Each stack's slice thickness is its DICOM SliceThickness when present, else its spacing.
@@ -534,52 +580,82 @@ def fuse(scans: Sequence[Scan], *, spacing: float | None = None, profile: str = 
 
     Raises:
         BadArgumentError: fewer than two stacks, stacks from different frames of reference,
-            a stack that does not overlap the first one, an output above the size limit.
-        BadInputError: a 2D input.
+            a stack that does not overlap the first one, an output above the size limit,
+            ``prior="planes"`` with a stack it cannot refine.
+        BadInputError: a 2D input; ``prior="planes"`` with too few in-plane pixels.
     """
     scans = list(scans)
-    steps = DEFAULT_STEPS["fuse"] if steps is None else steps
+    grid = fuse_grid(scans, spacing)
+    stacks_in = slice_first(scans)
+    factors, prior_why = fuse_prior(stacks_in, grid, prior)
+    steps = (PRIOR_STEPS if factors else DEFAULT_STEPS["fuse"]) if steps is None else steps
     ls_steps = GRID_STEPS if ls_steps is None else ls_steps
     _check_common(steps, lr, ls_steps)
-    grid = fuse_grid(scans, spacing)
     spacing = grid.spacing[0]
     dev = resolve_device(device)
     frame = WorldFrame(grid.corners_mm())
-    intens = [_stack_intensity(s, grid) for s in scans]
+    intens = [_stack_intensity(s, grid) for s in stacks_in]
+    thick = [scan_thickness(s) for s in stacks_in]
     stacks = [Stack(torch.from_numpy(it.forward(np.nan_to_num(s.data, nan=it.low))), s.affine,
-                    frame, spacing, thickness=scan_thickness(s), profile=profile).to(dev)
-              for s, it in zip(scans, intens)]
+                    frame, spacing, thickness=t, profile=profile).to(dev)
+              for s, it, t in zip(stacks_in, intens, thick)]
     ref = _reference(reference, grid.shape, intens[0])
-    total = steps + ls_steps
+    prior_steps = planes.STEPS * len(stacks) if factors else 0
+    total = prior_steps + steps + ls_steps
     hist: dict = {"steps": 0}
+    parts, gains = [], []
+    for i, (s, st, f, t) in enumerate(zip(stacks_in, stacks, factors or [], thick)):
+        if cancel is not None and cancel.is_set():  # Stop: the rest start from resampling
+            parts.append(_resample(st.values, st.grid, grid, frame))
+            continue
+        learned = planes.learn_prior(st.values.reshape(st.grid.shape).cpu().numpy(), f,
+                                     profile, t, s.spacing, seed=seed + i,
+                                     callback=_offset(callback, i * planes.STEPS, total),
+                                     cancel=cancel)
+        gains.append(learned.gain_db)
+        vol = torch.from_numpy(learned.volume).to(dev)
+        parts.append(_resample(vol, superres_grid(s, f), grid, frame))
+        del learned, vol
+    start = torch.stack(parts).mean(0) if parts else None
+    del parts
     weight = TV_WEIGHT["fuse"] if tv is None else tv
     if steps > 0:
-        prior = None
+        tv_prior = None
         if weight > 0:
-            prior = TVPrior(grid, list(grid.affine[:3, :3].T), weight, BATCH["fuse"] // 2)
+            tv_prior = TVPrior(grid, list(grid.affine[:3, :3].T), weight, BATCH["fuse"] // 2)
         net = _net("fuse", grid, frame, seed, dev)
+        base = GridBase(start, grid, frame).to(dev) if start is not None else None
         init, hist = _run(stacks, grid, frame, net, batch=BATCH["fuse"], steps=steps, lr=lr,
-                          prior=prior, reference=ref, log_every=log_every,
-                          callback=_offset(callback, 0, total), cancel=cancel, seed=seed)
+                          prior=tv_prior, base=base, reference=ref, log_every=log_every,
+                          callback=_offset(callback, prior_steps, total), cancel=cancel,
+                          seed=seed)
         init = torch.from_numpy(init).to(dev)
         smooth, anchor = 0.0, DC_ANCHOR
+    elif start is not None:
+        init, smooth, anchor = start, 0.0, DC_ANCHOR
     else:
-        init = torch.stack([_resample(s, grid, frame) for s in stacks]).mean(0)
+        init = torch.stack([_resample(s.values, s.grid, grid, frame) for s in stacks]).mean(0)
         smooth, anchor = LS_SMOOTH, 0.0
     out = _least_squares(stacks, grid, frame, init, steps=ls_steps, smooth=smooth,
-                         anchor=anchor, start=steps, total=total, ref=ref, hist=hist,
-                         callback=callback, cancel=cancel)
+                         anchor=anchor, start=prior_steps + steps, total=total, ref=ref,
+                         hist=hist, callback=callback, cancel=cancel)
+    how = " + ".join((["learned in-plane priors"] if factors else []) +
+                     (["3D SIREN"] if steps else []) + ["data consistency"]) \
+        if factors or steps else "least squares"
     hist.update(task="fuse", stacks=len(scans), spacing_mm=float(spacing),
-                profile=profile, slice_thickness_mm=[scan_thickness(s) for s in scans],
+                profile=profile, slice_thickness_mm=thick,
+                slice_axes=stack_axes(scans),
+                prior="planes" if factors else "none", prior_reason=prior_why,
+                prior_gain_db=gains, start=how,
                 normalization={**intens[0].to_dict(), "per_stack": [
                     [it.low, it.high] for it in intens], "over": "voxels inside the output"})
-    how = "3D SIREN + data consistency" if steps else "least squares"
     desc = f"fusion of {len(scans)} stacks ({how}, napari-strainer)"
     first = scans[0]
-    derivation = (f"{desc}: {profile} slice profiles, {steps} INR steps at lr {lr:g}, TV "
-                  f"{weight:g}, then {ls_steps} conjugate-gradient steps of least squares "
-                  f"(smoothness {smooth:g}, anchor to the INR {anchor:g}), {spacing:g} mm grid, "
-                  f"seed {seed}")
+    derivation = (f"{desc}: {profile} slice profiles, "
+                  f"{f'in-plane priors of {planes.STEPS} steps per stack, ' if factors else ''}"
+                  f"{steps} INR steps at lr {lr:g}, TV {weight:g}, then {ls_steps} "
+                  f"conjugate-gradient steps of least squares (smoothness {smooth:g}, anchor "
+                  f"{anchor:g}), {spacing:g} mm grid, seed {seed}")
     out_scan = first.derive(intens[0].inverse(out, first.data.dtype), affine=grid.affine,
                             description=desc, derivation=derivation)
     # the output derives from every stack: a DICOM writer references the images of each
