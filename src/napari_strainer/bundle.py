@@ -267,8 +267,9 @@ def run_training(dataset_dir: str, output: str, *, method: str = "strainer",
                  resume: bool = False, checkpoint_every: int = 100, quiet: bool = False):
     """Pretrain an encoder on the scans of ``dataset_dir`` (loaded through MONAI), heads
     sharded over the ranks under torchrun; rank 0 writes ``output``. Scans that cannot be
-    read are reported and left out. ``method``: ``strainer`` (a shared encoder) or ``reptile``
-    (a whole network meta-learned by Reptile, one process); ``steps`` and ``lr`` default to
+    read are reported and left out. ``method``: ``strainer`` (a shared encoder), ``reptile``
+    (a whole network meta-learned by Reptile, one process) or ``reptile-encoder`` (the shared
+    encoder meta-learned by Reptile, one process); ``steps`` and ``lr`` default to
     the method's (:func:`~napari_strainer.pretrain.train.pretrain`)."""
     from tqdm import tqdm
 
@@ -280,7 +281,7 @@ def run_training(dataset_dir: str, output: str, *, method: str = "strainer",
     if method not in METHODS:
         raise BadArgumentError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if steps is None:  # lr, schedule: pretrain's defaults
-        steps = REPTILE_STEPS if method == "reptile" else PRETRAIN_STEPS
+        steps = REPTILE_STEPS if method.startswith("reptile") else PRETRAIN_STEPS
 
     rank, _ = world()
     items = list_scans(dataset_dir)

@@ -1,5 +1,5 @@
-"""``strainer pretrain``: pretrain an encoder (STRAINER) or a whole initialisation (Reptile) on
-scans, and evaluate it."""
+"""``strainer pretrain``: pretrain an encoder (STRAINER, or Reptile of the encoder) or a whole
+initialisation (Reptile) on scans, and evaluate it."""
 
 from __future__ import annotations
 
@@ -39,21 +39,23 @@ def add_pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=METHODS, default="strainer",
                    help="strainer (default): a shared encoder, one head per training slice; "
                         "reptile: a whole network (head included) meta-learned by Reptile, "
-                        "the faster start for fitting")
+                        "the faster start for fitting; reptile-encoder: the shared encoder "
+                        "meta-learned by Reptile (each task's head solved afresh)")
     p.add_argument("--steps", type=positive_int, default=None,
                    help=f"strainer: Adam steps (default {PRETRAIN_STEPS}; the paper: 5000 at a "
-                        f"constant 1e-4); reptile: outer steps (default {REPTILE_STEPS})")
+                        f"constant 1e-4); reptile, reptile-encoder: outer steps (default "
+                        f"{REPTILE_STEPS})")
     p.add_argument("--width", type=positive_int, default=256)
     p.add_argument("--layers", type=positive_int, default=6)
     p.add_argument("--shared-layers", type=positive_int, default=5)
     p.add_argument("--omega", type=positive_float, default=30.0)
     p.add_argument("--lr", type=positive_float, default=None,
-                   help=f"strainer: peak learning rate (default {PRETRAIN_LR:g}); reptile: the "
-                        f"inner loop's (default {REPTILE_LR:g})")
+                   help=f"strainer: peak learning rate (default {PRETRAIN_LR:g}); reptile, "
+                        f"reptile-encoder: the inner loop's (default {REPTILE_LR:g})")
     p.add_argument("--schedule", choices=SCHEDULES, default=PRETRAIN_SCHEDULE,
                    help="cosine decay to 0 over the steps (default), or constant (the paper's); "
                         "of the learning rate (strainer) or of the outer step size from 1 "
-                        "(reptile)")
+                        "(reptile, reptile-encoder)")
     p.add_argument("--max-slices", type=positive_int, default=10,
                    help="evenly spaced non-empty slices taken per 3D scan")
     p.add_argument("--batch-coords", type=positive_int, default=None,
@@ -113,7 +115,8 @@ def cmd_pretrain(a) -> None:
         save_encoder(enc, out)
     if not a.quiet:
         what = (f"Reptile initialisation of all {config.layers} layers" if enc.whole
-                else f"STRAINER encoder of {config.shared_layers} layers")
+                else f"{'Reptile' if a.method == 'reptile-encoder' else 'STRAINER'} encoder "
+                     f"of {config.shared_layers} layers")
         print(f"wrote {out}: {modality} {what} trained on {images.shape[0]} slices of "
               f"{tuple(images.shape[1:])}, {enc.info['steps']} steps, final loss "
               f"{enc.info['final_loss']:.3g}")

@@ -30,9 +30,10 @@ FORMAT_VERSION = 1
 class Encoder:
     """A pretrained initialisation: the first layers of a SIREN and what they were trained on.
 
-    A STRAINER encoder holds the shared sine layers (the head starts afresh at test time); a
-    Reptile initialisation (``info["method"] == "reptile"``) holds the whole network, head
-    included, and every layer of a fit starts from it.
+    A STRAINER encoder (or one meta-learned by Reptile, ``"reptile-encoder"``) holds the
+    shared sine layers (the head starts afresh at test time); a Reptile initialisation
+    (``info["method"] == "reptile"``) holds the whole network, head included, and every layer
+    of a fit starts from it.
 
     Args:
         config: the full architecture.

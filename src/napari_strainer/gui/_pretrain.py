@@ -1,5 +1,5 @@
-"""The "Pretrain encoder" dock widget: learn a shared STRAINER encoder, or a whole initialisation
-meta-learned by Reptile, from a few scans."""
+"""The "Pretrain encoder" dock widget: learn a shared STRAINER encoder, a whole initialisation
+meta-learned by Reptile, or an encoder meta-learned by Reptile, from a few scans."""
 
 from __future__ import annotations
 
@@ -25,14 +25,15 @@ from ._jobs import notify
 from ._layers import image_layer_scan
 
 PAPER = SirenConfig()
-DEFAULTS = {"strainer": (PRETRAIN_STEPS, PRETRAIN_LR), "reptile": (REPTILE_STEPS, REPTILE_LR)}
+DEFAULTS = {m: (REPTILE_STEPS, REPTILE_LR) if m.startswith("reptile") else
+            (PRETRAIN_STEPS, PRETRAIN_LR) for m in METHODS}
 """Steps and learning rate each method starts with when chosen."""
 
 
 class PretrainWidget(JobWidget):
     """Pick image layers (or a folder of scans), how many slices per scan, the method
-    (STRAINER or Reptile), steps, the architecture (paper defaults) and a device; the encoder
-    is written to ``output``.
+    (STRAINER, Reptile or Reptile of the encoder), steps, the architecture (paper defaults)
+    and a device; the encoder is written to ``output``.
 
     Stop ends the run at the next iteration and still writes a usable encoder (plus the
     training state, so "resume" can continue it).
@@ -54,10 +55,12 @@ class PretrainWidget(JobWidget):
         self.method = ComboBox(label="method", choices=list(METHODS), value="strainer",
                                tooltip="strainer: a shared encoder, one head per slice; "
                                        "reptile: a whole network (head included) meta-learned "
-                                       "by Reptile, the faster start for fitting")
+                                       "by Reptile, the faster start for fitting; "
+                                       "reptile-encoder: the shared encoder meta-learned by "
+                                       "Reptile, a head solved per fit")
         self.steps = SpinBox(label="steps", value=PRETRAIN_STEPS, min=1, max=10_000_000,
                              tooltip="strainer: Adam steps (the paper: 5000 at a constant "
-                                     "1e-4); reptile: outer steps")
+                                     "1e-4); reptile, reptile-encoder: outer steps")
         self.batch_coords = SpinBox(label="coords per step", value=0, min=0, max=100_000_000,
                                     tooltip="random pixel coordinates per step (0: all). "
                                             "Fewer use less memory.")

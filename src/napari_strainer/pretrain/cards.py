@@ -2,7 +2,8 @@
 scan.
 
 An encoder's card is its ``info`` metadata (see :class:`~napari_strainer.core.Encoder`):
-pretraining method (STRAINER encoder or Reptile whole network), modality, intensity normalisation, slice size, number of training images, steps, final loss,
+pretraining method (STRAINER encoder, Reptile whole network or Reptile encoder), modality,
+intensity normalisation, slice size, number of training images, steps, final loss,
 source file names (names only, never patient fields), creation date, package version and,
 when measured (``strainer pretrain --evaluate``), its gain over SIREN on held-out slices.
 :func:`card` reads it into a flat dictionary with ``"unknown"`` for whatever an older file
@@ -145,7 +146,9 @@ def card(encoder: Encoder) -> dict[str, Any]:
 
 
 METHOD_TEXT = {"strainer": "strainer (a shared encoder; a fit's head starts afresh)",
-               "reptile": "reptile (a whole network meta-learned by Reptile, head included)"}
+               "reptile": "reptile (a whole network meta-learned by Reptile, head included)",
+               "reptile-encoder": "reptile-encoder (a shared encoder meta-learned by Reptile; "
+                                  "a fit's head starts afresh)"}
 
 
 def _gain_text(ev: Any, method: str = "strainer") -> str:

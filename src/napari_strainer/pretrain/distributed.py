@@ -123,8 +123,8 @@ def pretrain_distributed(images: torch.Tensor, output: str | Path, *,
     encoder; every rank returns it. Without an initialised process group (or with one process)
     this is exactly :func:`~napari_strainer.pretrain.train.pretrain`. Resumable per rank (state files
     ``<output>.state.rank<R>of<W>.safetensors``, same world size required). ``callback`` is
-    used on rank 0 only; its loss is rank 0's share. ``method="reptile"`` runs in one process
-    only (:class:`BadArgumentError` under a process group of several).
+    used on rank 0 only; its loss is rank 0's share. ``method="reptile"`` and ``"reptile-encoder"``
+    run in one process only (:class:`BadArgumentError` under a process group of several).
     """
 
     config = config or SirenConfig()

@@ -1,5 +1,6 @@
 """Pretrain an initialisation for fitting: a STRAINER encoder (N SIRENs with shared encoder
-layers, one head per image) or a whole SIREN meta-learned by Reptile."""
+layers, one head per image), a whole SIREN meta-learned by Reptile, or an encoder meta-learned
+by Reptile (each task's head solved afresh)."""
 
 from __future__ import annotations
 
@@ -16,21 +17,23 @@ import torch.nn.functional as F
 from ..core.checkpoint import Encoder, load_state, save_encoder, save_state
 from ..core.device import resolve_device
 from ..core.fit import Progress, cosine_lr, fit, lr_schedule
+from ..core.head import solve_head
 from ..core.operators import Identity
 from ..core.problems import ImageProblem, render
-from ..core.siren import BatchedSiren, SirenConfig
+from ..core.siren import BatchedSiren, SirenConfig, init_layer
 from ..errors import BadArgumentError, BadInputError
 from ..io.intensity import Intensity, pick_slices
 from ..io.scan import Scan
 
 log = logging.getLogger(__name__)
 
-METHODS = ("strainer", "reptile")
-"""Pretraining methods: a shared STRAINER encoder, or a Reptile-meta-learned whole network."""
+METHODS = ("strainer", "reptile", "reptile-encoder")
+"""Pretraining methods: a shared STRAINER encoder, a Reptile-meta-learned whole network, or a
+Reptile-meta-learned encoder (STRAINER's shared layers; the file holds them only)."""
 PRETRAIN_STEPS = 500  # STRAINER's defaults: benchmarks/paper.py
 PRETRAIN_LR = 3e-4
 PRETRAIN_SCHEDULE = "cosine"
-REPTILE_STEPS = 200  # Reptile's defaults: benchmarks/pretrain_method.py
+REPTILE_STEPS = 200  # Reptile's defaults (both variants): benchmarks/pretrain_method.py
 REPTILE_LR = 2e-4
 REPTILE_INNER = 10
 REPTILE_BATCH = 1
@@ -89,6 +92,9 @@ def pretrain(images: torch.Tensor, output: str | Path, *, method: str = "straine
       steps (default :data:`REPTILE_STEPS`), inner Adam at ``lr`` (default
       :data:`REPTILE_LR`), the outer step size decaying from 1 under ``schedule``. The file
       holds every layer, head included.
+    * ``"reptile-encoder"``: Reptile of the first ``config.shared_layers`` layers only (the
+      encoder), same defaults; each task's head is solved afresh (:func:`reptile`,
+      ``layers``). The file holds the encoder, as STRAINER's does.
 
     Training state is saved every ``checkpoint_every`` steps next to ``output`` (suffix
     ``.state.safetensors``); ``resume=True`` continues from it and ends with the same weights
@@ -98,7 +104,7 @@ def pretrain(images: torch.Tensor, output: str | Path, *, method: str = "straine
     if method not in METHODS:
         raise BadArgumentError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     config = config or SirenConfig()
-    reptile_ = method == "reptile"
+    reptile_ = method.startswith("reptile")
     steps = (REPTILE_STEPS if reptile_ else PRETRAIN_STEPS) if steps is None else steps
     lr = (REPTILE_LR if reptile_ else PRETRAIN_LR) if lr is None else lr
     if steps < 1:
@@ -117,6 +123,7 @@ def pretrain(images: torch.Tensor, output: str | Path, *, method: str = "straine
     run = {"config": config.to_dict(), "images": [n, h, w], "lr": lr, "seed": seed,
            "batch_coords": batch_coords, "schedule": schedule, "steps": steps,
            "data_sha256": hashlib.sha256(images.numpy().tobytes()).hexdigest()}
+    layers = config.shared_layers if method == "reptile-encoder" else config.layers
     if reptile_:
         net = BatchedSiren(config, batch=1, seed=seed).to(dev)  # theta, as one member
         opt = None
@@ -140,10 +147,10 @@ def pretrain(images: torch.Tensor, output: str | Path, *, method: str = "straine
         done, loss, cancelled = reptile(
             net, target, (h, w), steps=steps, lr=lr, inner=REPTILE_INNER,
             meta_batch=REPTILE_BATCH, eps_at=rate_at, batch_coords=batch_coords, seed=seed,
-            start_step=start, callback=callback, cancel=cancel, checkpoint=checkpoint,
-            checkpoint_every=checkpoint_every)
+            layers=layers, start_step=start, callback=callback, cancel=cancel,
+            checkpoint=checkpoint, checkpoint_every=checkpoint_every)
         weights = [(a[0].detach().cpu(), b[0].detach().cpu())
-                   for a, b in zip(net.weights, net.biases)]
+                   for a, b in zip(net.weights[:layers], net.biases[:layers])]
         extra = {"inner_steps": REPTILE_INNER, "meta_batch": min(REPTILE_BATCH, n)}
     else:
         result = fit(net, ImageProblem(target, Identity((h, w)), batch_coords=batch_coords),
@@ -171,28 +178,34 @@ def pretrain(images: torch.Tensor, output: str | Path, *, method: str = "straine
 def reptile(theta: BatchedSiren, target: torch.Tensor, shape: tuple[int, int], *, steps: int,
             lr: float = REPTILE_LR, inner: int = REPTILE_INNER, meta_batch: int = REPTILE_BATCH,
             eps_at: Callable[[int], float] | None = None, batch_coords: int | None = None,
-            seed: int = 0, start_step: int = 0,
+            seed: int = 0, layers: int | None = None, start_step: int = 0,
             callback: Callable[[Progress], None] | None = None, cancel=None,
             checkpoint: Callable[[int], None] | None = None,
             checkpoint_every: int = 0) -> tuple[int, float | None, bool]:
-    """Reptile (Nichol et al. 2018) of a whole SIREN ``theta`` (one member), in place.
+    """Reptile (Nichol et al. 2018) of the first ``layers`` layers of a SIREN ``theta`` (one
+    member), in place; ``None``: the whole network.
 
     Each outer step picks ``meta_batch`` of the ``N`` images ``target`` ``[N, H * W, 1]``
     (step-indexed, so resuming is exact), starts one member per image from ``theta``, runs
     ``inner`` Adam steps at ``lr`` on all of them as one batched fit (:func:`~.core.fit.fit`)
-    and moves ``theta`` by ``eps_at(step)`` (default: from 1 to 0 along a cosine) towards the
-    mean of the adapted members.
+    and moves ``theta``'s first ``layers`` layers by ``eps_at(step)`` (default: from 1 to 0
+    along a cosine) towards the mean of the adapted members. With fewer layers than the
+    network's (an encoder), the members' other layers start each task afresh, as fitting from
+    an encoder does: a step-seeded SIREN initialisation and the head solved on the image
+    (:func:`~.core.head.solve_head`); they are discarded after the step.
 
     Returns ``(steps done, last mean inner loss, cancelled)``.
     """
     n = target.shape[0]
     m = min(meta_batch, n)
     eps_at = eps_at or cosine_lr(1.0, steps)
-    members = BatchedSiren(theta.config, batch=m, seed=seed).to(target.device)
+    config = theta.config
+    layers = config.layers if layers is None else layers
+    members = BatchedSiren(config, batch=m, seed=seed).to(target.device)
     loss, t0 = None, time.perf_counter()
 
-    def preview() -> torch.Tensor:
-        return render(theta, shape)
+    def preview() -> torch.Tensor:  # an encoder alone renders nothing: the adapted members
+        return render(theta if layers == config.layers else members, shape)
 
     for step in range(start_step, steps):
         if checkpoint is not None and checkpoint_every and step > start_step \
@@ -203,15 +216,22 @@ def reptile(theta: BatchedSiren, target: torch.Tensor, shape: tuple[int, int], *
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
         pick = torch.randperm(n, generator=g)[:m].to(target.device)
         with torch.no_grad():
-            for p, q in zip(members.parameters(), theta.parameters()):
-                p.copy_(q.expand_as(p))
+            for i in range(config.layers):
+                w, b = ((theta.weights[i], theta.biases[i]) if i < layers
+                        else init_layer(config, i, m, g))  # a fresh head for the task
+                members.weights[i].copy_(w.expand_as(members.weights[i]))
+                members.biases[i].copy_(b.expand_as(members.biases[i]))
+        if layers < config.layers:
+            solve_head(members, target[pick], Identity(shape))
         res = fit(members, ImageProblem(target[pick], Identity(shape),
                                         batch_coords=batch_coords),
                   steps=inner, lr=lr, keep_best=False, log_every=inner, seed=seed + step)
         loss = res.history["loss"][-1]
         with torch.no_grad():
-            for p, q in zip(theta.parameters(), members.parameters()):
-                p.add_(q.mean(0, keepdim=True) - p, alpha=eps_at(step))
+            for i in range(layers):
+                for p, q in ((theta.weights[i], members.weights[i]),
+                             (theta.biases[i], members.biases[i])):
+                    p.add_(q.mean(0, keepdim=True) - p, alpha=eps_at(step))
         if callback is not None:
             callback(Progress(step + 1, steps, loss, None, time.perf_counter() - t0, preview))
     return steps, loss, False

@@ -306,9 +306,9 @@ def restore(scan: Scan, *, task: str = "fit", encoder: str | Path | Encoder | No
                    coarse_steps=coarse,
                    encoder="none" if chosen.encoder is None else "pretrained",
                    init=init, route=chosen.name, probes=probes,
-                   head="solved" if solved_head and chosen.encoder is not None
-                   and not chosen.encoder.whole else
-                   "the network's own" if chosen.encoder is not None else "random",
+                   head="the network's own" if chosen.encoder is not None
+                   and chosen.encoder.whole else
+                   "solved" if solved_head and chosen.encoder is not None else "random",
                    probe_seconds=round(sum(p["seconds"] for p in probes), 3),
                    holdout=holdout if auto else None,
                    best_step=[best.get(i) for i in range(z)],
@@ -320,8 +320,9 @@ def restore(scan: Scan, *, task: str = "fit", encoder: str | Path | Encoder | No
     affine = upsampled_affine(scan.affine, (1, scale, scale)) if scale > 1 else scan.affine
     what = {"fit": "INR fit", "superres": f"INR super-resolution x{scale}",
             "denoise": "INR denoising"}[task]
-    start = "SIREN" if chosen.encoder is None else \
-        "Reptile" if chosen.encoder.info.get("method") == "reptile" else "STRAINER"
+    start = "SIREN" if chosen.encoder is None else {
+        "reptile": "Reptile", "reptile-encoder": "Reptile encoder"}.get(
+        chosen.encoder.info.get("method"), "STRAINER")
     desc = f"{what} ({start}, napari-strainer)"
     how = (f"{desc}: route {chosen.name}, head {history['head']}, freeze {chosen.freeze}, "
            f"at most {steps} Adam steps per slice at lr {lr:g} ({history['stop_reason']}"
