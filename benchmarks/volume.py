@@ -150,14 +150,16 @@ def interpolate(obs: np.ndarray, f: int, order: int) -> np.ndarray:
 
 
 def least_squares(obs: list[tuple[np.ndarray, int, np.ndarray]], shape, init: np.ndarray,
-                  weight: float, reg: str = "grad", iters: int = 150) -> np.ndarray:
+                  weight: float, reg: str = "grad", iters: int = 150,
+                  dtype: torch.dtype = torch.float64, history: int = 20) -> np.ndarray:
     """``argmin sum_i ||A_i x - y_i||^2 / n_i + weight * R(x)`` by L-BFGS, where ``A_i`` applies
     the thick-slice matrix of stack ``i`` along its axis and ``R`` is the mean squared
-    gradient (``grad``) or the mean Charbonnier total variation (``tv``)."""
-    x = torch.tensor(init, dtype=torch.float64, requires_grad=True)
-    ops = [(torch.from_numpy(m).double(), axis, torch.from_numpy(y).double())
+    gradient (``grad``) or the mean Charbonnier total variation (``tv``). Whole brains fit
+    in memory with ``dtype=torch.float32`` and a shorter ``history``."""
+    x = torch.tensor(init, dtype=dtype, requires_grad=True)
+    ops = [(torch.from_numpy(m).to(dtype), axis, torch.from_numpy(y).to(dtype))
            for y, axis, m in obs]
-    opt = torch.optim.LBFGS([x], max_iter=iters, history_size=20,
+    opt = torch.optim.LBFGS([x], max_iter=iters, history_size=history,
                             line_search_fn="strong_wolfe", tolerance_grad=1e-10,
                             tolerance_change=1e-12)
 
