@@ -460,8 +460,14 @@ def _plan_race(scan: Scan, o: Options) -> Plan:
     elif "BM4D" not in names:
         reasons.append(f"BM4D is installed but left out: it runs on at most "
                        f"{race.BM4D_MAX_VOXELS:,} voxels with 8 along every axis")
+    if data.ndim == 3 and len(parts := race.slabs(len(data), data[0].size)) > 1:
+        route += (f"; in {len(parts)} slabs of about {len(data) // len(parts)} slices along "
+                  f"the first axis, cross-faded over {2 * race.SLAB_MARGIN}")
+        reasons.append(f"{data.size:,} voxels: above {race.SLAB_VOXELS:,}, the race runs "
+                       f"slab by slab so that its memory is that of one slab")
     notes = _encoder_note(o) if o.encoder.lower() not in ("none", "default") else []
-    need, free = race.memory_bytes(data.size, len(names)), available_bytes(torch.device("cpu"))
+    need = race.memory_bytes(data.shape, len(names))
+    free = available_bytes(torch.device("cpu"))
     if need > free:
         raise BadInputError(f"{scan.source or 'the scan'}: the denoising race needs about "
                             f"{_gib(need)} for {data.size:,} voxels, but {_gib(free)} is free; "

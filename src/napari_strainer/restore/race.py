@@ -23,6 +23,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from itertools import pairwise
 
 import numpy as np
 import torch
@@ -58,6 +59,11 @@ BM4D_MAX_VOXELS = 500_000
 """BM4D joins the race (when installed) up to this size: it takes about 130 s per million
 voxels on 2 cores, and runs twice."""
 BM4D_SECONDS_PER_VOXEL = 1.3e-4
+SLAB_VOXELS = 12_000_000
+"""Volumes above this size race slab by slab along their first axis (a routine 256 x 256 x
+176 T1 is one slab, a 512 x 512 x 300 CT seven), so memory is bounded by one slab."""
+SLAB_MARGIN = 8
+"""Slices each slab extends beyond its share; neighbouring slabs cross-fade over them."""
 
 
 @dataclass(frozen=True)
@@ -85,11 +91,29 @@ def candidates(shape: tuple[int, ...]) -> list[Candidate]:
     return out
 
 
-def memory_bytes(voxels: int, n_candidates: int) -> int:
-    """Memory the race holds at its peak: every candidate's result, the probe, the shifted
-    image, the variances and the blend, and a candidate's own working copies (measured by
-    ``benchmarks/denoise.py``: about 280 bytes per voxel with 8 candidates)."""
-    return (n_candidates + 28) * 8 * voxels
+def slabs(n: int, plane: int) -> list[tuple[int, int, int, int]]:
+    """Slabs along an axis of ``n`` slices of ``plane`` voxels each: ``(start, stop, lo,
+    hi)``, the slab's slices and its share (the shares partition ``range(n)``). One slab up to
+    :data:`SLAB_VOXELS`; the split depends on the shape only, so it is the same on every
+    machine and rank."""
+    count = max(1, math.ceil(n * plane / SLAB_VOXELS))
+    if count == 1 or n < 4 * SLAB_MARGIN * count:
+        return [(0, n, 0, n)]
+    cuts = [round(i * n / count) for i in range(count + 1)]
+    return [(max(0, lo - SLAB_MARGIN), min(n, hi + SLAB_MARGIN), lo, hi)
+            for lo, hi in pairwise(cuts)]
+
+
+def memory_bytes(shape: tuple[int, ...], n_candidates: int) -> int:
+    """Memory the race holds at its peak: for its largest slab every candidate's result, the
+    probe, the shifted image, the variances and the blend, and a candidate's own working
+    copies (measured by ``benchmarks/denoise.py``: about 280 bytes per voxel with 8
+    candidates); with several slabs, the whole scan's copies and the cross-fade sums."""
+    plane = math.prod(shape[1:])
+    parts = slabs(shape[0], plane) if len(shape) == 3 else [(0, shape[0], 0, shape[0])]
+    biggest = max(b - a for a, b, _, _ in parts) * plane
+    whole = 24 * math.prod(shape) if len(parts) > 1 else 0
+    return (n_candidates + 28) * 8 * biggest + whole
 
 
 def estimate_seconds(data: np.ndarray) -> float:
@@ -126,6 +150,8 @@ class RaceResult:
     region: np.ndarray
     background: str | None = None
     """Rician: the candidate used where the signal is below :data:`SIGNAL` sigmas."""
+    slabs: int = 1
+    """Slabs raced (:func:`slabs`); with several, the weights and risks are their average."""
 
     @property
     def winner(self) -> str:
@@ -133,6 +159,7 @@ class RaceResult:
         used = sorted(((w, k) for k, w in self.weights.items() if w >= 0.005), reverse=True)
         text = used[0][1] if len(used) == 1 else "blend " + " + ".join(
             f"{w:.2f} {k}" for w, k in used)
+        text += f" (mean over {self.slabs} slabs)" if self.slabs > 1 else ""
         return text + (f"; background {self.background}" if self.background else "")
 
 
@@ -228,6 +255,35 @@ def _best_blend(gram: np.ndarray, lin: np.ndarray) -> np.ndarray:
     return best
 
 
+def _fade(a: int, b: int, lo: int, hi: int, n: int) -> np.ndarray:
+    """Weights over the slices ``[a, b)`` of the slab whose share is ``[lo, hi)``: 1 inside,
+    linear ramps over the margins shared with a neighbour; the slabs' weights sum to 1."""
+    z = np.arange(a, b) + 0.5
+    up = (z - lo + SLAB_MARGIN) / (2 * SLAB_MARGIN) if lo > 0 else np.ones(b - a)
+    down = (hi + SLAB_MARGIN - z) / (2 * SLAB_MARGIN) if hi < n else np.ones(b - a)
+    return np.clip(np.minimum(up, down), 0.0, 1.0)
+
+
+def _merge(done: list[tuple[int, RaceResult]], count: int) -> RaceResult:
+    """One slab's result as it is; several: weights, risks and seconds averaged over the
+    slabs' shares (seconds summed), the background most slabs chose."""
+    if count == 1:
+        return done[0][1]
+    total = sum(n for n, _ in done)
+    names = list(dict.fromkeys(k for _, r in done for k in r.weights))
+
+    def avg(key: str) -> dict[str, float]:
+        return {k: sum(n * getattr(r, key).get(k, 0.0) for n, r in done) / total
+                for k in names}
+
+    backs = [r.background for _, r in done if r.background]
+    return RaceResult(np.empty(0, np.float32), avg("weights"), avg("risks"),
+                      sum(n * r.risk for n, r in done) / total,
+                      {k: sum(r.seconds.get(k, 0.0) for _, r in done) for k in names},
+                      np.empty(0, bool), max(set(backs), key=backs.count) if backs else None,
+                      slabs=count)
+
+
 def check_finite(scan: Scan) -> None:
     """Refuse a scan with NaN or infinite voxels, with their count (BadInputError)."""
     bad = int(np.count_nonzero(~np.isfinite(scan.data)))
@@ -252,22 +308,44 @@ def denoise(scan: Scan, model: NoiseModel, *, seed: int = 0,
     scale = float(np.percentile(data, 99.5)) - offset
     scale = scale if scale > 0 else float(np.ptp(data)) or 1.0
     norm = Intensity(offset, offset + scale)  # the race's units (Rician: zero stays zero)
-    y = (((data[0] if flat2d else data) - offset) / scale).astype(np.float32)  # in float64
+    y = (((data[0] if flat2d else data) - offset) / scale).astype(np.float32)
     sigma = model.sigma / scale
     cands = candidates(y.shape)
-
+    parts = slabs(len(y), math.prod(y.shape[1:])) if y.ndim == 3 else [(0, len(y), 0, len(y))]
     shown = Intensity.for_scan(scan)
+    per_slab = 2 * len(cands)
 
-    def report(p: Progress) -> None:  # previews as the fitting loop's: [*scan shape, 1], [0, 1]
+    def report(i: int, a: int, b: int, p: Progress) -> None:
+        # previews as the fitting loop's, [*scan shape, 1] in [0, 1]: the slab raced so far
+        # inside the noisy scan
         def preview() -> torch.Tensor:
-            units = norm.inverse(np.asarray(p.preview()).reshape(data.shape), np.float64)
+            full = y.copy()
+            full[a:b] = np.asarray(p.preview()).reshape(full[a:b].shape)
+            units = norm.inverse(full.reshape(data.shape), np.float64)
             return torch.from_numpy(shown.forward(units))[..., None]
 
-        callback(replace(p, preview=preview))
+        phase = p.phase if len(parts) == 1 else f"slab {i + 1}/{len(parts)}: {p.phase}"
+        callback(replace(p, step=i * per_slab + p.step, total=len(parts) * per_slab,
+                         phase=phase, preview=preview,
+                         slices=(a, b) if len(parts) > 1 else None))
 
-    res = race(y, sigma, model.kind, cands, seed=seed,
-               callback=report if callback is not None else None, cancel=cancel)
-    clean = rician_unbias(res.mean, sigma) if rician else res.mean.astype(np.float64)
+    clean = np.zeros(y.shape, np.float64) if len(parts) > 1 else None
+    done = []
+    for i, (a, b, lo, hi) in enumerate(parts):
+        if cancel is not None and cancel.is_set() and done:
+            left = rician_unbias(y[a:b], sigma) if rician else y[a:b]  # not raced: as scanned
+            clean[a:b] += _fade(a, b, lo, hi, len(y))[:, None, None] * left
+            continue
+        part = race(y[a:b], sigma, model.kind, cands, seed=seed + i, cancel=cancel,
+                    callback=(lambda p, i=i, a=a, b=b: report(i, a, b, p))
+                    if callback is not None else None)
+        mean = rician_unbias(part.mean, sigma) if rician else part.mean.astype(np.float64)
+        if clean is None:
+            clean = mean
+        else:
+            clean[a:b] += _fade(a, b, lo, hi, len(y))[:, None, None] * mean
+        done.append((hi - lo, part))
+    res = _merge(done, len(parts))
     out = norm.inverse(clean[None] if flat2d else clean, scan.data.dtype)
     # an estimated error below zero means the noise level is set too high for this scan (e.g.
     # anatomy finer than the voxels counted as noise): SURE then favours too little smoothing
