@@ -4,6 +4,7 @@ blend, and the CLI on real files."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -213,3 +214,86 @@ def test_cli_rician_on_ct_values_is_one_line_exit_2(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "--noise rician needs magnitude" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "o.nii.gz").exists()
+
+
+def test_a_stopped_race_resumes_its_finished_slabs(tmp_path, monkeypatch):
+    import threading
+
+    from napari_strainer.restore.noise import NoiseModel
+
+    monkeypatch.setattr(race, "BM4D_MAX_VOXELS", 0)
+    monkeypatch.setattr(race, "SLAB_MARGIN", 4)
+    clean = phantom((48, 24, 24), seed=4)
+    scan = Scan(rician(clean, 0.05, seed=5), np.eye(4))
+    model, key = NoiseModel("rician", 0.05, "given", "test"), {"input": "scan.nii.gz"}
+    full = race.denoise(scan, model, slab_voxels=10_000, workdir=tmp_path / "a", key=key)
+    stop = threading.Event()
+
+    def stop_in_slab_2(p):
+        if p.phase.startswith("slab 2/3"):
+            stop.set()
+
+    race.denoise(scan, model, slab_voxels=10_000, workdir=tmp_path / "b", key=key,
+                 cancel=stop, callback=stop_in_slab_2)
+    assert sorted(p.name for p in (tmp_path / "b").glob("slab*.json")) == ["slab000.json"]
+    again = race.denoise(scan, model, slab_voxels=10_000, workdir=tmp_path / "b", key=key)
+    assert again.history["race"]["slabs_resumed"] == 1
+    # equal to the uninterrupted race (up to dipy's multithreaded NLM, not bit-reproducible)
+    assert np.abs(again.scan.data - full.scan.data).mean() < 1e-4
+    assert psnr(again.scan.data, clean) == pytest.approx(psnr(full.scan.data, clean), abs=0.01)
+    other = race.denoise(scan, model, slab_voxels=10_000, workdir=tmp_path / "b",
+                         key={"input": "another.nii.gz"})  # another scan: nothing reused
+    assert other.history["race"]["slabs_resumed"] == 0
+
+
+def test_torchrun_spreads_one_volumes_slabs_over_two_ranks(tmp_path):
+    """``batch denoise --spread slabs`` under torchrun (2 CPU ranks, gloo): both ranks work on
+    the one scan, each racing its share of the slabs; the output equals one process's."""
+    clean = phantom((96, 24, 24), seed=6) * 800
+    src = tmp_path / "in" / "scan.nii.gz"
+    src.parent.mkdir()
+    nib.save(nib.Nifti1Image(rician(clean, 40, seed=7).transpose(2, 1, 0), np.eye(4)), src)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["OMP_NUM_THREADS"] = "1"
+    args = ["-m", "napari_strainer.cli", "batch", "denoise", str(src.parent), "--quiet",
+            "--slab-voxels", "20000"]
+    one = subprocess.run([sys.executable, *args, str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=600, check=False)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node=2", *args, str(tmp_path / "two"), "--spread",
+                          "slabs"], env=env, capture_output=True, text=True, timeout=600,
+                         check=False)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = (np.asarray(nib.load(tmp_path / d / "scan.nii.gz").dataobj) for d in ("one", "two"))
+    assert np.abs(b - a).mean() < 1e-4 * 800  # as one process (dipy's NLM: not bit-exact)
+    truth = clean.transpose(2, 1, 0)  # NIfTI (x, y, z); the scan's first axis has 96 slices
+    assert psnr(b, truth) == pytest.approx(psnr(a, truth), abs=0.05)
+    state = tmp_path / "two" / ".strainer"
+    summary = json.loads((state / "summary.json").read_text())
+    assert summary["world_size"] == 2 and [r["name"] for r in summary["results"]] == \
+        ["scan.nii.gz"]
+    manifest = json.loads((state / "scan.nii.gz.json").read_text())
+    assert manifest["rank"] == 0 and "(mean over 3 slabs)" in manifest["stop_reason"]
+    assert not (state / "scan.nii.gz.slabs").exists()  # removed once the output is written
+
+
+def test_shared_stages_are_computed_once_and_give_the_same_result():
+    from napari_strainer.restore.classical import guided_nlm
+
+    y = rician(phantom((12, 24, 24)), 0.05)
+    guide = race.nlm_denoise(y, 0.05, race.GUIDE_PATCH)
+    both = guided_nlm(y, guide, (0.025, 0.04), search=2)
+    for h, got in zip((0.025, 0.04), both):
+        np.testing.assert_allclose(got, guided_nlm(y, guide, h, search=2), atol=1e-6)
+    calls = []
+    orig = race.nlm_denoise
+    try:
+        race.nlm_denoise = lambda *a: calls.append(a[2]) or orig(*a)
+        cands = {c.name: c for c in race.candidates(y.shape)}
+        p2 = cands["NLM 1s p2"].run(y, 0.05)
+        second = [cands[f"NLM2 {f:g}s"].run(y, 0.05) for f in race.GUIDED_H]
+    finally:
+        race.nlm_denoise = orig
+    assert calls == [race.GUIDE_PATCH]  # the pilot once, for NLM 1s p2 and both NLM2
+    np.testing.assert_allclose(second[0], guided_nlm(y, p2, 0.5 * 0.05, search=2), atol=1e-6)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 STATE_DIR = ".strainer"
 FORMATS = ("nifti", "dicom")
+SPREADS = ("scans", "slabs")
 _SUFFIXES = (".nii.gz", ".nii", ".dcm", ".dicom", ".ima", ".png", ".tif", ".tiff", ".jpg",
              ".jpeg")
 
@@ -53,9 +55,17 @@ class TaskOptions(Options):
     are reset to their defaults, so that a manifest only records what shapes the output."""
 
     format: str = "nifti"
+    spread: str = "scans"
+    """Under ``torchrun``: ``scans`` (each rank takes its share of the scans) or ``slabs``
+    (every rank works on every scan, racing its share of the denoising race's slabs)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.spread not in SPREADS:
+            raise BadArgumentError(f"--spread must be scans or slabs, got {self.spread!r}")
+        if self.spread == "slabs" and (self.task, self.mode) != ("denoise", "auto"):
+            raise BadArgumentError("--spread slabs spreads the slabs of the denoising race: "
+                                   "task denoise with --mode auto only")
         if self.task == "fuse":
             raise BadArgumentError("fuse takes several stacks of one anatomy; batch restores "
                                    "scans one by one")
@@ -78,8 +88,10 @@ class TaskOptions(Options):
         ``device`` and ``log_every`` do not count; the through-plane options and ``mode`` only
         when used, so that manifests written before they existed still match)."""
         d = asdict(self)
-        for k in ("device", "log_every"):
+        for k in ("device", "log_every", "spread"):  # spread: the same output either way
             d.pop(k)
+        if self.slab_voxels is None:
+            d.pop("slab_voxels")
         for k in ("coarse_steps", "tv", "ls_steps", "spacing"):  # not batch options
             if d[k] is None:
                 d.pop(k)
@@ -326,7 +338,8 @@ def run_items(items: Sequence[dict], options: TaskOptions, out_dir: str | os.Pat
     if options.encoder.lower() != "self":  # fail early, once for every scan
         get_encoder(options.encoder)
     params = options.params()
-    mine = shard(list(items), rank, world_size)
+    together = options.spread == "slabs" and world_size > 1  # every rank on every scan
+    mine = list(items) if together else shard(list(items), rank, world_size)
     out_dir.mkdir(parents=True, exist_ok=True)
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     results: list[ScanResult] = []
@@ -338,12 +351,12 @@ def run_items(items: Sequence[dict], options: TaskOptions, out_dir: str | os.Pat
     try:
         for item in mine:
             results.append(_one(item, options, params, out_dir, load, overwrite, run_id, rank,
-                                bar))
+                                bar, world_size if together else 1))
             bar.update(1)
     finally:
         bar.close()
     summary = BatchSummary(results, time.perf_counter() - t0, world_size)
-    if world_size > 1 and d_world > 1:
+    if world_size > 1 and d_world > 1 and not together:
         import torch.distributed as dist
 
         gathered: list = [None] * world_size
@@ -356,9 +369,14 @@ def run_items(items: Sequence[dict], options: TaskOptions, out_dir: str | os.Pat
     return summary
 
 
-def _one(item, options, params, out_dir, load, overwrite, run_id, rank, bar) -> ScanResult:
+def _one(item, options, params, out_dir, load, overwrite, run_id, rank, bar,
+         world) -> ScanResult:
+    """One scan; with ``world`` > 1 every rank works on it (``--spread slabs``) and rank 0
+    writes the output and its manifest."""
     name, output = item["name"], Path(item["output"])
     mpath = manifest_path(item, out_dir)
+    slabs = mpath.with_suffix(".slabs")  # the race's finished slabs, kept until done
+    writer = world == 1 or rank == 0
     old = read_manifest(mpath)
     if not overwrite and is_complete(item, old, params):
         log.info("%s: already done, skipped", name)
@@ -376,8 +394,9 @@ def _one(item, options, params, out_dir, load, overwrite, run_id, rank, bar) -> 
 
             raise OutputExistsError(f"{output}: exists and was not written by this batch "
                                     "(pass --overwrite to replace it)")
-        write_json(mpath, record)
-        output.parent.mkdir(parents=True, exist_ok=True)
+        if writer:
+            write_json(mpath, record)
+            output.parent.mkdir(parents=True, exist_ok=True)
         scan = load(item)
 
         def progress(p) -> None:
@@ -387,7 +406,18 @@ def _one(item, options, params, out_dir, load, overwrite, run_id, rank, bar) -> 
         plan = make_plan(scan, options, eta=False)
         for note in plan.notes:
             log.warning("%s: %s", name, note)
-        res = run(plan, callback=progress)
+        try:
+            res = run(plan, callback=progress, workdir=slabs, rank=rank if world > 1 else 0,
+                      world=world, key={"input": item["image"], "series": item.get("series"),
+                                        "params": params})
+        except Exception as e:
+            if world == 1:
+                raise
+            # the other ranks wait for this one's slabs: stop them all, keep what is finished
+            raise SystemExit(f"rank {rank}: {name}: {e}; every rank stops (finished slabs "
+                             f"are kept in {slabs}: rerun to resume them)") from None
+        if not writer:
+            return ScanResult(name, str(output), "done", time.perf_counter() - t0, rank=rank)
         write_scan(res.scan, output, overwrite=replace, protect=[item["image"]])
         size, files = _size(output)
         seconds = time.perf_counter() - t0
@@ -397,6 +427,7 @@ def _one(item, options, params, out_dir, load, overwrite, run_id, rank, bar) -> 
                       final_loss=h["loss"][-1] if h.get("loss") else None,
                       stop_reason=h.get("stop_reason"))
         write_json(mpath, record)
+        shutil.rmtree(slabs, ignore_errors=True)
         log.info("%s -> %s (%.1f s)", name, output, seconds)
         return ScanResult(name, str(output), "done", seconds, rank=rank)
     except StrainerError as e:
@@ -408,7 +439,7 @@ def _one(item, options, params, out_dir, load, overwrite, run_id, rank, bar) -> 
         log.debug("traceback of %s", name, exc_info=True)
     seconds = time.perf_counter() - t0
     log.error("%s: failed: %s", name, error)
-    if old is None or old.get("status") != "done" or overwrite:
+    if writer and (old is None or old.get("status") != "done" or overwrite):
         record.update(status="failed", error=error, finished=time.time())
         try:
             write_json(mpath, record)

@@ -195,7 +195,8 @@ def run_inference(dataset_dir: str, output_dir: str, *, task: str = "fit",
                   slice_profile: str = "box", slice_thickness: float | None = None,
                   slice_axis: int | None = None, prior: str = "auto",
                   freeze: int | None = None, sigma="auto", noise: str = "auto",
-                  mode: str = "auto", device: str = "auto",
+                  mode: str = "auto", slab_voxels: int | None = None, spread: str = "scans",
+                  device: str = "auto",
                   seed: int = 0, log_every: int = 10, batch_size: int | None = None,
                   format: str = "nifti", series=None, overwrite: bool = False,
                   quiet: bool = False, items: Sequence[dict] | None = None,
@@ -211,7 +212,9 @@ def run_inference(dataset_dir: str, output_dir: str, *, task: str = "fit",
     ``mode="volume"`` (``denoise``) is the same for volume denoising of 3D scans; ``"auto"``
     (the default) denoises by the race of denoisers (:mod:`napari_strainer.restore.race`),
     ``"slices"`` with the encoder, slice by slice. ``noise``: ``auto``, ``rician`` or
-    ``gaussian``.
+    ``gaussian``. ``spread="slabs"`` (denoising race, under torchrun): every rank works on
+    every scan, racing its share of the slabs (``slab_voxels``, default 12 million, sets
+    their size); a rerun resumes finished slabs.
 
     Exits (``SystemExit``, status 1) naming the failed scans at the end when
     ``fail_on_error``, so ``python -m monai.bundle run`` (and torchrun) exit non-zero, after
@@ -231,7 +234,8 @@ def run_inference(dataset_dir: str, output_dir: str, *, task: str = "fit",
                           slice_thickness=slice_thickness,
                           slice_axis=None if slice_axis is None else int(slice_axis),
                           prior=str(prior), freeze=freeze, sigma=sigma,
-                          noise=str(noise), mode=str(mode), device=local_device(str(device)), seed=seed,
+                          noise=str(noise), mode=str(mode), slab_voxels=slab_voxels,
+                          spread=str(spread), device=local_device(str(device)), seed=seed,
                           log_every=log_every, batch_size=batch_size, format=format)
     if items is None:
         items = datalist(dataset_dir, output_dir, format)

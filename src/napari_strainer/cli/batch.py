@@ -17,6 +17,11 @@ def add_batch_args(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("in_dir", metavar="IN_DIR")
     p.add_argument("out_dir", metavar="OUT_DIR")
     p.add_argument("--format", choices=("nifti", "dicom"), default="nifti")
+    if task == "denoise":
+        p.add_argument("--spread", choices=("scans", "slabs"), default="scans",
+                       help="under torchrun: scans (default: each rank takes its share of the "
+                            "scans) or slabs (all ranks denoise each scan together, each "
+                            "racing its share of the slabs; a rerun resumes finished slabs)")
     add_restore_args(p, task, batch=True)
 
 
@@ -29,7 +34,8 @@ def cmd_batch(a) -> None:
     from ..batch import TaskOptions, datalist, rank_and_world, run_items
     from ..pretrain.distributed import finish_distributed, init_distributed, local_device
 
-    options = options_from_args(a, TaskOptions, format=a.format)
+    options = options_from_args(a, TaskOptions, format=a.format,
+                                spread=getattr(a, "spread", "scans"))
     started = init_distributed()
     try:
         options.device = local_device(options.device)

@@ -73,6 +73,8 @@ class Options:
             CT and data with negative values), ``rician`` or ``gaussian``.
         mode: ``denoise``: ``auto`` (the race of denoisers), ``volume`` (one 3D INR) or
             ``slices`` (one 2D INR per slice).
+        slab_voxels: the race's largest slab in voxels (None: ``race.SLAB_VOXELS``): larger
+            volumes race slab by slab, their memory that of one slab.
         tv: weight of the 3D total-variation term (volume paths; None: the default).
         ls_steps: conjugate-gradient steps of least squares (through-plane, fusion).
         spacing: fusion's isotropic output spacing in mm (None: finest in-plane spacing).
@@ -97,6 +99,7 @@ class Options:
     sigma: str | float = "auto"
     noise: str = "auto"
     mode: str = "auto"
+    slab_voxels: int | None = None
     tv: float | None = None
     ls_steps: int | None = None
     spacing: float | None = None
@@ -126,6 +129,10 @@ class Options:
             raise BadArgumentError(f"--lr must be positive, got {self.lr}")
         if self.tv is not None and not self.tv >= 0:
             raise BadArgumentError(f"--tv must be >= 0, got {self.tv}")
+        if self.slab_voxels is not None and (int(self.slab_voxels) != self.slab_voxels
+                                             or self.slab_voxels < 1000):
+            raise BadArgumentError(f"--slab-voxels must be an integer >= 1000, got "
+                                   f"{self.slab_voxels}")
         if self.batch_size is not None and self.batch_size < 1:
             raise BadArgumentError(f"--batch-size must be positive, got {self.batch_size}")
         if self.log_every < 1:
@@ -292,12 +299,17 @@ def make_plan(scans: Scan | Sequence[Scan], options: Options, *,
 
 
 def run(plan: Plan, *, callback: Callable[[Progress], None] | None = None,
-        cancel=None) -> Restoration:
+        cancel=None, workdir=None, key: dict | None = None, rank: int = 0,
+        world: int = 1) -> Restoration:
     """Carry ``plan`` out; the result's history also records the plan (``history["plan"]``).
 
     Args:
         callback: receives :class:`~napari_strainer.core.fit.Progress` reports.
         cancel: object with ``is_set()``; the result so far is returned when it is set.
+        workdir, key, rank, world: the race's finished slabs are kept in ``workdir`` (and
+            reused by a rerun with the same ``key``); with ``world`` processes of a
+            ``torch.distributed`` group sharing it, each races its share of the slabs (see
+            :func:`~napari_strainer.restore.race.denoise`).
     """
     o, scan, ref = plan.options, plan.scans[0], plan.reference
     if plan.path == "constant":
@@ -319,7 +331,8 @@ def run(plan: Plan, *, callback: Callable[[Progress], None] | None = None,
                                      ls_steps=o.ls_steps, lr=o.lr, tv=o.tv, **common)
     elif plan.path == "race":
         res = race.denoise(scan, plan.noise_model, seed=o.seed, callback=callback,
-                           cancel=cancel)
+                           cancel=cancel, slab_voxels=o.slab_voxels, workdir=workdir, key=key,
+                           rank=rank, world=world)
         if ref is not None:
             out, truth = (torch.from_numpy(np.asarray(v, np.float64))
                           for v in (res.scan.data, ref.data))
@@ -460,13 +473,14 @@ def _plan_race(scan: Scan, o: Options) -> Plan:
     elif "BM4D" not in names:
         reasons.append(f"BM4D is installed but left out: it runs on at most "
                        f"{race.BM4D_MAX_VOXELS:,} voxels with 8 along every axis")
-    if data.ndim == 3 and len(parts := race.slabs(len(data), data[0].size)) > 1:
+    if data.ndim == 3 and len(parts := race.slabs(len(data), data[0].size,
+                                                  o.slab_voxels)) > 1:
         route += (f"; in {len(parts)} slabs of about {len(data) // len(parts)} slices along "
                   f"the first axis, cross-faded over {2 * race.SLAB_MARGIN}")
-        reasons.append(f"{data.size:,} voxels: above {race.SLAB_VOXELS:,}, the race runs "
+        reasons.append(f"{data.size:,} voxels: above {o.slab_voxels or race.SLAB_VOXELS:,}, the race runs "
                        f"slab by slab so that its memory is that of one slab")
     notes = _encoder_note(o) if o.encoder.lower() not in ("none", "default") else []
-    need = race.memory_bytes(data.shape, len(names))
+    need = race.memory_bytes(data.shape, len(names), o.slab_voxels)
     free = available_bytes(torch.device("cpu"))
     if need > free:
         raise BadInputError(f"{scan.source or 'the scan'}: the denoising race needs about "

@@ -19,17 +19,22 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from itertools import pairwise
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..core.fit import Progress
 from ..errors import BadInputError
+from ..io.atomic import atomic_file, write_json
 from ..io.intensity import Intensity
 from ..io.scan import Scan
 from .base import Restoration
@@ -74,16 +79,35 @@ class Candidate:
     run: Callable[[np.ndarray, float], np.ndarray]
 
 
+class _Last:
+    """``fn(x, s)`` remembered for the last two inputs (the race's image and its probe-
+    shifted copy, compared by identity), so candidates that share a stage compute it once:
+    the time then shows under the first candidate that needs it."""
+
+    def __init__(self, fn: Callable):
+        self.fn, self.kept = fn, []
+
+    def __call__(self, x: np.ndarray, s: float):
+        for kx, ks, value in self.kept:
+            if kx is x and ks == s:
+                return value
+        value = self.fn(x, s)
+        self.kept = [*self.kept[-1:], (x, s, value)]
+        return value
+
+
 def candidates(shape: tuple[int, ...]) -> list[Candidate]:
     """The race's denoisers for a 2D image or a 3D volume of ``shape``; the first is the
     pilot whose result sets the Rician variance of each voxel. BM4D joins when it is installed,
     the scan has at most :data:`BM4D_MAX_VOXELS` voxels and (3D) 8 along every axis."""
     ndim = len(shape)
-    out = [Candidate(f"NLM {f:g}s p{p}", lambda x, s, f=f, p=p: nlm_denoise(x, f * s, p))
-           for f, p in NLM]
-    out += [Candidate(f"NLM2 {f:g}s", lambda x, s, f=f: guided_nlm(
-        x, nlm_denoise(x, s, GUIDE_PATCH), f * s, search=GUIDED_SEARCH[ndim]))
-        for f in GUIDED_H]
+    pilot = _Last(lambda x, s: nlm_denoise(x, s, GUIDE_PATCH))  # NLM 1s p2 and NLM2's guide
+    second = _Last(lambda x, s: guided_nlm(x, pilot(x, s), tuple(f * s for f in GUIDED_H),
+                                           search=GUIDED_SEARCH[ndim]))
+    out = [Candidate(f"NLM {f:g}s p{p}", pilot if (f, p) == (1.0, GUIDE_PATCH) else
+                     lambda x, s, f=f, p=p: nlm_denoise(x, f * s, p)) for f, p in NLM]
+    out += [Candidate(f"NLM2 {f:g}s", lambda x, s, k=k: second(x, s)[k])
+            for k, f in enumerate(GUIDED_H)]
     out += [Candidate(f"TV {w:g}s", lambda x, s, w=w: tv_nd(x, w * s)) for w in TV_WEIGHTS]
     if (math.prod(shape) <= BM4D_MAX_VOXELS and (ndim == 2 or min(shape) >= 8)
             and has_bm4d()):
@@ -91,12 +115,12 @@ def candidates(shape: tuple[int, ...]) -> list[Candidate]:
     return out
 
 
-def slabs(n: int, plane: int) -> list[tuple[int, int, int, int]]:
+def slabs(n: int, plane: int, limit: int | None = None) -> list[tuple[int, int, int, int]]:
     """Slabs along an axis of ``n`` slices of ``plane`` voxels each: ``(start, stop, lo,
     hi)``, the slab's slices and its share (the shares partition ``range(n)``). One slab up to
-    :data:`SLAB_VOXELS`; the split depends on the shape only, so it is the same on every
-    machine and rank."""
-    count = max(1, math.ceil(n * plane / SLAB_VOXELS))
+    ``limit`` voxels (None: :data:`SLAB_VOXELS`); the split depends on the shape and the limit
+    only, so it is the same on every machine and rank."""
+    count = max(1, math.ceil(n * plane / (limit or SLAB_VOXELS)))
     if count == 1 or n < 4 * SLAB_MARGIN * count:
         return [(0, n, 0, n)]
     cuts = [round(i * n / count) for i in range(count + 1)]
@@ -104,13 +128,13 @@ def slabs(n: int, plane: int) -> list[tuple[int, int, int, int]]:
             for lo, hi in pairwise(cuts)]
 
 
-def memory_bytes(shape: tuple[int, ...], n_candidates: int) -> int:
+def memory_bytes(shape: tuple[int, ...], n_candidates: int, limit: int | None = None) -> int:
     """Memory the race holds at its peak: for its largest slab every candidate's result, the
     probe, the shifted image, the variances and the blend, and a candidate's own working
     copies (measured by ``benchmarks/denoise.py``: about 280 bytes per voxel with 8
     candidates); with several slabs, the whole scan's copies and the cross-fade sums."""
     plane = math.prod(shape[1:])
-    parts = slabs(shape[0], plane) if len(shape) == 3 else [(0, shape[0], 0, shape[0])]
+    parts = slabs(shape[0], plane, limit) if len(shape) == 3 else [(0, shape[0], 0, shape[0])]
     biggest = max(b - a for a, b, _, _ in parts) * plane
     whole = 24 * math.prod(shape) if len(parts) > 1 else 0
     return (n_candidates + 28) * 8 * biggest + whole
@@ -118,12 +142,17 @@ def memory_bytes(shape: tuple[int, ...], n_candidates: int) -> int:
 
 def estimate_seconds(data: np.ndarray) -> float:
     """Seconds the race will take on ``data`` (one slice: 2D), from timing every candidate
-    on a crop of at most 32^3 voxels (2D: 128^2), scaled by the voxel count (about a second)."""
+    on a crop of at most 32^3 voxels (2D: 128^2) after an untimed run on a tiny one (imports),
+    scaled by the voxel count (a few seconds; small crops run slower per voxel, so the
+    estimate errs long)."""
     x = np.asarray(data[0] if data.shape[0] == 1 else data, np.float32)
     side = 128 if x.ndim == 2 else 32
     crop = x[tuple(slice(max(0, (n - side) // 2), max(0, (n - side) // 2) + side)
                    for n in x.shape)]
     crop = crop / (float(np.abs(crop).max()) or 1.0)
+    for c in candidates(x.shape):  # untimed: imports and first-call set-up
+        if c.name != "BM4D":
+            c.run(crop[tuple(slice(0, 16 if x.ndim == 2 else 8) for _ in x.shape)], 0.05)
     total = 0.0
     for c in candidates(x.shape):
         if c.name == "BM4D":
@@ -284,6 +313,50 @@ def _merge(done: list[tuple[int, RaceResult]], count: int) -> RaceResult:
                       slabs=count)
 
 
+class _SlabStore:
+    """Finished slabs in ``workdir``: the slab's result (float32 ``.npy``, read without
+    pickle) and its race statistics (``.json``, written last: its presence marks the slab
+    finished). A ``key.json`` of another scan, model or split empties the folder first."""
+
+    def __init__(self, workdir, key: dict, rank: int, world: int):
+        self.dir = Path(workdir)
+        key = json.loads(json.dumps(key, default=str))
+        if rank == 0:
+            path = self.dir / "key.json"
+            if path.exists() and json.loads(path.read_text()) != key:
+                shutil.rmtree(self.dir)
+            if not path.exists():
+                write_json(path, key)
+        if world > 1:
+            _barrier()
+
+    def save(self, i: int, mean: np.ndarray, res: RaceResult) -> None:
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.save(f, mean)
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_file(self.dir / f"slab{i:03d}.npy", write)
+        write_json(self.dir / f"slab{i:03d}.json", {
+            "weights": res.weights, "risks": res.risks, "risk": res.risk,
+            "seconds": res.seconds, "background": res.background})
+
+    def load(self, i: int) -> tuple[np.ndarray, RaceResult] | None:
+        stats = self.dir / f"slab{i:03d}.json"
+        if not stats.exists():
+            return None
+        d = json.loads(stats.read_text())
+        mean = np.load(self.dir / f"slab{i:03d}.npy", allow_pickle=False)
+        return mean, RaceResult(np.empty(0, np.float32), d["weights"], d["risks"], d["risk"],
+                                d["seconds"], np.empty(0, bool), d["background"])
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
 def check_finite(scan: Scan) -> None:
     """Refuse a scan with NaN or infinite voxels, with their count (BadInputError)."""
     bad = int(np.count_nonzero(~np.isfinite(scan.data)))
@@ -293,12 +366,22 @@ def check_finite(scan: Scan) -> None:
 
 
 def denoise(scan: Scan, model: NoiseModel, *, seed: int = 0,
-            callback: Callable[[Progress], None] | None = None, cancel=None) -> Restoration:
+            callback: Callable[[Progress], None] | None = None, cancel=None,
+            slab_voxels: int | None = None, workdir: str | os.PathLike | None = None,
+            key: dict | None = None, rank: int = 0, world: int = 1) -> Restoration:
     """Denoise ``scan`` (one slice: in 2D; several: as a volume) under the noise ``model``.
 
     The history records the noise model, every candidate's estimated risk and time, the
     blend's weights (``race.winner``) and its estimated PSNR (``race.psnr_estimate``, on the
     scan's robust range, from SURE's mean squared error).
+
+    Args:
+        slab_voxels: largest slab (None: :data:`SLAB_VOXELS`).
+        workdir: keeps each finished slab (``slabNNN.npy`` and ``.json``); a rerun with the
+            same scan, model and ``key`` reuses them (``race.slabs_resumed``).
+        rank, world: with ``world`` processes of an initialised ``torch.distributed`` group
+            sharing ``workdir``, this one races slabs ``rank, rank + world, ...``; every
+            process then returns the whole result.
     """
     check_finite(scan)
     data = np.asarray(scan.data, np.float64)
@@ -309,9 +392,14 @@ def denoise(scan: Scan, model: NoiseModel, *, seed: int = 0,
     scale = scale if scale > 0 else float(np.ptp(data)) or 1.0
     norm = Intensity(offset, offset + scale)  # the race's units (Rician: zero stays zero)
     y = (((data[0] if flat2d else data) - offset) / scale).astype(np.float32)
+    del data
     sigma = model.sigma / scale
     cands = candidates(y.shape)
-    parts = slabs(len(y), math.prod(y.shape[1:])) if y.ndim == 3 else [(0, len(y), 0, len(y))]
+    parts = (slabs(len(y), math.prod(y.shape[1:]), slab_voxels) if y.ndim == 3
+             else [(0, len(y), 0, len(y))])
+    store = _SlabStore(workdir, {**(key or {}), "shape": list(y.shape), "seed": seed,
+                                 "noise": model.to_dict(), "slabs": parts}, rank, world) \
+        if workdir is not None else None
     shown = Intensity.for_scan(scan)
     per_slab = 2 * len(cands)
 
@@ -321,7 +409,7 @@ def denoise(scan: Scan, model: NoiseModel, *, seed: int = 0,
         def preview() -> torch.Tensor:
             full = y.copy()
             full[a:b] = np.asarray(p.preview()).reshape(full[a:b].shape)
-            units = norm.inverse(full.reshape(data.shape), np.float64)
+            units = norm.inverse(full.reshape(scan.shape), np.float64)
             return torch.from_numpy(shown.forward(units))[..., None]
 
         phase = p.phase if len(parts) == 1 else f"slab {i + 1}/{len(parts)}: {p.phase}"
@@ -329,23 +417,39 @@ def denoise(scan: Scan, model: NoiseModel, *, seed: int = 0,
                          phase=phase, preview=preview,
                          slices=(a, b) if len(parts) > 1 else None))
 
-    clean = np.zeros(y.shape, np.float64) if len(parts) > 1 else None
-    done = []
-    for i, (a, b, lo, hi) in enumerate(parts):
-        if cancel is not None and cancel.is_set() and done:
-            left = rician_unbias(y[a:b], sigma) if rician else y[a:b]  # not raced: as scanned
-            clean[a:b] += _fade(a, b, lo, hi, len(y))[:, None, None] * left
-            continue
-        part = race(y[a:b], sigma, model.kind, cands, seed=seed + i, cancel=cancel,
-                    callback=(lambda p, i=i, a=a, b=b: report(i, a, b, p))
-                    if callback is not None else None)
-        mean = rician_unbias(part.mean, sigma) if rician else part.mean.astype(np.float64)
-        if clean is None:
-            clean = mean
+    means: dict[int, np.ndarray] = {}
+    results: dict[int, RaceResult] = {}
+    resumed = 0
+    for i, (a, b, _, _) in enumerate(parts):
+        if store is not None and (got := store.load(i)) is not None:
+            means[i], results[i] = got
+            resumed += 1
+        elif i % world != rank:
+            continue  # another process's slab
+        elif cancel is not None and cancel.is_set() and results:
+            means[i] = rician_unbias(y[a:b], sigma) if rician else y[a:b]  # left as scanned
         else:
-            clean[a:b] += _fade(a, b, lo, hi, len(y))[:, None, None] * mean
-        done.append((hi - lo, part))
-    res = _merge(done, len(parts))
+            res = race(y[a:b], sigma, model.kind, cands, seed=seed + i, cancel=cancel,
+                       callback=(lambda p, i=i, a=a, b=b: report(i, a, b, p))
+                       if callback is not None else None)
+            mean = rician_unbias(res.mean, sigma) if rician else res.mean
+            means[i], results[i] = np.asarray(mean, np.float32), res
+            if store is not None and not (cancel is not None and cancel.is_set()):
+                store.save(i, means[i], res)  # a stopped slab is not finished
+    if world > 1:
+        _barrier()  # every slab is in the store
+        for i in range(len(parts)):
+            if i not in means:
+                means[i], results[i] = store.load(i)
+    clean = means[0].astype(np.float64)
+    if len(parts) > 1:
+        clean = np.zeros(y.shape, np.float64)
+        for i, (a, b, lo, hi) in enumerate(parts):  # in slab order on every process
+            clean[a:b] += _fade(a, b, lo, hi, len(y))[:, None, None] * means.pop(i)
+    if world > 1:
+        _barrier()  # every process has read the store
+    res = _merge([(hi - lo, results[i]) for i, (_, _, lo, hi) in enumerate(parts)
+                  if i in results], len(parts))
     out = norm.inverse(clean[None] if flat2d else clean, scan.data.dtype)
     # an estimated error below zero means the noise level is set too high for this scan (e.g.
     # anatomy finer than the voxels counted as noise): SURE then favours too little smoothing
@@ -360,7 +464,8 @@ def denoise(scan: Scan, model: NoiseModel, *, seed: int = 0,
                             f"a candidate's estimated error is below zero: sigma "
                             f"{model.sigma:.4g} is probably too high for this scan; give "
                             f"--sigma"),
-                        "candidates": [c.name for c in cands]},
+                        "candidates": [c.name for c in cands], "slabs": len(parts),
+                        "slabs_resumed": resumed},
                "stop_reason": f"{res.winner} (lowest estimated error, SURE)",
                "steps_done": 0}
     desc = "denoised: race of NLM, TV (and BM4D) judged by SURE (napari-strainer)"
