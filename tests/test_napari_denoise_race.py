@@ -5,6 +5,8 @@ with a live preview after each denoiser, Stop, and a result that says what won."
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -70,6 +72,14 @@ def test_race_is_the_default_denoise(make_napari_viewer, qtbot):
     w.task.value = "denoise"
     assert w.plan.path == "race" and "path: race" in w.plan_text.value
     assert "noise: rician (magnitude data" in w.plan_text.value
+    # the coil count: non-central chi noise (hidden for Gaussian noise)
+    assert not w.coils.native.isHidden() and w.coils.value == 1
+    w.coils.value = 4
+    assert "noise: non-central chi of 4 coils" in w.plan_text.value
+    assert w.plan.noise_model.coils == 4
+    w.noise.value = "gaussian"
+    assert w.coils.native.isHidden() and w.plan.noise_model.coils == 1
+    w.noise.value, w.coils.value = "auto", 1
     assert "steps: at most" not in w.plan_text.value
     assert w.steps.value == 0 and not w.steps.enabled
     for field in (w.init, w.head, w.freeze, w.batch, w.lr):
@@ -104,6 +114,7 @@ def test_race_is_the_default_denoise(make_napari_viewer, qtbot):
     running = [s for s in statuses if "denoisers done" in s]
     assert running and running[-1].startswith(f"{names[-1]}: {n} of {n}"), running
     assert any(s.startswith("NLM 1s p1: 1 of ") for s in running), running
+    assert all(re.search(r", memory \d+\.\d\d GB\)", s) for s in running), running
     # the preview showed the denoisers' results, in the preview's intensities
     inten = Intensity.for_scan(noisy_scan)
     assert previews and all(p.shape == scan.shape for p in previews)

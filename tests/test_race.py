@@ -60,6 +60,49 @@ def test_rician_mean_unbias_and_variance_match_simulation():
     assert rician_unbias(np.array([0.5, 1.0]), 1.0).tolist() == [0.0, 0.0]  # below the floor
 
 
+def ncchi(clean: np.ndarray, sigma: float, coils: int, seed: int = 1) -> np.ndarray:
+    """Root sum of squares of ``coils`` complex channels, the signal in the first."""
+    rng = np.random.default_rng(seed)
+    power = (clean + sigma * rng.standard_normal(clean.shape)) ** 2
+    power += (sigma * rng.standard_normal(clean.shape)) ** 2
+    for _ in range(2 * coils - 2):
+        power += (sigma * rng.standard_normal(clean.shape)) ** 2
+    return np.sqrt(power).astype(np.float32)
+
+
+def test_non_central_chi_moments_match_simulation():
+    rng = np.random.default_rng(0)
+    for coils in (2, 4, 8):
+        for value in (0.0, 1.0, 3.0, 10.0):
+            m = ncchi(np.full(300_000, value), 1.0, coils, seed=coils)
+            assert rician_mean(np.array(value), 1.0, coils) == pytest.approx(m.mean(), rel=5e-3)
+            assert rician_variance(np.array(value), 1.0, coils) == pytest.approx(m.var(),
+                                                                                rel=3e-2)
+        values = rng.uniform(0, 60, 50)
+        np.testing.assert_allclose(rician_unbias(rician_mean(values, 2.0, coils), 2.0, coils),
+                                   values, atol=1e-3)
+
+
+def test_race_with_the_coil_count_darkens_a_non_central_chi_background(monkeypatch):
+    monkeypatch.setattr(race, "BM4D_MAX_VOXELS", 0)
+    clean = phantom((16, 48, 48), seed=8)
+    noisy = ncchi(clean, 0.04, coils=4, seed=9)
+    scan = Scan(noisy, np.eye(4), meta={"modality": "MR"})
+    four = run(make_plan(scan, Options(task="denoise", coils=4), eta=False))
+    one = run(make_plan(scan, Options(task="denoise"), eta=False))  # taken as Rician
+    assert four.history["noise"]["coils"] == 4
+    assert "non-central chi of 4 coils" in four.history["noise"]["text"]
+    assert four.history["noise"]["sigma"] == pytest.approx(0.04, rel=0.2)
+    background = clean == 0
+    assert noisy[background].mean() > 2.5 * 0.04  # four coils lift the floor to 2.7 sigma
+    assert four.scan.data[background].mean() < 0.3 * 0.04
+    assert psnr(four.scan.data, clean) > psnr(one.scan.data, clean) + 3
+    with pytest.raises(BadArgumentError, match="--coils 2 describes magnitude data"):
+        make_plan(scan, Options(task="denoise", coils=2, noise="gaussian"))
+    with pytest.raises(BadArgumentError, match="--coils must be an integer >= 1"):
+        make_plan(scan, Options(task="denoise", coils=0))
+
+
 def test_sigma_of_rician_volume_ignores_the_dark_background():
     clean = phantom((32, 64, 64))
     clean[:, :, :20] = 0  # a large empty background, where Rician noise is Rayleigh

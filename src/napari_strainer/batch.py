@@ -81,7 +81,7 @@ class TaskOptions(Options):
         if self.slice_scale is not None or self.mode == "volume":
             self.encoder = "none"  # a 3D SIREN from scratch
         if self.task != "denoise":
-            self.sigma, self.mode, self.noise = "none", "slices", "auto"
+            self.sigma, self.mode, self.noise, self.coils = "none", "slices", "auto", 1
 
     def params(self) -> dict:
         """The options that change the output (a finished output is reused only if they match;
@@ -92,6 +92,8 @@ class TaskOptions(Options):
             d.pop(k)
         if self.slab_voxels is None:
             d.pop("slab_voxels")
+        if self.coils == 1:
+            d.pop("coils")
         for k in ("coarse_steps", "tv", "ls_steps", "spacing"):  # not batch options
             if d[k] is None:
                 d.pop(k)

@@ -194,7 +194,7 @@ def run_inference(dataset_dir: str, output_dir: str, *, task: str = "fit",
                   scale: int | None = None, slice_scale: int | None = None,
                   slice_profile: str = "box", slice_thickness: float | None = None,
                   slice_axis: int | None = None, prior: str = "auto",
-                  freeze: int | None = None, sigma="auto", noise: str = "auto",
+                  freeze: int | None = None, sigma="auto", noise: str = "auto", coils: int = 1,
                   mode: str = "auto", slab_voxels: int | None = None, spread: str = "scans",
                   device: str = "auto",
                   seed: int = 0, log_every: int = 10, batch_size: int | None = None,
@@ -212,7 +212,8 @@ def run_inference(dataset_dir: str, output_dir: str, *, task: str = "fit",
     ``mode="volume"`` (``denoise``) is the same for volume denoising of 3D scans; ``"auto"``
     (the default) denoises by the race of denoisers (:mod:`napari_strainer.restore.race`),
     ``"slices"`` with the encoder, slice by slice. ``noise``: ``auto``, ``rician`` or
-    ``gaussian``. ``spread="slabs"`` (denoising race, under torchrun): every rank works on
+    ``gaussian``; ``coils``: non-central chi noise of that many coils (1: Rician).
+    ``spread="slabs"`` (denoising race, under torchrun): every rank works on
     every scan, racing its share of the slabs (``slab_voxels``, default 12 million, sets
     their size); a rerun resumes finished slabs.
 
@@ -234,7 +235,8 @@ def run_inference(dataset_dir: str, output_dir: str, *, task: str = "fit",
                           slice_thickness=slice_thickness,
                           slice_axis=None if slice_axis is None else int(slice_axis),
                           prior=str(prior), freeze=freeze, sigma=sigma,
-                          noise=str(noise), mode=str(mode), slab_voxels=slab_voxels,
+                          noise=str(noise), coils=int(coils), mode=str(mode),
+                          slab_voxels=slab_voxels,
                           spread=str(spread), device=local_device(str(device)), seed=seed,
                           log_every=log_every, batch_size=batch_size, format=format)
     if items is None:

@@ -107,6 +107,9 @@ def add_restore_args(p: argparse.ArgumentParser, task: str, *, batch: bool = Fal
                             "variation, BM4D when installed) judged by their estimated error "
                             "(SURE) and blended; volume: one 3D INR for the whole scan; "
                             "slices: one 2D INR per slice (from the encoder)")
+        p.add_argument("--coils", type=int, default=1, metavar="N",
+                       help="magnitude MR combined as the root sum of squares of N receive "
+                            "coils: non-central chi noise (default 1: Rician); sigma per coil")
         p.add_argument("--slab-voxels", type=int, default=None, metavar="N",
                        help="--mode auto: volumes above N voxels (default 12,000,000) race "
                             "slab by slab, so memory is that of one slab")
@@ -176,7 +179,7 @@ def options_from_args(a, cls=Options, **extra) -> Options:
                slice_scale=get("slice_scale"), slice_profile=get("slice_profile", "box"),
                slice_thickness=get("slice_thickness"), slice_axis=get("slice_axis"),
                prior=get("prior", "auto"), freeze=get("freeze"),
-               sigma=get("sigma", "auto"), noise=get("noise", "auto"),
+               sigma=get("sigma", "auto"), noise=get("noise", "auto"), coils=get("coils", 1),
                mode=get("mode", "auto"), slab_voxels=get("slab_voxels"), tv=get("tv"),
                ls_steps=get("ls_steps"), spacing=get("spacing"), device=a.device,
                seed=a.seed, log_every=a.log_every, batch_size=get("batch_size"), **extra)

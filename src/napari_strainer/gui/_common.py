@@ -47,6 +47,18 @@ def device_choices() -> list[tuple[str, str]]:
     return choices
 
 
+def memory_in_use() -> str:
+    """``"memory 1.23 GB"``: this process's resident memory (napari included), and the GPU's
+    allocated memory when CUDA is in use."""
+    import psutil
+    import torch
+
+    text = f"memory {psutil.Process().memory_info().rss / 2**30:.2f} GB"
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        text += f", GPU {torch.cuda.memory_allocated() / 2**30:.2f} GB"
+    return text
+
+
 def image_layers(viewer: napari.Viewer) -> list[tuple[str, object]]:
     return [(layer.name, layer) for layer in viewer.layers
             if isinstance(layer, napari.layers.Image) and not layer.rgb

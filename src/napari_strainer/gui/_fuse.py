@@ -12,7 +12,14 @@ from magicgui.widgets import ComboBox, Container, LineEdit, Select, SpinBox
 from ..core.operators import PROFILES
 from ..restore import volume
 from ..restore.plan import Options, Plan, default_steps
-from ._common import PlannedWidget, collapsible, image_layers, layer_scan, parse_float
+from ._common import (
+    PlannedWidget,
+    collapsible,
+    image_layers,
+    layer_scan,
+    memory_in_use,
+    parse_float,
+)
 from ._jobs import notify
 from ._layers import image_layer_scan
 
@@ -137,7 +144,8 @@ class FuseWidget(PlannedWidget):
         if self.job is not None:
             self.job.progress(item["step"])
         self.set_status(f"{stage}: step {item['step']}/{item['total']}  loss "
-                        f"{item['loss']:.3g}  ({time.monotonic() - self._t0:.0f} s)")
+                        f"{item['loss']:.3g}  ({time.monotonic() - self._t0:.0f} s, "
+                        f"{memory_in_use()})")
 
     def on_done(self, restoration) -> None:
         hist = restoration.history

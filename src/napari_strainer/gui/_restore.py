@@ -20,7 +20,14 @@ from ..io.intensity import Intensity
 from ..pretrain import cards, encoders
 from ..restore import race, slices
 from ..restore.plan import Options, Plan, default_steps
-from ._common import PlannedWidget, collapsible, image_layers, layer_scan, parse_float
+from ._common import (
+    PlannedWidget,
+    collapsible,
+    image_layers,
+    layer_scan,
+    memory_in_use,
+    parse_float,
+)
 from ._jobs import notify
 from ._layers import geometry, image_layer_scan
 
@@ -102,6 +109,10 @@ class RestoreWidget(PlannedWidget):
                                       "is mapped back), gaussian for CT and data with "
                                       "negative values; auto chooses from the modality and "
                                       "the values")
+        self.coils = SpinBox(label="receive coils", value=1, min=1, max=128, visible=False,
+                             tooltip="magnitude MR combined as the root sum of squares of "
+                                     "this many coils: non-central chi noise (1: Rician); "
+                                     "sigma is each coil's, as 'strainer denoise --coils'")
         self.sigma = LineEdit(label="noise sigma", value="auto", visible=False,
                               tooltip="'auto' (estimated: per slice, over the volume, or, for "
                                       "the race, from the signal), 'none' (INR paths: run all "
@@ -141,7 +152,8 @@ class RestoreWidget(PlannedWidget):
                                            self.log_every, self.batch, self.seed])
         super().__init__(viewer, [self.layer, self.encoder, self.encoder_file, self.task,
                                   self.scale, self.slice_scale, self.slice_profile,
-                                  self.slice_axis, self.denoise_mode, self.noise, self.sigma, self.steps,
+                                  self.slice_axis, self.denoise_mode, self.noise, self.coils,
+                                  self.sigma, self.steps,
                                   self.reference],
                          plot_title="loss / PSNR")
         self.advanced_fold = collapsible("Advanced", self.advanced)
@@ -164,7 +176,8 @@ class RestoreWidget(PlannedWidget):
         self.encoder_file.changed.connect(self._encoder_changed)
         for widget in (self.layer, self.scale, self.slice_profile, self.slice_axis,
                        self.denoise_mode,
-                       self.noise, self.sigma, self.steps, self.reference, self.init, self.head,
+                       self.noise, self.coils, self.sigma, self.steps, self.reference,
+                       self.init, self.head,
                        self.freeze, self.lr, self.batch, self.device):
             widget.changed.connect(self.refresh_plan)
         self._encoder_changed()
@@ -240,6 +253,8 @@ class RestoreWidget(PlannedWidget):
         on_slices, on_race = self._path == "slices", self._path == "race"
         # the noise model is the race's (the INR paths stop on a Gaussian noise level)
         self.noise.enabled = task == "denoise" and self.denoise_mode.value == "auto"
+        self.coils.visible = task == "denoise" and self.noise.value != "gaussian"
+        self.coils.enabled = self.noise.enabled
         # initialisation, head, freezing and slice batches are for the slice path only; the
         # race takes no training steps
         self.init.enabled = self.batch.enabled = on_slices
@@ -289,6 +304,7 @@ class RestoreWidget(PlannedWidget):
             freeze=self.freeze.value if fixed and self.encoder.value != "none" else None,
             sigma=self.sigma.value.strip() if denoise else "auto",
             noise=self.noise.value if denoise else "auto",
+            coils=self.coils.value if denoise and self.noise.value != "gaussian" else 1,
             mode=self.denoise_mode.value if denoise else "auto", device=self.device.value,
             seed=self.seed.value, log_every=self.log_every.value,
             batch_size=self.batch.value or None)
@@ -384,11 +400,11 @@ class RestoreWidget(PlannedWidget):
         seconds = time.monotonic() - self._t0
         if item.get("race"):  # two runs per denoiser
             self.set_status(f"{item['phase']}: {item['step'] // 2} of {item['total'] // 2} "
-                            f"denoisers done  ({seconds:.0f} s)")
+                            f"denoisers done  ({seconds:.0f} s, {memory_in_use()})")
             return
         psnr = f"  PSNR {item['psnr']:.2f} dB" if item.get("psnr") is not None else ""
         self.set_status(f"step {item['step']}/{item['total']}  loss {item['loss']:.3g}{psnr}"
-                        f"  ({seconds:.0f} s){'  ' + where if where else ''}")
+                        f"  ({seconds:.0f} s, {memory_in_use()}){'  ' + where if where else ''}")
 
     def on_done(self, restoration) -> None:
         plan = self._running_plan

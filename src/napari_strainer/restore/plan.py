@@ -71,6 +71,8 @@ class Options:
         sigma: noise level for ``denoise``: ``"auto"``, ``"none"`` or a value in scan units.
         noise: ``denoise``'s noise model: ``auto`` (Rician for magnitude data, Gaussian for
             CT and data with negative values), ``rician`` or ``gaussian``.
+        coils: magnitude data from the root sum of squares of this many receive coils: the
+            non-central chi model (1: Rician).
         mode: ``denoise``: ``auto`` (the race of denoisers), ``volume`` (one 3D INR) or
             ``slices`` (one 2D INR per slice).
         slab_voxels: the race's largest slab in voxels (None: ``race.SLAB_VOXELS``): larger
@@ -98,6 +100,7 @@ class Options:
     freeze: int | None = None
     sigma: str | float = "auto"
     noise: str = "auto"
+    coils: int = 1
     mode: str = "auto"
     slab_voxels: int | None = None
     tv: float | None = None
@@ -459,11 +462,12 @@ def _plan_denoise_volume(scan: Scan, o: Options) -> Plan:
 
 def _plan_race(scan: Scan, o: Options) -> Plan:
     model = None if _constant(scan) is not None else _noise_model(scan, o)
+    kind = "Rician" if o.coils == 1 else "non-central chi"
     data = scan.data[0] if scan.shape[0] == 1 else scan.data
     names = [c.name for c in race.candidates(data.shape)]
     route = (f"{len(names)} denoisers ({', '.join(names)}), each run twice for its SURE "
              f"risk; the blend with the lowest estimated error"
-             f"{', mapped through the inverse Rician mean' if model and model.kind == 'rician' else ''}")
+             f"{', mapped through the inverse ' + kind + ' mean' if model and model.kind == 'rician' else ''}")
     reasons = [("mode auto: the race of denoisers (--mode volume or slices: an INR alone; "
                 "a 3D INR given a minute on 2 cores got weight 0 in the blend on a 2 mm MNI "
                 "crop, and 4 minutes to add 0.7 dB)")]
@@ -493,7 +497,7 @@ def _plan_race(scan: Scan, o: Options) -> Plan:
 
 def _noise_model(scan: Scan, o: Options) -> NoiseModel:
     race.check_finite(scan)
-    return noise_model(scan.data, scan.modality, o.noise, o.sigma,
+    return noise_model(scan.data, scan.modality, o.noise, o.sigma, coils=o.coils,
                        name=str(scan.source or "the scan"))
 
 

@@ -193,11 +193,13 @@ class RaceResult:
 
 
 def race(y: np.ndarray, sigma: float, kind: str, cands: list[Candidate], *, seed: int = 0,
-         callback: Callable[[Progress], None] | None = None, cancel=None) -> RaceResult:
+         coils: int = 1, callback: Callable[[Progress], None] | None = None,
+         cancel=None) -> RaceResult:
     """Run ``cands`` on the normalised image ``y`` (noise ``sigma``, ``kind`` rician or
     gaussian), estimate each one's risk with Monte-Carlo SURE and blend them.
 
     Args:
+        coils: Rician data from a root sum of squares of this many coils (non-central chi).
         callback: a :class:`~napari_strainer.core.fit.Progress` after each run (two per
             candidate).
         cancel: object with ``is_set()``; the candidates finished so far are raced.
@@ -217,9 +219,9 @@ def race(y: np.ndarray, sigma: float, kind: str, cands: list[Candidate], *, seed
         seconds[c.name] = time.perf_counter() - t0
         if var is None:
             if kind == "rician":
-                pilot = rician_unbias(f, sigma)
+                pilot = rician_unbias(f, sigma, coils)
                 region = pilot > SIGNAL * sigma
-                var = rician_variance(pilot[region], sigma)
+                var = rician_variance(pilot[region], sigma, coils)
             else:
                 region = np.ones(y.shape, bool)
                 var = np.full(int(region.sum()), sigma ** 2)
@@ -250,9 +252,10 @@ def race(y: np.ndarray, sigma: float, kind: str, cands: list[Candidate], *, seed
     if kind == "rician" and not region.all():
         # the background: the candidate that leaves the least magnitude after bias correction
         # (the truth there is about zero), faded in below SIGNAL sigmas of the blend
-        left = {k: float(np.mean(rician_unbias(outs[k][~region], sigma) ** 2)) for k in names}
+        left = {k: float(np.mean(rician_unbias(outs[k][~region], sigma, coils) ** 2))
+                for k in names}
         dark = min(left, key=left.get)
-        level = rician_unbias(mean, sigma) / sigma
+        level = rician_unbias(mean, sigma, coils) / sigma
         alpha = np.clip(level - (SIGNAL - 1), 0.0, 1.0)
         mean = alpha * mean + (1 - alpha) * outs[dark]
     return RaceResult(np.asarray(mean, np.float32), dict(zip(names, map(float, w))), risks,
@@ -427,12 +430,14 @@ def denoise(scan: Scan, model: NoiseModel, *, seed: int = 0,
         elif i % world != rank:
             continue  # another process's slab
         elif cancel is not None and cancel.is_set() and results:
-            means[i] = rician_unbias(y[a:b], sigma) if rician else y[a:b]  # left as scanned
+            means[i] = (rician_unbias(y[a:b], sigma, model.coils) if rician
+                        else y[a:b])  # left as scanned
         else:
-            res = race(y[a:b], sigma, model.kind, cands, seed=seed + i, cancel=cancel,
+            res = race(y[a:b], sigma, model.kind, cands, seed=seed + i, coils=model.coils,
+                       cancel=cancel,
                        callback=(lambda p, i=i, a=a, b=b: report(i, a, b, p))
                        if callback is not None else None)
-            mean = rician_unbias(res.mean, sigma) if rician else res.mean
+            mean = rician_unbias(res.mean, sigma, model.coils) if rician else res.mean
             means[i], results[i] = np.asarray(mean, np.float32), res
             if store is not None and not (cancel is not None and cancel.is_set()):
                 store.save(i, means[i], res)  # a stopped slab is not finished
