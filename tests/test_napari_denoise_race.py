@@ -6,6 +6,8 @@ with a live preview after each denoiser, Stop, and a result that says what won."
 from __future__ import annotations
 
 import re
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -203,3 +205,42 @@ def test_race_stop_blends_the_denoisers_so_far(make_napari_viewer, qtbot):
     assert w.status.value.startswith("Stopped: noisy denoised (race) [stopped]")
     assert f"; {hist['race']['winner']}; noise rician" in w.status.value
     assert w.preview_layer is None and w.run_button.enabled
+
+
+def test_race_stop_returns_at_once_while_a_denoiser_runs(make_napari_viewer, qtbot,
+                                                         monkeypatch):
+    """Stop while a long denoiser runs: the dock returns within seconds with the denoisers
+    finished so far, not after the running one (which may take minutes on a whole scan)."""
+    release = threading.Event()
+    started = threading.Event()
+    real = race.candidates
+
+    def with_a_slow_one(shape):
+        first = real(shape)[0]
+
+        def slow(x, s):
+            started.set()
+            release.wait(120)
+            return x
+
+        return [first, race.Candidate("slow", slow)]
+
+    monkeypatch.setattr(race, "candidates", with_a_slow_one)
+    viewer = make_napari_viewer()
+    scan = brain()
+    src = add_scan(viewer, scan.derive(rician(scan.data, 0.08 * np.ptp(scan.data))), "noisy")
+    w = denoise_dock(viewer, src)
+    try:
+        w.run()
+        qtbot.waitUntil(started.is_set, timeout=120_000)
+        t0 = time.monotonic()
+        w.stop()
+        wait_done(qtbot, w, timeout=20_000)
+        waited = time.monotonic() - t0
+    finally:
+        release.set()
+    assert waited < 5, waited  # the slow denoiser would have held it for 120 s
+    assert w.job.error is None, w.job.error
+    hist = w.result_layer.metadata["strainer_history"]
+    assert hist["cancelled"] and list(hist["race"]["seconds"]) == [hist["race"]["candidates"][0]]
+    assert w.status.value.startswith("Stopped: noisy denoised (race) [stopped]")

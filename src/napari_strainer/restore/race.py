@@ -23,6 +23,7 @@ import json
 import math
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -202,7 +203,9 @@ def race(y: np.ndarray, sigma: float, kind: str, cands: list[Candidate], *, seed
         coils: Rician data from a root sum of squares of this many coils (non-central chi).
         callback: a :class:`~napari_strainer.core.fit.Progress` after each run (two per
             candidate).
-        cancel: object with ``is_set()``; the candidates finished so far are raced.
+        cancel: object with ``is_set()``; the candidates finished so far are raced. After
+            the first (the pilot), a candidate still running is left behind within a tenth
+            of a second (it finishes in the background, its result unused).
     """
     rng = np.random.default_rng(seed)
     probe = rng.choice(np.array([-1.0, 1.0], np.float32), size=y.shape)
@@ -214,8 +217,11 @@ def race(y: np.ndarray, sigma: float, kind: str, cands: list[Candidate], *, seed
         if cancel is not None and cancel.is_set() and outs:
             break
         t0 = time.perf_counter()
-        f = c.run(y, sigma)
-        g = c.run(shifted, sigma)
+        try:
+            f, g = _abandonable(lambda c=c: (c.run(y, sigma), c.run(shifted, sigma)),
+                                cancel if outs else None)
+        except _Stopped:
+            break
         seconds[c.name] = time.perf_counter() - t0
         if var is None:
             if kind == "rician":
@@ -260,6 +266,35 @@ def race(y: np.ndarray, sigma: float, kind: str, cands: list[Candidate], *, seed
         mean = alpha * mean + (1 - alpha) * outs[dark]
     return RaceResult(np.asarray(mean, np.float32), dict(zip(names, map(float, w))), risks,
                       risk(w), seconds, region, dark)
+
+
+class _Stopped(Exception):
+    """The user stopped the race while a candidate was running."""
+
+
+def _abandonable(fn: Callable, cancel):
+    """``fn()``, run in a daemon thread polled every 0.1 s when ``cancel`` is given, so that a
+    stop returns at once (:class:`_Stopped`) instead of after a candidate that may take
+    minutes on a large volume; exceptions of ``fn`` are raised here."""
+    if cancel is None:
+        return fn()
+    box: dict = {}
+
+    def work() -> None:
+        try:
+            box["value"] = fn()
+        except Exception as e:  # noqa: BLE001 - raised again in the caller
+            box["error"] = e
+
+    thread = threading.Thread(target=work, daemon=True, name="race-candidate")
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.1)
+        if thread.is_alive() and cancel.is_set():
+            raise _Stopped
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def _best_blend(gram: np.ndarray, lin: np.ndarray) -> np.ndarray:
