@@ -489,7 +489,9 @@ def _plan_race(scan: Scan, o: Options) -> Plan:
     if need > free:
         raise BadInputError(f"{scan.source or 'the scan'}: the denoising race needs about "
                             f"{_gib(need)} for {data.size:,} voxels, but {_gib(free)} is free; "
-                            f"crop the scan, or denoise it slice by slice (--mode slices)")
+                            f"race smaller slabs (--slab-voxels, now "
+                            f"{o.slab_voxels or race.SLAB_VOXELS:,}), crop the scan, or "
+                            f"denoise it slice by slice (--mode slices)")
     return Plan("denoise", "race", o, [scan], None, None, route, 0, scan.shape, scan.affine,
                 need, None,
                 model.to_dict() if model else None, 0, reasons, notes, model)
