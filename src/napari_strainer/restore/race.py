@@ -354,7 +354,9 @@ def _merge(done: list[tuple[int, RaceResult]], count: int) -> RaceResult:
 class _SlabStore:
     """Finished slabs in ``workdir``: the slab's result (float32 ``.npy``, read without
     pickle) and its race statistics (``.json``, written last: its presence marks the slab
-    finished). A ``key.json`` of another scan, model or split empties the folder first."""
+    finished). A ``key.json`` of another scan, model or split empties the folder first;
+    ``earlier`` holds the slabs finished before this run (what a rerun resumes), the same
+    on every rank."""
 
     def __init__(self, workdir, key: dict, rank: int, world: int):
         self.dir = Path(workdir)
@@ -366,7 +368,10 @@ class _SlabStore:
             if not path.exists():
                 write_json(path, key)
         if world > 1:
-            _barrier()
+            _barrier()  # the folder is this run's
+        self.earlier = {int(p.stem[4:]) for p in self.dir.glob("slab*.json")}
+        if world > 1:
+            _barrier()  # every rank has looked before any races
 
     def save(self, i: int, mean: np.ndarray, res: RaceResult) -> None:
         def write(tmp: Path) -> None:
@@ -459,8 +464,8 @@ def denoise(scan: Scan, model: NoiseModel, *, seed: int = 0,
     results: dict[int, RaceResult] = {}
     resumed = 0
     for i, (a, b, _, _) in enumerate(parts):
-        if store is not None and (got := store.load(i)) is not None:
-            means[i], results[i] = got
+        if store is not None and i in store.earlier:
+            means[i], results[i] = store.load(i)
             resumed += 1
         elif i % world != rank:
             continue  # another process's slab
@@ -481,8 +486,9 @@ def denoise(scan: Scan, model: NoiseModel, *, seed: int = 0,
         for i in range(len(parts)):
             if i not in means:
                 means[i], results[i] = store.load(i)
-    clean = means[0].astype(np.float64)
-    if len(parts) > 1:
+    if len(parts) == 1:
+        clean = means.pop(0).astype(np.float64)
+    else:
         clean = np.zeros(y.shape, np.float64)
         for i, (a, b, lo, hi) in enumerate(parts):  # in slab order on every process
             clean[a:b] += _fade(a, b, lo, hi, len(y))[:, None, None] * means.pop(i)
