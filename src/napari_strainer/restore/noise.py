@@ -62,8 +62,9 @@ def estimate_sigma(image: np.ndarray, *, signal_only: bool = False, flat: bool =
     dark background, where it is about 0.66 sigma, would pull the estimate down), and of those
     the flatter half (the gradient of the block means at most its median), where edges do not
     push it up. With ``coils`` > 1 (non-central chi) the threshold is raised by how much
-    higher their noise floor is than one coil's. ``flat`` alone: the flatter half of every block (the demo's real MR slice with
-    Gaussian noise of 51.1: 53.6, against 56.8 from every block). A whole 1 mm MNI brain with Rician noise of 0.05: 0.0500, against 0.036 from
+    higher their noise floor is than one coil's. ``flat`` alone: the flatter half of every
+    block (the demo's real MR slice with Gaussian noise of 51.1: 53.6, against 56.8 from every
+    block). A whole 1 mm MNI brain with Rician noise of 0.05: 0.0500, against 0.036 from
     every block and 0.040 from dipy's ``estimate_sigma``; a phantom of sharp-edged ellipsoids:
     0.0497 against 0.056 from the bright blocks alone.
     """

@@ -462,12 +462,11 @@ def _plan_denoise_volume(scan: Scan, o: Options) -> Plan:
 
 def _plan_race(scan: Scan, o: Options) -> Plan:
     model = None if _constant(scan) is not None else _noise_model(scan, o)
-    kind = "Rician" if o.coils == 1 else "non-central chi"
     data = scan.data[0] if scan.shape[0] == 1 else scan.data
     names = [c.name for c in race.candidates(data.shape)]
     route = (f"{len(names)} denoisers ({', '.join(names)}), each run twice for its SURE "
              f"risk; the blend with the lowest estimated error"
-             f"{', mapped through the inverse ' + kind + ' mean' if model and model.kind == 'rician' else ''}")
+             f"{_inverse_mean(model) if model and model.kind == 'rician' else ''}")
     reasons = [("mode auto: the race of denoisers (--mode volume or slices: an INR alone; "
                 "a 3D INR given a minute on 2 cores got weight 0 in the blend on a 2 mm MNI "
                 "crop, and 4 minutes to add 0.7 dB)")]
@@ -495,6 +494,11 @@ def _plan_race(scan: Scan, o: Options) -> Plan:
     return Plan("denoise", "race", o, [scan], None, None, route, 0, scan.shape, scan.affine,
                 need, None,
                 model.to_dict() if model else None, 0, reasons, notes, model)
+
+
+def _inverse_mean(model: NoiseModel) -> str:
+    kind = "Rician" if model.coils == 1 else "non-central chi"
+    return f", mapped through the inverse {kind} mean"
 
 
 def _noise_model(scan: Scan, o: Options) -> NoiseModel:
