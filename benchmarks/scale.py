@@ -64,14 +64,14 @@ def crop(vol: np.ndarray, voxels: float) -> np.ndarray:
     return np.ascontiguousarray(vol[tuple(slice(a, a + m) for a, m in zip(lo, shape))])
 
 
-def product(scans, opts: Options, reference: Scan | None = None) -> dict:
-    """Plan (with its ETA, untimed), then the timed run; the output as float32."""
-    plan = make_plan(scans, opts, reference=reference)
-    info = {"route": plan.path, "plan_mib": plan.memory_bytes / 2**20,
-            "eta_s": plan.eta_seconds}
+def product(scans, opts: Options) -> tuple[np.ndarray, dict, dict]:
+    """Plan (with its ETA, untimed), then the timed run: the output as float32, the history,
+    and the row's facts (time, peak memory, route, the plan's memory and ETA)."""
+    plan = make_plan(scans, opts)
     res, sec, mib = timed(run, plan)
-    return {"out": np.asarray(res.scan.data, np.float32), "seconds": sec, "peak_mib": mib,
-            "history": res.history, **info}
+    facts = {"seconds": sec, "peak_mib": mib, "route": plan.path,
+             "plan_mib": plan.memory_bytes / 2**20, "eta_s": plan.eta_seconds}
+    return np.asarray(res.scan.data, np.float32), res.history, facts
 
 
 def unit(truth: np.ndarray) -> np.ndarray:
@@ -95,11 +95,9 @@ def denoise_rows(truth: np.ndarray, a) -> list[dict]:
                 "psnr_head": psnr_peak1(out, t, mask), **kw}
 
     rows = [row("noisy", noisy)]
-    r = product(Scan(noisy, np.eye(4), meta={"modality": "MR"}), Options(task="denoise"))
-    race = r["history"].get("race", {})
-    rows.append(row("default", r.pop("out"), **{k: r[k] for k in
-                    ("seconds", "peak_mib", "route", "plan_mib", "eta_s")},
-                    winner=race.get("winner")))
+    out, hist, facts = product(Scan(noisy, np.eye(4), meta={"modality": "MR"}),
+                               Options(task="denoise"))
+    rows.append(row("default", out, **facts, winner=hist.get("race", {}).get("winner")))
     (out, _), sec, mib = timed(dipy_nlm, noisy, True, a.threads)
     rows.append(row("dipy NLM (Rician, estimated sigma)", out, seconds=sec, peak_mib=mib))
     out, sec, mib = timed(lambda: rician_unbias(tv(noisy, a.tv_weight), LEVEL))
@@ -112,12 +110,10 @@ def superres_rows(truth: np.ndarray, a) -> list[dict]:
     obs = acquire(truth, 0, thick_matrix("box", F, truth.shape[0]))
     rows = [{"method": "cubic", "psnr": psnr(interpolate_slices(obs, F, 3), truth)}]
     scan = Scan(obs, coarse_affine(np.eye(4), 0, F), meta={"modality": "MR"})
-    r = product(scan, Options(task="superres", slice_scale=F, scale=None, slice_profile="box",
-                              encoder="none"))
-    rows.append({"method": "default", "psnr": psnr(r.pop("out"), truth),
-                 **{k: r[k] for k in ("seconds", "peak_mib", "route", "plan_mib", "eta_s")},
-                 "start": "planes prior" if r["history"].get("prior") == "planes"
-                 else "3D INR"})
+    out, hist, facts = product(scan, Options(task="superres", slice_scale=F, scale=None,
+                                             slice_profile="box", encoder="none"))
+    rows.append({"method": "default", "psnr": psnr(out, truth), **facts,
+                 "start": "planes prior" if hist.get("prior") == "planes" else "3D INR"})
     return rows
 
 
@@ -127,12 +123,10 @@ def fuse_rows(truth: np.ndarray, a) -> list[dict]:
               for ax in range(3)]
     rows = []
     for name, prior, steps in (("least squares", "none", 0), ("default", "auto", None)):
-        r = product(stacks, Options(task="fuse", encoder="none", prior=prior, steps=steps,
-                                    spacing=1.0))
-        rows.append({"method": name, "psnr": psnr(r.pop("out"), truth),
-                     **{k: r[k] for k in ("seconds", "peak_mib", "route", "plan_mib",
-                                          "eta_s")},
-                     "start": r["history"].get("start")})
+        out, hist, facts = product(stacks, Options(task="fuse", encoder="none", prior=prior,
+                                                   steps=steps, spacing=1.0))
+        rows.append({"method": name, "psnr": psnr(out, truth), **facts,
+                     "start": hist.get("start")})
     return rows
 
 
