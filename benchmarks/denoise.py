@@ -270,14 +270,15 @@ class Capture:
         self._orig = race.candidates
 
         def wrapped(*args, **kw):
-            return [race.Candidate(c.name, self._wrap(c)) for c in self._orig(*args, **kw)]
+            return [race.Candidate(c.name, self._wrap(c), c.pilot)
+                    for c in self._orig(*args, **kw)]
 
         race.candidates = wrapped
         return self
 
     def _wrap(self, c):
-        def runner(x, s):
-            out = c.run(x, s)
+        def runner(x, s, *pilot):
+            out = c.run(x, s, *pilot)
             if c.name not in self.outs:
                 self.outs[c.name] = np.asarray(out, np.float64)
             return out
