@@ -3,14 +3,13 @@ classical candidates of the denoising race (:mod:`napari_strainer.restore.race`)
 
 * :func:`bicubic`: in-plane bicubic upsampling with pixel centres aligned (the product's
   super-resolution grid);
-* :func:`tv_denoise`: 2D total-variation denoising, Chambolle's (2004) projection algorithm;
+* :func:`tv_denoise`: 2D or 3D total-variation denoising (scikit-image's Chambolle solver);
 * :func:`interpolate_slices`: B-spline interpolation along the slice axis (and in-plane) with
   voxel centres aligned (the product's through-plane grid, and its INR's starting point);
 * :func:`nlm_denoise`: non-local means (dipy's blockwise 3D method; scikit-image's in 2D);
 * :func:`guided_nlm`: non-local means whose weights come from a pilot estimate (a second
   stage, as BM3D's Wiener stage uses its first);
 * :func:`collaborative_wiener`: BM3D's second stage (BM4D's in 3D) on a pilot estimate;
-* :func:`tv_nd`: 2D or 3D total-variation denoising (scikit-image, a fixed iteration count);
 * :func:`bm4d_denoise`: BM4D when the optional ``bm4d`` package is installed (a benchmark-only
   extra under a non-commercial licence, never a dependency of this package).
 """
@@ -33,50 +32,6 @@ def bicubic(low: np.ndarray, scale: int) -> np.ndarray:
     t = torch.from_numpy(np.ascontiguousarray(low, np.float32))[None, None]
     up = F.interpolate(t, scale_factor=scale, mode="bicubic", align_corners=False)[0, 0]
     return up.clamp(float(low.min()), float(low.max())).numpy()
-
-
-def _grad(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward differences, zero at the last row / column (Neumann boundary)."""
-    gy, gx = torch.zeros_like(u), torch.zeros_like(u)
-    gy[:-1] = u[1:] - u[:-1]
-    gx[:, :-1] = u[:, 1:] - u[:, :-1]
-    return gy, gx
-
-
-def _div(py: torch.Tensor, px: torch.Tensor) -> torch.Tensor:
-    """The divergence that is minus the adjoint of :func:`_grad`."""
-    d = torch.zeros_like(py)
-    d[0] += py[0]
-    d[1:-1] += py[1:-1] - py[:-2]
-    d[-1] -= py[-2]
-    d[:, 0] += px[:, 0]
-    d[:, 1:-1] += px[:, 1:-1] - px[:, :-2]
-    d[:, -1] -= px[:, -2]
-    return d
-
-
-def tv_denoise(image: np.ndarray, weight: float, iters: int = 500, tol: float = 1e-4
-               ) -> np.ndarray:
-    """2D isotropic total-variation denoising (ROF), Chambolle's projection algorithm.
-
-    Minimises ``||u - image||^2 / (2 weight) + TV(u)``; ``weight`` is in the image's units
-    (about the noise sigma and above removes noise; 0 returns the input). Stops after ``iters``
-    iterations or when the dual variable moves by less than ``tol`` (max-norm).
-    """
-    f = torch.as_tensor(np.asarray(image, np.float64))
-    if weight <= 0 or min(f.shape) < 2:
-        return np.asarray(image, np.float32).copy()
-    tau = 0.125  # Chambolle's step bound 1/8 for the 2D forward-difference gradient
-    py, px = torch.zeros_like(f), torch.zeros_like(f)
-    for _ in range(iters):
-        gy, gx = _grad(_div(py, px) - f / weight)
-        norm = 1 + tau * torch.sqrt(gy ** 2 + gx ** 2)
-        ny, nx = (py + tau * gy) / norm, (px + tau * gx) / norm
-        moved = max(float((ny - py).abs().max()), float((nx - px).abs().max()))
-        py, px = ny, nx
-        if moved < tol:
-            break
-    return (f - weight * _div(py, px)).float().numpy()
 
 
 def interpolate_slices(volume: np.ndarray, factor: int, order: int, inplane: int = 1
@@ -259,14 +214,21 @@ def collaborative_wiener(image: np.ndarray, pilot: np.ndarray, sigma: float, *,
     return out[tuple(slice(0, n) for n in shape0)].numpy()
 
 
-def tv_nd(image: np.ndarray, weight: float, iters: int = 100) -> np.ndarray:
-    """Total-variation denoising of a 2D image or a 3D volume (scikit-image's Chambolle
-    solver), exactly ``iters`` iterations (a fixed count keeps the result a smooth function of
-    the input, which the race's risk estimate relies on)."""
+def tv_denoise(image: np.ndarray, weight: float, iters: int | None = None) -> np.ndarray:
+    """Total-variation denoising (ROF) of a 2D image or a 3D volume, scikit-image's
+    Chambolle solver. ``weight`` is in the image's units (about the noise sigma and above
+    removes noise; 0 returns the input). ``iters`` None: until converged (relative change
+    2e-4, at most 500 iterations); a count: exactly that many (the race's candidates: a fixed
+    count keeps the result a smooth function of the input, which its risk estimate relies
+    on)."""
     from skimage.restoration import denoise_tv_chambolle
 
-    return denoise_tv_chambolle(np.asarray(image, np.float32), weight=weight, eps=0.0,
-                                max_num_iter=iters).astype(np.float32)
+    x = np.asarray(image, np.float32)
+    if weight <= 0:
+        return x.copy()
+    eps, count = (2e-4, 500) if iters is None else (0.0, iters)
+    return denoise_tv_chambolle(x, weight=weight, eps=eps, max_num_iter=count).astype(
+        np.float32)
 
 
 def has_bm4d() -> bool:

@@ -40,7 +40,14 @@ from ..io.atomic import atomic_file, write_json
 from ..io.intensity import Intensity
 from ..io.scan import Scan
 from .base import Restoration
-from .classical import bm4d_denoise, collaborative_wiener, guided_nlm, has_bm4d, nlm_denoise, tv_nd
+from .classical import (
+    bm4d_denoise,
+    collaborative_wiener,
+    guided_nlm,
+    has_bm4d,
+    nlm_denoise,
+    tv_denoise,
+)
 from .noise import NoiseModel, rician_unbias, rician_variance
 
 PROBE = 0.1
@@ -118,7 +125,8 @@ def candidates(shape: tuple[int, ...]) -> list[Candidate]:
                      lambda x, s, f=f, p=p: nlm_denoise(x, f * s, p)) for f, p in NLM]
     out += [Candidate(f"NLM2 {f:g}s", lambda x, s, k=k: second(x, s)[k])
             for k, f in enumerate(GUIDED_H)]
-    out += [Candidate(f"TV {w:g}s", lambda x, s, w=w: tv_nd(x, w * s)) for w in TV_WEIGHTS]
+    out += [Candidate(f"TV {w:g}s", lambda x, s, w=w: tv_denoise(x, w * s, iters=100))
+            for w in TV_WEIGHTS]
     if (math.prod(shape) <= BM4D_MAX_VOXELS and (ndim == 2 or min(shape) >= 8)
             and has_bm4d()):
         out.append(Candidate("BM4D", bm4d_denoise))
