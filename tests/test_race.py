@@ -188,7 +188,7 @@ def test_a_large_volume_races_slab_by_slab_with_bounded_memory_and_no_seams(monk
     assert np.allclose(weights, 1.0)  # the cross-fades sum to one on every slice
     plan = make_plan(scan, Options(task="denoise"), eta=False)
     assert "in 3 slabs of about 16 slices" in plan.route
-    unslabbed = (len(race.candidates(clean.shape)) + 28) * 8 * clean.size
+    unslabbed = race.memory_bytes(clean.shape, len(race.candidates(clean.shape)), clean.size)
     assert plan.memory_bytes < 0.6 * unslabbed  # one slab's worth and the scan's copies
     seen = []
     res = run(plan, callback=lambda p: seen.append((p.step, p.total, p.phase, p.slices)))
@@ -322,6 +322,24 @@ def test_torchrun_spreads_one_volumes_slabs_over_two_ranks(tmp_path):
     manifest = json.loads((state / "scan.nii.gz.json").read_text())
     assert manifest["rank"] == 0 and "(mean over 3 slabs)" in manifest["stop_reason"]
     assert not (state / "scan.nii.gz.slabs").exists()  # removed once the output is written
+    # a rank that fails (here rank 1 cannot save its slab) stops the job with one line naming
+    # it and the kept slabs; a rerun then finishes the scan as one process would
+    kept = tmp_path / "three" / ".strainer" / "scan.nii.gz.slabs"
+    (kept / "slab001.npy").mkdir(parents=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           *args, str(tmp_path / "three"), "--spread", "slabs"]
+    failed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600,
+                            check=False)
+    assert failed.returncode != 0
+    assert f"rank 1: scan.nii.gz: {kept / 'slab001.npy'}: a folder is in the way" in \
+        failed.stderr and f"every rank stops (finished slabs are kept in {kept}" in failed.stderr
+    assert not (tmp_path / "three" / "scan.nii.gz").exists()
+    (kept / "slab001.npy").rmdir()
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600,
+                           check=False)
+    assert again.returncode == 0, again.stderr[-3000:]
+    c = np.asarray(nib.load(tmp_path / "three" / "scan.nii.gz").dataobj)
+    assert np.abs(c - a).mean() < 1e-4 * 800
 
 
 def test_shared_stages_are_computed_once_and_give_the_same_result():

@@ -150,15 +150,15 @@ def slabs(n: int, plane: int, limit: int | None = None) -> list[tuple[int, int, 
 
 
 def memory_bytes(shape: tuple[int, ...], n_candidates: int, limit: int | None = None) -> int:
-    """Memory the race holds at its peak: for its largest slab every candidate's result, the
-    probe, the shifted image, the variances and the blend, and a candidate's own working
-    copies (measured by ``benchmarks/denoise.py``: about 280 bytes per voxel with 8
-    candidates); with several slabs, the whole scan's copies and the cross-fade sums."""
+    """Memory the race holds at its peak: for its largest slab every candidate's result (8
+    bytes a voxel) and its shifted run (4), and 300 bytes a voxel for the probe, the shifted
+    image, the variances, the blends and the Wiener stage's block matching; with several
+    slabs, the whole scan's copies and the cross-fade sums."""
     plane = math.prod(shape[1:])
     parts = slabs(shape[0], plane, limit) if len(shape) == 3 else [(0, shape[0], 0, shape[0])]
     biggest = max(b - a for a, b, _, _ in parts) * plane
     whole = 24 * math.prod(shape) if len(parts) > 1 else 0
-    return (n_candidates + 28) * 8 * biggest + whole
+    return (12 * n_candidates + 300) * biggest + whole
 
 
 def estimate_seconds(data: np.ndarray) -> float:
