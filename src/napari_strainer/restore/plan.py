@@ -464,7 +464,7 @@ def _plan_race(scan: Scan, o: Options) -> Plan:
     model = None if _constant(scan) is not None else _noise_model(scan, o)
     data = scan.data[0] if scan.shape[0] == 1 else scan.data
     names = [c.name for c in race.candidates(data.shape)]
-    staged = (f"; the first blend is the pilot of {race.WIENER} (BM3D's collaborative Wiener "
+    staged = (f"; the blend of the others guides {race.WIENER} (BM3D's collaborative Wiener "
               f"stage)" if race.WIENER in names else "")
     route = (f"{len(names)} denoisers ({', '.join(names)}), each run twice for its SURE "
              f"risk{staged}; the blend with the lowest estimated error"
