@@ -71,8 +71,8 @@ GUIDED_SEARCH = {2: 5, 3: 2}
 """Search radius of the second stage: 11 x 11 pixels in 2D, 5 x 5 x 5 voxels in 3D."""
 WIENER = "Wiener"
 """The second stage (:func:`~napari_strainer.restore.classical.collaborative_wiener`, the
-first blend as its pilot): +0.5 to +1.5 dB over the first blend on the benchmark's volumes and
-slices, a second per 200k voxels."""
+first blend as its pilot): +0.2 to +1.3 dB over the first blend on the denoising benchmark's
+volumes and slices (true sigma), about a second per 200k voxels on 2 cores."""
 BM4D_MAX_VOXELS = 500_000
 """BM4D joins the race (when installed) up to this size: it takes about 130 s per million
 voxels on 2 cores, and runs twice."""
