@@ -171,6 +171,7 @@ def estimate_seconds(data: np.ndarray) -> float:
     crop = x[tuple(slice(max(0, (n - side) // 2), max(0, (n - side) // 2) + side)
                    for n in x.shape)]
     crop = crop / (float(np.abs(crop).max()) or 1.0)
+
     def run(c: Candidate, a: np.ndarray) -> None:
         c.run(a, 0.05, a) if c.pilot else c.run(a, 0.05)
 
