@@ -189,7 +189,8 @@ def test_a_large_volume_races_slab_by_slab_with_bounded_memory_and_no_seams(monk
     plan = make_plan(scan, Options(task="denoise"), eta=False)
     assert "in 3 slabs of about 16 slices" in plan.route
     unslabbed = race.memory_bytes(clean.shape, len(race.candidates(clean.shape)), clean.size)
-    assert plan.memory_bytes < 0.6 * unslabbed  # one slab's worth and the scan's copies
+    fixed = race.WIENER_BYTES  # one slab's worth and the scan's copies
+    assert plan.memory_bytes - fixed < 0.6 * (unslabbed - fixed)
     seen = []
     res = run(plan, callback=lambda p: seen.append((p.step, p.total, p.phase, p.slices)))
     per_slab = 2 * len(res.history["race"]["candidates"])

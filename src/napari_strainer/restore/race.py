@@ -73,6 +73,9 @@ WIENER = "Wiener"
 """The second stage (:func:`~napari_strainer.restore.classical.collaborative_wiener`, the
 first blend as its pilot): +0.2 to +1.3 dB over the first blend on the denoising benchmark's
 volumes and slices (true sigma), about a second per 200k voxels on 2 cores."""
+WIENER_BYTES = 100 * 2 ** 20
+"""The Wiener stage's working set, whatever the scan's size: 2048 groups of 16 blocks at a
+time (:func:`~napari_strainer.restore.classical.collaborative_wiener`)."""
 BM4D_MAX_VOXELS = 500_000
 """BM4D joins the race (when installed) up to this size: it takes about 130 s per million
 voxels on 2 cores, and runs twice."""
@@ -153,12 +156,13 @@ def memory_bytes(shape: tuple[int, ...], n_candidates: int, limit: int | None = 
     """Memory the race holds at its peak: for its largest slab every candidate's result (8
     bytes a voxel) and its shifted run (4), and 300 bytes a voxel for the probe, the shifted
     image, the variances, the blends and the Wiener stage's block matching; with several
-    slabs, the whole scan's copies and the cross-fade sums."""
+    slabs, the whole scan's copies and the cross-fade sums; and the Wiener stage's
+    :data:`WIENER_BYTES`."""
     plane = math.prod(shape[1:])
     parts = slabs(shape[0], plane, limit) if len(shape) == 3 else [(0, shape[0], 0, shape[0])]
     biggest = max(b - a for a, b, _, _ in parts) * plane
     whole = 24 * math.prod(shape) if len(parts) > 1 else 0
-    return (12 * n_candidates + 300) * biggest + whole
+    return (12 * n_candidates + 300) * biggest + whole + WIENER_BYTES
 
 
 def estimate_seconds(data: np.ndarray) -> float:
