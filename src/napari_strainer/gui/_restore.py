@@ -36,8 +36,8 @@ TASK_LABELS = [("fit (represent the scan)", "fit"), ("super-resolve", "superres"
                ("denoise", "denoise")]
 INIT_LABELS = [("auto (self-validated)", "auto"), ("fixed (paper recipe)", "fixed")]
 HEAD_LABELS = [("solved (ridge regression)", "solved"), ("random (paper)", "random")]
-DENOISE_MODE_LABELS = [("auto (race of NLM, TV, BM4D if installed, Wiener stage; blended by estimated error)",
-                        "auto"),
+DENOISE_MODE_LABELS = [(("auto (race of NLM, TV, BM4D if installed, Wiener stage; blended by "
+                          "estimated error)"), "auto"),
                        ("slices (2D INR per slice)", "slices"),
                        ("volume (3D INR, neighbouring slices)", "volume")]
 NOISE_LABELS = [("auto (Rician for MR, Gaussian for CT)", "auto"),

@@ -48,6 +48,14 @@ def interpolate_slices(volume: np.ndarray, factor: int, order: int, inplane: int
                 mode="nearest", grid_mode=True)
 
 
+def shares(n: int, count: int, margin: int) -> list[tuple[int, int, int, int]]:
+    """``range(n)`` cut into ``count`` contiguous shares, each ``(start, stop, lo, hi)``: its
+    own slices ``[lo, hi)`` widened by ``margin`` on either side (within ``[0, n)``) to
+    ``[start, stop)``; the cuts depend on ``n`` and ``count`` only."""
+    cuts = [round(i * n / count) for i in range(count + 1)]
+    return [(max(0, lo - margin), min(n, hi + margin), lo, hi) for lo, hi in pairwise(cuts)]
+
+
 NLM_MARGIN = 12
 """Slices each thread's share of a volume extends beyond it for :func:`nlm_denoise`: dipy's
 blockwise NLM reaches 5 + 2 patch radii voxels, so the shares join exactly."""
@@ -77,9 +85,7 @@ def nlm_denoise(image: np.ndarray, sigma: float, patch_radius: int = 1) -> np.nd
     k = max(1, min(torch.get_num_threads(), n // (2 * NLM_MARGIN)))
     if k == 1:
         return one(x)
-    cuts = [round(i * n / k) for i in range(k + 1)]
-    parts = [(max(0, lo - NLM_MARGIN), min(n, hi + NLM_MARGIN), lo, hi)
-             for lo, hi in pairwise(cuts)]
+    parts = shares(n, k, NLM_MARGIN)
     with ThreadPoolExecutor(k) as pool:  # dipy's loop runs without the GIL
         outs = list(pool.map(lambda p: one(x[p[0]:p[1]]), parts))
     return np.concatenate([o[lo - a:hi - a] for o, (a, _, lo, hi) in zip(outs, parts)])
@@ -160,11 +166,10 @@ def collaborative_wiener(image: np.ndarray, pilot: np.ndarray, sigma: float, *,
     Defaults: 8 x 8 blocks searched over 15 x 15 in 2D, 4 x 4 x 4 over 7 x 7 x 7 in 3D. The
     image must have at least ``block`` pixels along every axis.
     """
-    x = torch.from_numpy(np.ascontiguousarray(image, np.float32))
-    nd = x.ndim
+    shape0 = np.shape(image)
+    nd = len(shape0)
     block = block or (8 if nd == 2 else 4)
     search = search or (7 if nd == 2 else 3)
-    shape0 = x.shape
     # reflect the far edges so that the grid of block corners ends at the last block
     ends = [(-(n - block)) % step for n in shape0]
     pad = [p for e in reversed(ends) for p in (0, e)]

@@ -28,7 +28,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +45,7 @@ from .classical import (
     guided_nlm,
     has_bm4d,
     nlm_denoise,
+    shares,
     tv_denoise,
 )
 from .noise import NoiseModel, rician_unbias, rician_variance
@@ -95,6 +95,10 @@ class Candidate:
     name: str
     run: Callable[..., np.ndarray]
     pilot: bool = False
+
+    def __call__(self, image: np.ndarray, sigma: float, pilot: np.ndarray) -> np.ndarray:
+        """``run`` on ``image``, given the first stage's ``pilot`` when it takes one."""
+        return self.run(image, sigma, pilot) if self.pilot else self.run(image, sigma)
 
 
 class _Last:
@@ -147,9 +151,7 @@ def slabs(n: int, plane: int, limit: int | None = None) -> list[tuple[int, int, 
     count = max(1, math.ceil(n * plane / (limit or SLAB_VOXELS)))
     if count == 1 or n < 4 * SLAB_MARGIN * count:
         return [(0, n, 0, n)]
-    cuts = [round(i * n / count) for i in range(count + 1)]
-    return [(max(0, lo - SLAB_MARGIN), min(n, hi + SLAB_MARGIN), lo, hi)
-            for lo, hi in pairwise(cuts)]
+    return shares(n, count, SLAB_MARGIN)
 
 
 def memory_bytes(shape: tuple[int, ...], n_candidates: int, limit: int | None = None) -> int:
@@ -176,19 +178,17 @@ def estimate_seconds(data: np.ndarray) -> float:
                    for n in x.shape)]
     crop = crop / (float(np.abs(crop).max()) or 1.0)
 
-    def run(c: Candidate, a: np.ndarray) -> None:
-        c.run(a, 0.05, a) if c.pilot else c.run(a, 0.05)
-
     for c in candidates(x.shape):  # untimed: imports and first-call set-up
         if c.name != "BM4D":
-            run(c, crop[tuple(slice(0, 16 if x.ndim == 2 else 8) for _ in x.shape)])
+            tiny = crop[tuple(slice(0, 16 if x.ndim == 2 else 8) for _ in x.shape)]
+            c(tiny, 0.05, tiny)
     total = 0.0
     for c in candidates(x.shape):
         if c.name == "BM4D":
             total += BM4D_SECONDS_PER_VOXEL * crop.size
             continue
         t0 = time.perf_counter()
-        run(c, crop)
+        c(crop, 0.05, crop)
         total += time.perf_counter() - t0
     return 2 * total * x.size / crop.size
 
@@ -245,7 +245,7 @@ def race(y: np.ndarray, sigma: float, kind: str, cands: list[Candidate], *, seed
     outs, moved, divs, seconds, var, region = {}, {}, {}, {}, None, None
     t_start = time.perf_counter()
     order = [c for c in cands if not c.pilot] + [c for c in cands if c.pilot]
-    w, dark = None, None
+    w, dark, pilots = None, None, (None, None)
     for i, c in enumerate(order):
         if cancel is not None and cancel.is_set() and outs:
             break
@@ -253,11 +253,10 @@ def race(y: np.ndarray, sigma: float, kind: str, cands: list[Candidate], *, seed
             w, _, _ = _blend(outs, divs, y, var, region)
             first, dark = _combine(outs, w, kind, region, sigma, coils)
             pilots = [first, _combine(moved, w, kind, region, sigma, coils, dark)[0]]
-        extra = ((pilots[0],), (pilots[1],)) if c.pilot else ((), ())
         t0 = time.perf_counter()
         try:
-            f, g = _abandonable(lambda c=c, e=extra: (c.run(y, sigma, *e[0]),
-                                                      c.run(shifted, sigma, *e[1])),
+            f, g = _abandonable(lambda c=c, p=pilots: (c(y, sigma, p[0]),
+                                                       c(shifted, sigma, p[1])),
                                 cancel if outs else None)
         except _Stopped:
             break
@@ -279,11 +278,18 @@ def race(y: np.ndarray, sigma: float, kind: str, cands: list[Candidate], *, seed
     del moved
     staged = w is not None  # the second stage's pilot carries the background
     w, risks, risk = _blend(outs, divs, y, var, region)
-    mean, dark = (_combine(outs, w, "gaussian", region, sigma, coils)[0], dark) if staged \
-        else _combine(outs, w, kind, region, sigma, coils)
+    if staged:
+        mean = _weighted(outs, w)
+    else:
+        mean, dark = _combine(outs, w, kind, region, sigma, coils)
     names = list(outs)
     return RaceResult(np.asarray(mean, np.float32), dict(zip(names, map(float, w))), risks,
                       risk, seconds, region, dark)
+
+
+def _weighted(outs: dict[str, np.ndarray], w: np.ndarray) -> np.ndarray:
+    """The sum of ``outs`` weighted by ``w`` (in their order), skipping zero weights."""
+    return sum(wi * out for wi, out in zip(w, outs.values()) if wi > 0)
 
 
 def _combine(outs: dict[str, np.ndarray], w: np.ndarray, kind: str, region: np.ndarray,
@@ -292,7 +298,7 @@ def _combine(outs: dict[str, np.ndarray], w: np.ndarray, kind: str, region: np.n
     ``dark`` (None: the one that leaves the least magnitude after bias correction outside
     ``region``, where the truth is about zero) faded in below :data:`SIGNAL` sigmas of the
     blend. Returns the result and ``dark``."""
-    mean = sum(wi * out for wi, out in zip(w, outs.values()) if wi > 0)
+    mean = _weighted(outs, w)
     if kind != "rician" or region.all():
         return mean, None
     if dark is None:
