@@ -23,7 +23,10 @@ below that they fit a 3D INR of fixed cost). BM4D is kept out of the race, as th
 installs.
 
     python benchmarks/scale.py [--tasks denoise,superres,fuse] [--sizes 0.1,1.2,3,8.7]
-                               [--threads 2] [--name scale]
+                               [--threads 2] [--device auto] [--name scale]
+
+The GPU rows: ``--device cuda --name scale_gpu`` (adds each run's peak GPU memory,
+``gpu_peak_mib``).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from denoise import psnr as psnr_peak1
 from through_plane import _t1
 from volume import acquire, coarse_affine, psnr, thick_matrix
 
+from napari_strainer.core.device import resolve_device
 from napari_strainer.io.scan import Scan
 from napari_strainer.restore import race
 from napari_strainer.restore.classical import interpolate_slices
@@ -66,11 +70,18 @@ def crop(vol: np.ndarray, voxels: float) -> np.ndarray:
 
 def product(scans, opts: Options) -> tuple[np.ndarray, dict, dict]:
     """Plan (with its ETA, untimed), then the timed run: the output as float32, the history,
-    and the row's facts (time, peak memory, route, the plan's memory and ETA)."""
+    and the row's facts (time, peak memory, route, the plan's memory and ETA; on a GPU its
+    peak memory)."""
     plan = make_plan(scans, opts)
+    dev = resolve_device(opts.device)
+    gpu = dev.type == "cuda"
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
     res, sec, mib = timed(run, plan)
-    facts = {"seconds": sec, "peak_mib": mib, "route": plan.path,
+    facts = {"seconds": sec, "peak_mib": mib, "route": plan.path, "device": str(dev),
              "plan_mib": plan.memory_bytes / 2**20, "eta_s": plan.eta_seconds}
+    if gpu:
+        facts["gpu_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return np.asarray(res.scan.data, np.float32), res.history, facts
 
 
@@ -96,7 +107,7 @@ def denoise_rows(truth: np.ndarray, a) -> list[dict]:
 
     rows = [row("noisy", noisy)]
     out, hist, facts = product(Scan(noisy, np.eye(4), meta={"modality": "MR"}),
-                               Options(task="denoise"))
+                               Options(task="denoise", device=a.device))
     rows.append(row("default", out, **facts, winner=hist.get("race", {}).get("winner")))
     (out, _), sec, mib = timed(dipy_nlm, noisy, True, a.threads)
     rows.append(row("dipy NLM (Rician, estimated sigma)", out, seconds=sec, peak_mib=mib))
@@ -111,7 +122,8 @@ def superres_rows(truth: np.ndarray, a) -> list[dict]:
     rows = [{"method": "cubic", "psnr": psnr(interpolate_slices(obs, F, 3), truth)}]
     scan = Scan(obs, coarse_affine(np.eye(4), 0, F), meta={"modality": "MR"})
     out, hist, facts = product(scan, Options(task="superres", slice_scale=F, scale=None,
-                                             slice_profile="box", encoder="none"))
+                                             slice_profile="box", encoder="none",
+                                             device=a.device))
     rows.append({"method": "default", "psnr": psnr(out, truth), **facts,
                  "start": "planes prior" if hist.get("prior") == "planes" else "3D INR"})
     return rows
@@ -124,7 +136,8 @@ def fuse_rows(truth: np.ndarray, a) -> list[dict]:
     rows = []
     for name, prior, steps in (("least squares", "none", 0), ("default", "auto", None)):
         out, hist, facts = product(stacks, Options(task="fuse", encoder="none", prior=prior,
-                                                   steps=steps, spacing=1.0))
+                                                   steps=steps, spacing=1.0,
+                                                   device=a.device))
         rows.append({"method": name, "psnr": psnr(out, truth), **facts,
                      "start": hist.get("start")})
     return rows
@@ -162,6 +175,7 @@ def main() -> None:
     p.add_argument("--tasks", default="denoise,superres,fuse")
     p.add_argument("--sizes", default="0.1,1.2,3,8.7", help="millions of voxels")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="auto", help="the product's --device (auto, cpu, cuda)")
     p.add_argument("--name", default="scale")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -171,8 +185,8 @@ def main() -> None:
     old = RESULTS / f"{a.name}.json"  # rows of other tasks and sizes are kept
     kept = json.loads(old.read_text())["rows"] if old.exists() else []
     t0 = time.time()
-    cols = ["task", "shape", "method", "psnr", "psnr_head", "seconds", "peak_mib", "route",
-            "start", "plan_mib", "eta_s", "winner"]
+    cols = ["task", "shape", "method", "psnr", "psnr_head", "seconds", "peak_mib",
+            "gpu_peak_mib", "device", "route", "start", "plan_mib", "eta_s", "winner"]
     for task in a.tasks.split(","):
         for m in sorted(float(s) for s in a.sizes.split(",")):
             truth = crop(whole, m * 1e6)
