@@ -24,7 +24,13 @@ from ..core.checkpoint import Encoder
 from ..core.fit import FitResult
 from ..core.siren import BatchedSiren, SirenConfig
 
-PROBE_STEPS = 25  # steps each route runs in a race (benchmarks/defaults.py)
+PROBE_STEPS = {"fit": 25, "denoise": 25, "superres": 50}
+"""Steps each route runs in a race, per task (benchmarks/defaults.py). Super-resolution's
+probes run on the coarse grid (a quarter of a step's cost or less) and its winner starts
+again, so they run longer: on 6 MNI T1 slices (x2, x4) with an encoder pretrained on other
+slices of that T1, SIREN led after 50 steps on every slice, as it ended; on the closest slice
+its lead over the encoder at freeze 3 was 3% of the held-out loss after 25 steps and 20%
+after 50 (benchmarks/README.md#pretrain_restore)."""
 
 
 @dataclass(frozen=True)
@@ -60,13 +66,12 @@ class Route:
         return net
 
 
-def candidates(encoder: Encoder | None, freezes: list[int]) -> list[Route]:
-    """SIREN, plus the encoder at each freeze depth in ``freezes`` (deduplicated)."""
-    routes = [Route("siren")]
-    if encoder is not None:
-        for k in dict.fromkeys(freezes):
-            routes.append(Route("encoder" if k == 0 else f"encoder-freeze{k}", encoder, k))
-    return routes
+def candidates(encoder: Encoder | None, freeze: int) -> list[Route]:
+    """SIREN, plus the encoder with its first ``freeze`` layers fixed."""
+    if encoder is None:
+        return [Route("siren")]
+    return [Route("siren"), Route("encoder" if freeze == 0 else f"encoder-freeze{freeze}",
+                                  encoder, freeze)]
 
 
 def member_params(net: BatchedSiren, member: int) -> list[torch.Tensor]:
@@ -101,7 +106,7 @@ class Entry:
 
 def race(routes: list[Route], make_net: Callable[[Route], BatchedSiren],
          train: Callable[[BatchedSiren, int], FitResult],
-         steps: int = PROBE_STEPS) -> tuple[Entry, list[dict]]:
+         steps: int) -> tuple[Entry, list[dict]]:
     """Train every route for ``steps`` and pick the lowest held-out loss; returns the winner
     (its net holds its best weights so far, at ``winner.result.steps_done``) and one record per
     route for the history.

@@ -119,7 +119,7 @@ def restore(scan: Scan, *, task: str = "fit", encoder: str | Path | Encoder | No
 
     ``init="auto"`` (default) chooses how the INRs start from the scan itself (see
     :mod:`napari_strainer.restore.routes`): ``holdout`` of the observed pixels are held out, SIREN and
-    the encoder (freeze 0 and the task's default freeze, or ``freeze`` when given) race on the
+    the encoder (at the task's default freeze, or ``freeze`` when given) race on the
     middle batch of slices, then (fitting, denoising) a warm start from the neighbouring
     slice's fit races the winner; the rest of the scan follows the winner slice by slice
     outwards from the middle.
@@ -186,11 +186,10 @@ def restore(scan: Scan, *, task: str = "fit", encoder: str | Path | Encoder | No
         routes = [Route("encoder" if enc is not None else "siren", enc,
                         task_freeze if freeze is None else freeze)]
     else:
-        # denoising races only the starts its noise stop was calibrated for (SIREN and the
-        # task's freeze): fine-tuning everything wins 25-step probes, then stops 1.3 dB lower
-        freezes = [freeze] if freeze is not None else [task_freeze] if task == "denoise" \
-            else [0, task_freeze]
-        routes = candidates(enc, freezes)
+        # the encoder races at the task's freeze only: fine-tuning everything (freeze 0) wins
+        # short probes and then ends lower (denoising 1.3 dB; super-resolution x4 1.25 dB on
+        # an MNI T1 slice with an encoder from other slices of that T1)
+        routes = candidates(enc, task_freeze if freeze is None else freeze)
     mask = holdout_mask(h * w, holdout, seed, dev) if auto else None
     converge = auto and task == "fit"
     warm_race = auto and task in WARM_TASKS
@@ -253,7 +252,7 @@ def restore(scan: Scan, *, task: str = "fit", encoder: str | Path | Encoder | No
                 winner, records = race(field_, lambda r: make(r, probe=True),
                                        lambda n, last: train(n, 0, last, None, rule=None,
                                                              op=centres if coarse else operator),
-                                       min(PROBE_STEPS, coarse or steps))  # within --steps
+                                       min(PROBE_STEPS[task], coarse or steps))  # <= --steps
                 phases[id(winner.net)] = winner.route.name
                 probes += [{**r, "slices": [sl.start, sl.stop]} for r in records]
                 entry_route, net, segs = winner.route, winner.net, [winner.result]
@@ -360,9 +359,11 @@ def estimate_seconds(scan: Scan, *, task: str = "fit", encoder="default", init: 
 
     per_step = seconds_per_step(AreaDownsample((h, w), scale) if scale > 1 else Identity((h, w)))
     per_coarse = seconds_per_step(Identity((h, w))) if coarse else per_step
-    n_routes = 1 if init == "fixed" else 1 + (2 if enc is not None or own else 0)
+    n_routes = 1 if init == "fixed" else 2 if enc is not None or own else 1
     warm = z > bs and task in WARM_TASKS  # the warm start's race on the second batch
-    probe = 0 if init == "fixed" else (n_routes - 1 + warm) * PROBE_STEPS
+    # probe runs beside the winner's own steps (a coarse winner starts again: every probe)
+    probes = (n_routes if coarse and n_routes > 1 else n_routes - 1) + warm
+    probe = 0 if init == "fixed" else probes * PROBE_STEPS[task]
     pretraining = SELF_STEPS * min(10, z) / bs if own else 0  # heads cost like slices
     batches = -(-z // bs)
     return (per_step * (batches * (steps - coarse) + pretraining)
