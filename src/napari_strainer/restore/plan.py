@@ -40,7 +40,15 @@ from ..pretrain.encoders import get_encoder
 from . import planes, race, slices, volume
 from .base import Restoration, check_output_size
 from .classical import has_bm4d
-from .noise import NOISE_KINDS, NoiseModel, estimate_sigma, make_stop_rule, noise_model, parse_sigma
+from .noise import (
+    NOISE_KINDS,
+    NoiseModel,
+    estimate_sigma,
+    make_stop_rule,
+    noise_model,
+    parse_sigma,
+    rician_unbias,
+)
 
 TASKS = ("fit", "superres", "denoise", "fuse")
 MODES = ("auto", "volume", "slices")
@@ -336,11 +344,7 @@ def run(plan: Plan, *, callback: Callable[[Progress], None] | None = None,
         res = race.denoise(scan, plan.noise_model, seed=o.seed, callback=callback,
                            cancel=cancel, slab_voxels=o.slab_voxels, workdir=workdir, key=key,
                            rank=rank, world=world)
-        if ref is not None:
-            out, truth = (torch.from_numpy(np.asarray(v, np.float64))
-                          for v in (res.scan.data, ref.data))
-            res.history["psnr"] = [float(psnr(out, truth, float(np.ptp(ref.data)),
-                                              dims=tuple(range(out.ndim))))]
+        _final_psnr(res, ref)
     elif plan.path == "volume":
         res = volume.denoise_volume(scan, sigma=o.sigma, steps=o.steps, lr=o.lr, tv=o.tv,
                                     **common)
@@ -350,8 +354,33 @@ def run(plan: Plan, *, callback: Callable[[Progress], None] | None = None,
                              holdout=o.holdout, head=o.head, steps=o.steps,
                              coarse_steps=o.coarse_steps, lr=o.lr, scale=o.scale,
                              freeze=o.freeze, stop=stop, batch_size=o.batch_size, **common)
+    if plan.task == "denoise" and plan.path != "race" and plan.noise_model is not None:
+        res = _unbias(res, plan.noise_model)
+        _final_psnr(res, ref)
     res.history["plan"] = _summary(plan)
     return res
+
+
+def _final_psnr(res: Restoration, ref: Scan | None) -> None:
+    """Record the PSNR of the result against ``ref`` (when given) as its history's last."""
+    if ref is not None:
+        out, truth = (torch.from_numpy(np.asarray(v, np.float64))
+                      for v in (res.scan.data, ref.data))
+        res.history["psnr"] = [float(psnr(out, truth, float(np.ptp(ref.data)),
+                                          dims=tuple(range(out.ndim))))]
+
+
+def _unbias(res: Restoration, model: NoiseModel) -> Restoration:
+    """An INR denoiser's output, the mean of the noisy magnitude, mapped through the inverse
+    Rician (non-central chi) mean of ``model``: the lifted background goes back to dark."""
+    scan = res.scan
+    out = Intensity(0.0, 1.0).inverse(rician_unbias(scan.data, model.sigma, model.coils),
+                                      scan.data.dtype)
+    how = f"; then {_inverse_mean(model)[2:]} (sigma {model.sigma:.4g})"
+    res.history["bias_correction"] = model.to_dict()
+    return Restoration(scan.derive(out, description=scan.meta.get("description"),
+                                   derivation=scan.meta.get("derivation", "") + how),
+                       res.history)
 
 
 def default_steps(task: str, path: str, prior: bool = False) -> int:
@@ -400,16 +429,18 @@ def _plan_slices(scan: Scan, o: Options) -> Plan:
     if coarse:
         reasons.append(f"super-resolution x{scale}: the first {coarse} steps fit the observed "
                        f"pixels at their centres (1/{scale * scale} of the cost)")
-    noise = None
+    noise, model = None, None
     if task == "denoise":
-        noise = _noise(scan, o.sigma, per_slice=True)
+        noise, model = _noise(scan, o.sigma, per_slice=True), _bias_model(scan, o)
+        if model is not None:
+            noise["text"] += f"; the output{_inverse_mean(model)} ({model.text()})"
     dev = resolve_device(o.device)
     bs = o.batch_size or min(z, slices.auto_batch(h * w * scale * scale, config, dev))
     memory = activation_bytes(config, bs, h * w * scale * scale) + 8 * math.prod(out_shape)
     reasons.append(f"{bs} slice(s) fitted at once, {-(-z // bs)} batch(es)")
     affine = upsampled_affine(scan.affine, (1, scale, scale)) if scale > 1 else scan.affine
     return Plan(task, "slices", o, [scan], None, enc, route, steps, out_shape, affine, memory,
-                None, noise, 0, reasons, notes)
+                None, noise, 0, reasons, notes, model)
 
 
 def _plan_through_plane(scan: Scan, o: Options) -> Plan:
@@ -451,13 +482,15 @@ def _plan_denoise_volume(scan: Scan, o: Options) -> Plan:
             f"ends {volume.PATIENCE} steps after the error on {volume.HOLDOUT:.0%} held-out "
             f"voxels stops improving; the best step is kept")
     reasons.append(stop)
-    noise = _noise(scan, o.sigma, per_slice=False)
+    noise, model = _noise(scan, o.sigma, per_slice=False), _bias_model(scan, o)
     weight = o.tv if o.tv is not None else volume.TV_PER_SIGMA * noise["sigma_norm"]
     noise["text"] += f"; 3D TV weight {weight:.3g}"
+    if model is not None:
+        noise["text"] += f"; the output{_inverse_mean(model)} ({model.text()})"
     route = f"3D SIREN (width {width}, {layers} layers) from scratch, weights averaged"
     return Plan("denoise", "volume", o, [scan], None, None, route, steps, scan.shape,
                 scan.affine, _volume_memory("denoise", math.prod(scan.shape)), None, noise, 0,
-                reasons, _encoder_note(o))
+                reasons, _encoder_note(o), model)
 
 
 def _plan_race(scan: Scan, o: Options) -> Plan:
@@ -501,6 +534,19 @@ def _plan_race(scan: Scan, o: Options) -> Plan:
 def _inverse_mean(model: NoiseModel) -> str:
     kind = "Rician" if model.coils == 1 else "non-central chi"
     return f", mapped through the inverse {kind} mean"
+
+
+def _bias_model(scan: Scan, o: Options) -> NoiseModel | None:
+    """The noise model an INR denoiser's output is corrected with: Rician data (the INR fits
+    the mean of the noisy magnitude, which the inverse Rician mean maps back); None for
+    Gaussian noise, or where no noise is found."""
+    data, name = np.nan_to_num(scan.data), str(scan.source or "the scan")
+    if noise_model(data, scan.modality, o.noise, 1.0, coils=o.coils, name=name).kind != "rician":
+        return None
+    try:
+        return noise_model(data, scan.modality, o.noise, o.sigma, coils=o.coils, name=name)
+    except BadArgumentError:  # no noise found: nothing to correct
+        return None
 
 
 def _noise_model(scan: Scan, o: Options) -> NoiseModel:
