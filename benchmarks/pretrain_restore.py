@@ -17,15 +17,21 @@ denoising, random head outside fitting; a Reptile file keeps its own head). Trut
   (``volume._norm``), the central 192 x 192 area-averaged x2 to 96 x 96 (2 mm; 3 slices at
   96 x 96 keep the run under about 25 minutes on one thread).
 
+``--train mni`` pretrains on 10 other axial slices of the same MNI T1 instead
+(:data:`MNI_TRAIN`, same size as the test slices): then ``mni`` is in-domain and ``epi`` out
+of domain.
+
 Tasks (as ``benchmarks/defaults.py`` and ``benchmarks/denoise.py`` simulate them):
 
 * ``superres x2``: the truth area-averaged x2 (``defaults.observe``), ``Options(task=
   "superres", scale=2)``; ``bicubic`` of the observation as a reference row;
-* ``denoise``: Rician noise of sigma 0.05 of the truth's range (``denoise.add_noise``).
+* ``denoise``: Rician noise of sigma 0.05 (``--noises``) of the truth's range
+  (``denoise.add_noise``).
   The product default (``Options(task="denoise")``, ``mode="auto"``) is the race of classical
   denoisers, which uses no encoder: it runs once per slice (row ``race (default)``, start
-  ``-``). ``Options(task="denoise", mode="slices")`` forces the INR slice path (noise stop at
-  0.85 sigma), where the encoder is used: rows ``INR (--mode slices)``. ``noisy`` is the input.
+  ``-``; without the non-commercial BM4D, as the product installs).
+  ``Options(task="denoise", mode="slices")`` forces the INR slice path (noise stop at 0.85
+  sigma), where the encoder is used: rows ``INR (--mode slices)``. ``noisy`` is the input.
 
 ``--init fixed`` (the paper's recipe: no race, the encoder at the task's freeze, 3 for
 super-resolution and 4 for denoising, runs every batch; ``none`` is then SIREN, the same run as
@@ -44,7 +50,15 @@ with ``--keep`` about 11.
 
     python benchmarks/pretrain_restore.py [--strainer-steps N] [--reptile-steps N]
         [--domains epi,mni] [--mni-slices 67,87,107] [--mni-size 96] [--init auto|fixed]
-        [--epi-slices 5] [--keep DIR] [--name pretrain_restore] [--threads 1]
+        [--epi-slices 5] [--train epi|mni] [--methods strainer,reptile] [--scales 2]
+        [--noises 0.05]
+        [--keep DIR] [--name pretrain_restore] [--threads 1]
+
+The in-domain MNI run (``results/pretrain_restore_mni.json``): ``--train mni --methods
+strainer --domains mni --scales 2,4 --noises 0.05,0.1 --keep DIR --name
+pretrain_restore_mni``, once more with ``--init fixed --name pretrain_restore_mni_fixed``.
+With ``--init auto`` it also reports the defaults (the route race for super-resolution, the
+classical race for denoising) minus the INR from no encoder, per task and on average.
 """
 
 from __future__ import annotations
@@ -67,11 +81,13 @@ from volume import _mni, _norm, psnr, ssim
 from napari_strainer.core.checkpoint import load_encoder, save_encoder
 from napari_strainer.io.scan import Scan
 from napari_strainer.pretrain.train import pretrain
+from napari_strainer.restore import race
 from napari_strainer.restore.plan import Options, make_plan, run
 
-NOISE = 0.05  # Rician sigma, share of the truth's range
-SCALE = 2
 METHODS = ("strainer", "reptile")
+MNI_TRAIN = [55, 61, 73, 79, 93, 99, 113, 119, 125, 131]
+"""Axial slices of the MNI T1 an encoder is pretrained on with ``--train mni`` (none of the
+test slices, 6 to 12 mm from them)."""
 
 
 def mni_slices(which: list[int], size: int) -> np.ndarray:
@@ -98,7 +114,7 @@ def score(out: np.ndarray, truth: np.ndarray) -> dict:
 
 
 def run_slice(domain: str, idx: int, truth: np.ndarray, starts: dict, init: str,
-              seed: int) -> list[dict]:
+              seed: int, scales: list[int], noises: list[float]) -> list[dict]:
     rows = []
 
     def row(task, method, start, out, seconds=None, hist=None):
@@ -112,31 +128,37 @@ def run_slice(domain: str, idx: int, truth: np.ndarray, starts: dict, init: str,
         print(f"  {domain} {idx} {task} {method} {start}: {r['psnr']:.2f} dB, "
               f"SSIM {r['ssim']:.4f}, {r['s']} s, route {r.get('route')}", flush=True)
 
-    # super-resolution x2
-    lo = observe(truth[None], "superres", SCALE, seed)[0]
-    bic = F.interpolate(torch.from_numpy(lo)[None, None], scale_factor=SCALE, mode="bicubic",
-                        align_corners=False)[0, 0].numpy()
-    row("superres x2", "bicubic", "-", bic)
-    for start, enc in starts.items():
-        out, hist, s = restore(lo, task="superres", scale=SCALE, encoder=enc, init=init)
-        row("superres x2", "INR (default)" if init == "auto" else "INR (--init fixed)", start,
-            out, s, hist)
-    # denoising, Rician
-    noisy = add_noise(truth, "rician", NOISE * float(np.ptp(truth)), seed)
-    row("denoise", "noisy", "-", noisy)
-    out, hist, s = restore(noisy, task="denoise")
-    row("denoise", "race (default)", "-", out, s)
-    rows[-1]["route"] = str(hist.get("stop_reason")).split(";")[0]  # the blend it chose
-    for start, enc in starts.items():
-        out, hist, s = restore(noisy, task="denoise", mode="slices", encoder=enc, init=init)
-        row("denoise", "INR (--mode slices" + (")" if init == "auto" else " --init fixed)"),
-            start, out, s, hist)
-    for task in ("superres x2", "denoise"):
+    for scale in scales:  # super-resolution
+        task = f"superres x{scale}"
+        lo = observe(truth[None], "superres", scale, seed)[0]
+        bic = F.interpolate(torch.from_numpy(lo)[None, None], scale_factor=scale,
+                            mode="bicubic", align_corners=False)[0, 0].numpy()
+        row(task, "bicubic", "-", bic)
+        for start, enc in starts.items():
+            out, hist, s = restore(lo, task="superres", scale=scale, encoder=enc, init=init)
+            row(task, "INR (default)" if init == "auto" else "INR (--init fixed)", start, out,
+                s, hist)
+    for level in noises:  # denoising, Rician
+        task = f"denoise {level:g}"
+        noisy = add_noise(truth, "rician", level * float(np.ptp(truth)), seed)
+        row(task, "noisy", "-", noisy)
+        out, hist, s = restore(noisy, task="denoise")
+        row(task, "race (default)", "-", out, s)
+        rows[-1]["route"] = str(hist.get("stop_reason")).split(";")[0]  # the blend it chose
+        for start, enc in starts.items():
+            out, hist, s = restore(noisy, task="denoise", mode="slices", encoder=enc, init=init)
+            row(task, "INR (--mode slices" + (")" if init == "auto" else " --init fixed)"),
+                start, out, s, hist)
+    for task in tasks(scales, noises):
         base = next(r for r in rows if r["task"] == task and r["start"] == "none")
         for r in rows:
             if r["task"] == task:
                 r["vs_none"] = round(r["psnr"] - base["psnr"], 3)
     return rows
+
+
+def tasks(scales: list[int], noises: list[float]) -> list[str]:
+    return [f"superres x{v}" for v in scales] + [f"denoise {v:g}" for v in noises]
 
 
 def means(rows: list[dict]) -> list[dict]:
@@ -160,6 +182,19 @@ def means(rows: list[dict]) -> list[dict]:
     return out
 
 
+def defaults_vs_siren(summary: list[dict], start: str) -> dict:
+    """Per domain and task, the product's default output with the encoder ``start``
+    (super-resolution: the route race; denoising: the classical race) minus the INR from no
+    encoder, mean over slices; and the mean over the tasks."""
+    out = {}
+    for d in dict.fromkeys(r["domain"] for r in summary):
+        got = {r["task"]: r["vs_none"] for r in summary if r["domain"] == d and (
+            r["method"] == "race (default)" or
+            (r["method"] == "INR (default)" and r["start"] == start))}
+        out[d] = {**got, "mean": round(float(np.mean(list(got.values()))), 3)}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -173,25 +208,40 @@ def main() -> None:
                    help="Options.init of the INR rows (default: the product's, auto)")
     p.add_argument("--keep", default=None,
                    help="folder for the pretrained files; reused when they are there")
+    p.add_argument("--train", choices=("epi", "mni"), default="epi",
+                   help="the slices the encoders are pretrained on (see above)")
+    p.add_argument("--methods", default=",".join(METHODS), help="pretraining methods")
+    p.add_argument("--scales", default="2", help="super-resolution factors")
+    p.add_argument("--noises", default="0.05", help="Rician sigmas, shares of the range")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--name", default="pretrain_restore")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    race.BM4D_MAX_VOXELS = 0  # as the product installs: no non-commercial BM4D in the race
+    scales = [int(v) for v in a.scales.split(",")]
+    noises = [float(v) for v in a.noises.split(",")]
     imgs, train, held = slices(64)
-    print(f"training slices {train}, held-out slices {held}", flush=True)
+    if a.train == "mni":  # in-domain: other slices of the test slices' own volume
+        train = MNI_TRAIN
+        pretrain_on = torch.from_numpy(mni_slices(train, a.mni_size))
+    else:
+        pretrain_on = imgs[train]
+    print(f"training slices ({a.train}) {train}, held-out EPI slices {held}", flush=True)
     seconds, info = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(a.keep or tmp)
         folder.mkdir(parents=True, exist_ok=True)
         starts = {"none": "none"}
-        for method, steps in (("strainer", a.strainer_steps), ("reptile", a.reptile_steps)):
+        budget = {"strainer": a.strainer_steps, "reptile": a.reptile_steps}
+        for method in a.methods.split(","):
+            steps = budget[method]
             path = folder / f"{method}.safetensors"
             if a.keep and path.exists():
                 enc = load_encoder(path)
                 seconds[method] = enc.info.get("pretrain_seconds")
             else:
                 t = time.perf_counter()
-                enc = pretrain(imgs[train], path, method=method, steps=steps, device="cpu")
+                enc = pretrain(pretrain_on, path, method=method, steps=steps, device="cpu")
                 seconds[method] = round(time.perf_counter() - t, 1)
                 if a.keep:  # record the time in the kept file's card for --keep reuse
                     enc.info["pretrain_seconds"] = seconds[method]
@@ -211,27 +261,36 @@ def main() -> None:
         t0 = time.perf_counter()
         for domain, z, truth in cases:
             print(f"{domain} slice {z} ({truth.shape[0]} x {truth.shape[1]})", flush=True)
-            rows += run_slice(domain, z, truth, starts, a.init, seed=1000 * len(rows) + z)
+            rows += run_slice(domain, z, truth, starts, a.init, seed=1000 * len(rows) + z,
+                              scales=scales, noises=noises)
         restore_s = time.perf_counter() - t0
     summary = means(rows)
     cols = ["domain", "task", "method", "start", "psnr", "ssim", "vs_none", "min_vs_none",
             "max_vs_none", "s", "routes"]
-    print(f"\nMeans over slices (epi: {min(a.epi_slices, 5)} held-out 64 x 64, in-domain; mni: "
-          f"{len(a.mni_slices.split(','))} MNI T1 slices {a.mni_size} x {a.mni_size}, out of "
-          f"domain); PSNR (dB), vs_none = PSNR minus the INR from encoder none\n"
+    inside = {d: "in-domain" if d == a.train else "out of domain" for d in ("epi", "mni")}
+    print(f"\nMeans over slices (epi: {min(a.epi_slices, 5)} held-out 64 x 64, {inside['epi']}; "
+          f"mni: {len(a.mni_slices.split(','))} MNI T1 slices {a.mni_size} x {a.mni_size}, "
+          f"{inside['mni']}); PSNR (dB), vs_none = PSNR minus the INR from encoder none\n"
           f"{table(summary, cols)}")
+    versus = {m: defaults_vs_siren(summary, m) for m in starts if m != "none"} \
+        if a.init == "auto" else {}
+    for m, v in versus.items():
+        print(f"\nDefaults with the {m} file minus the INR from no encoder (dB): {v}")
     per = ["domain", "slice", "task", "method", "start", "psnr", "ssim", "vs_none", "s", "route"]
     print(f"\nPer slice\n{table(rows, per)}")
-    print("\nReptile minus STRAINER (PSNR, mean over slices):")
-    for d in dict.fromkeys(r["domain"] for r in summary):
-        for task in ("superres x2", "denoise"):
-            got = {r["start"]: r["psnr"] for r in summary if r["domain"] == d
-                   and r["task"] == task and r["method"].startswith("INR")}
-            print(f"  {d} {task}: {got['reptile'] - got['strainer']:+.2f} dB")
+    if set(METHODS) <= set(starts):
+        print("\nReptile minus STRAINER (PSNR, mean over slices):")
+        for d in dict.fromkeys(r["domain"] for r in summary):
+            for task in tasks(scales, noises):
+                got = {r["start"]: r["psnr"] for r in summary if r["domain"] == d
+                       and r["task"] == task and r["method"].startswith("INR")}
+                print(f"  {d} {task}: {got['reptile'] - got['strainer']:+.2f} dB")
     print(f"pretraining seconds: {seconds}; restoration seconds: {restore_s:.0f}")
     path = save(a.name, {"args": vars(a), "train": train, "held_out": held[:a.epi_slices],
+                         "in_domain": a.train,
                          "pretrain_seconds": seconds, "pretrain": info,
                          "restore_seconds": round(restore_s, 1), "means": summary,
+                         "defaults_vs_siren": versus,
                          "rows": rows})
     print(f"wrote {path}")
 
