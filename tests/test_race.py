@@ -410,7 +410,8 @@ def test_inr_denoisers_map_rician_data_through_the_inverse_mean(mode, shape, ste
     outs = {}
     for noise in ("auto", "gaussian"):
         plan = make_plan(scan, Options(task="denoise", mode=mode, encoder="none", noise=noise,
-                                       steps=steps, device="cpu"), eta=False)
+                                       steps=steps, device="cpu"),
+                         reference=scan.derive(clean), eta=False)
         assert plan.path == mode
         res = run(plan)
         outs[noise] = res.scan.data
@@ -419,6 +420,10 @@ def test_inr_denoisers_map_rician_data_through_the_inverse_mean(mode, shape, ste
             assert model["model"] == "rician" and abs(model["sigma"] / sigma - 1) < 0.3
             assert "inverse Rician mean" in plan.noise["text"]
             assert "inverse Rician mean" in res.scan.meta["derivation"]
+            # the fit's curve stays whole; the corrected output's PSNR is recorded beside it
+            h = res.history
+            assert len(h["psnr"]) == len(h["iterations"]) > 1
+            assert abs(h["psnr_final"] - psnr(res.scan.data, clean)) < 0.05
         else:
             assert "bias_correction" not in res.history
     background = clean == 0

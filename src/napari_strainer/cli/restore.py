@@ -222,7 +222,8 @@ def cmd_restore(a) -> None:
 
 def _summary(plan, h: dict) -> str:
     """One line on how the restoration ran, from its history."""
-    psnr = f", PSNR {h['psnr'][-1]:.2f} dB" if h.get("psnr") else ""
+    final = h.get("psnr_final") or (h["psnr"][-1] if h.get("psnr") else None)
+    psnr = f", PSNR {final:.2f} dB" if final else ""
     loss = f"loss {h['loss'][-1]:.3g}" if h.get("loss") else "no INR steps"
     if plan.path == "constant":
         return h["stop_reason"]
@@ -236,13 +237,11 @@ def _summary(plan, h: dict) -> str:
     if plan.task == "superres" and plan.path == "volume":
         start = (f"start: in-plane prior ({h['prior_gain_db']:+.2f} dB over cubic on held-out "
                  f"planes)" if h.get("prior") == "planes" else "start: cubic")
-        psnr = f", PSNR {h['psnr_final']:.2f} dB" if h.get("psnr_final") else psnr
         return (f"through-plane x{plan.options.slice_scale} along {h['slice_axis_reason']}, "
                 f"{plan.options.slice_profile} profile of {h['slice_thickness_mm']:g} mm, "
                 f"{start}, {h.get('steps_done', 0)} INR steps, {h['ls_steps']} of least "
                 f"squares{psnr}")
     if plan.path == "fuse":
-        psnr = f", PSNR {h['psnr_final']:.2f} dB" if h.get("psnr_final") else psnr
         gains = ", ".join(f"{g:+.2f}" for g in h.get("prior_gain_db") or [])
         start = f" (held-out in-plane gains over cubic {gains} dB)" if gains else ""
         return (f"{len(plan.scans)} stacks fused at {h.get('spacing_mm', 0):g} mm by "

@@ -344,7 +344,8 @@ def run(plan: Plan, *, callback: Callable[[Progress], None] | None = None,
         res = race.denoise(scan, plan.noise_model, seed=o.seed, callback=callback,
                            cancel=cancel, slab_voxels=o.slab_voxels, workdir=workdir, key=key,
                            rank=rank, world=world)
-        _final_psnr(res, ref)
+        if ref is not None:  # the race has no curve: its one PSNR
+            res.history["psnr"] = [_psnr_against(res.scan, ref)]
     elif plan.path == "volume":
         res = volume.denoise_volume(scan, sigma=o.sigma, steps=o.steps, lr=o.lr, tv=o.tv,
                                     **common)
@@ -356,18 +357,16 @@ def run(plan: Plan, *, callback: Callable[[Progress], None] | None = None,
                              freeze=o.freeze, stop=stop, batch_size=o.batch_size, **common)
     if plan.task == "denoise" and plan.path != "race" and plan.noise_model is not None:
         res = _unbias(res, plan.noise_model)
-        _final_psnr(res, ref)
+        if ref is not None:  # the curve ("psnr") is the fit's, before the correction
+            res.history["psnr_final"] = _psnr_against(res.scan, ref)
     res.history["plan"] = _summary(plan)
     return res
 
 
-def _final_psnr(res: Restoration, ref: Scan | None) -> None:
-    """Record the PSNR of the result against ``ref`` (when given) as its history's last."""
-    if ref is not None:
-        out, truth = (torch.from_numpy(np.asarray(v, np.float64))
-                      for v in (res.scan.data, ref.data))
-        res.history["psnr"] = [float(psnr(out, truth, float(np.ptp(ref.data)),
-                                          dims=tuple(range(out.ndim))))]
+def _psnr_against(out: Scan, ref: Scan) -> float:
+    """PSNR of ``out`` against ``ref`` on the reference's range, in the scans' units."""
+    x, truth = (torch.from_numpy(np.asarray(v, np.float64)) for v in (out.data, ref.data))
+    return float(psnr(x, truth, float(np.ptp(ref.data)), dims=tuple(range(x.ndim))))
 
 
 def _unbias(res: Restoration, model: NoiseModel) -> Restoration:
